@@ -1,0 +1,151 @@
+"""What a method sees: the per-sample, per-stage selection context.
+
+A method never touches the model. For ONE sample at ONE stage it receives a `SelectionContext`
+holding the visual tokens that are still in the sequence (in sequence order), their layout, the
+hidden states, the budget and, on request, signals recorded during the same forward (attention
+rows recomputed from q/k, projector inputs, vision-tower CLS attention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+IMAGE, VIDEO = 0, 1
+
+
+@dataclass
+class VisualLayout:
+    """Layout of the visual tokens of one sample, in sequence order.
+
+    Shapes (N = number of visual tokens described):
+        media_index: (N,) long. Which media item of the sample the token belongs to (0-based, order of
+            appearance in the prompt).
+        kind: (N,) long. `IMAGE` (0) or `VIDEO` (1).
+        frame: (N,) long. Temporal grid index inside the media item (0 for images).
+        grid_thw: (N, 3) long. The token's (t, h, w) coordinate in its media grid; -1 for tokens that sit
+            outside any grid (e.g. LLaVA-NeXT row-newline tokens).
+        media_grid: one (T, H, W) grid size per media item (after any spatial merge). For media made of
+            several grids (LLaVA-NeXT base image + anyres crops) this is the base grid.
+    """
+
+    media_index: torch.Tensor
+    kind: torch.Tensor
+    frame: torch.Tensor
+    grid_thw: torch.Tensor
+    media_grid: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.media_index.numel())
+
+    def select(self, keep: torch.Tensor) -> VisualLayout:
+        """The layout of the tokens where `keep` (bool (N,) or long indices) is set."""
+        return VisualLayout(
+            media_index=self.media_index[keep],
+            kind=self.kind[keep],
+            frame=self.frame[keep],
+            grid_thw=self.grid_thw[keep],
+            media_grid=list(self.media_grid),
+        )
+
+    @property
+    def num_media(self) -> int:
+        return len(self.media_grid)
+
+
+@dataclass
+class Selection:
+    """What a selector returns when it also rewrites features (merging methods).
+
+    keep_mask: (N,) bool, True = the token stays, in its own position.
+    features: (K, D) or None. New hidden states for the kept tokens, K = keep_mask.sum(), in sequence
+        order. A merged token therefore sits at the position of the kept token it replaces.
+    """
+
+    keep_mask: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+@dataclass
+class SelectionContext:
+    """Everything a method may use to choose the visual tokens of ONE sample at ONE stage.
+
+    Shapes: N = `num_visual` (this sample's visual tokens entering the stage), L = this sample's current
+    sequence length without padding, D = hidden size, H = attention heads.
+
+    Attributes:
+        layer: 0 for pre-LLM, k for the input of decoder layer k.
+        num_visual: N.
+        budget: total visual tokens to keep for this sample, or None when the method decides alone.
+        budget_per_media: tokens to keep per media item present (index = media item), or None.
+        visual_features: (N, D). Projected embeddings at layer 0, hidden states at layer k.
+        hidden_states: (L, D). The whole current sequence of this sample (no padding).
+        visual_index: (N,) long. Where the visual tokens sit in `hidden_states`.
+        input_ids: (L,) long. Token ids of the current sequence.
+        layout: the `VisualLayout` of the N visual tokens.
+        seed: the seed for any randomness (same sample, same seed -> same choice, whatever the batch).
+        attention_fn: (Q,) query indices into the current sequence -> (H, Q, L) attention probabilities
+            of decoder layer k-1 (only at layer k >= 1 when the method asked for "attention").
+        projector_inputs: (N, d_in) features entering the multimodal projector for these tokens, and
+        projector: the callable mapping them to the projected embeddings (layer 0, "projector").
+        projector_first: (weight (d_h, d_in), bias (d_h,) or None) of the projector's first, linear layer,
+        projector_tail: the rest of the projector, so that
+            projector(x) == projector_tail(x @ weight.T + bias). Lets ZOO-Prune share W1 x across perturbations.
+        vision_attention: (N,) attention each token received from the vision tower's CLS query (or the
+            documented fallback), and vision_keys: (N, d_k) keys of that layer ("vision_attention").
+        extras: method-specific signals (segment bookkeeping etc.).
+    """
+
+    layer: int
+    num_visual: int
+    budget: int | None
+    budget_per_media: list[int] | None
+    visual_features: torch.Tensor
+    hidden_states: torch.Tensor
+    visual_index: torch.Tensor
+    input_ids: torch.Tensor
+    layout: VisualLayout
+    seed: int = 0
+    attention_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    projector_inputs: torch.Tensor | None = None
+    projector: Callable[[torch.Tensor], torch.Tensor] | None = None
+    projector_first: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    projector_tail: Callable[[torch.Tensor], torch.Tensor] | None = None
+    vision_attention: torch.Tensor | None = None
+    vision_keys: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text_index(self) -> torch.Tensor:
+        """(T,) indices of the text tokens after the last visual token (question and assistant prompt)."""
+        length = self.hidden_states.shape[0]
+        start = int(self.visual_index.max()) + 1 if self.num_visual else 0
+        return torch.arange(start, length, device=self.hidden_states.device)
+
+    @property
+    def last_index(self) -> int:
+        """Index of the last token of the sequence (FastV's query)."""
+        return self.hidden_states.shape[0] - 1
+
+    def attention_rows(self, query_index: torch.Tensor | int) -> torch.Tensor:
+        """(H, Q, L) attention probabilities of layer k-1 for the given query rows, recomputed from q/k.
+
+        Raises a PruneError when the method did not declare `needs = {"attention"}` or runs at layer 0.
+        """
+        if self.attention_fn is None:
+            from vlm_prune.errors import PruneError
+
+            raise PruneError(
+                "attention rows are only available at layer k >= 1 to methods that declare "
+                "needs={'attention'}; add it to the method class"
+            )
+        if isinstance(query_index, int):
+            query_index = torch.tensor([query_index], device=self.hidden_states.device)
+        return self.attention_fn(query_index)
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded from `seed` and the stage, so choices do not depend on batch position."""
+        return torch.Generator().manual_seed(self.seed * 1000003 + self.layer)

@@ -1,0 +1,152 @@
+"""Base classes of methods: one per shape (scorer, selector, merger), as in kvpress's presses.
+
+A method is a small object with its hyperparameters as dataclass fields. It declares where it runs
+(`layer`, or several `stages()`) and which signals it needs (`needs`), and for one sample returns a
+keep mask over that sample's visual tokens (or a `Selection` with merged features).
+
+The public minimal contract (DESIGN.md): a subclass sets `layer: int` and implements
+`select(self, ctx) -> torch.BoolTensor` of length `ctx.num_visual`. `keep` is optional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from vlm_prune.engine.context import Selection, SelectionContext
+
+SelectFn = Callable[[SelectionContext], "torch.Tensor | Selection"]
+
+#: Signals a stage may ask the engine to record.
+KNOWN_NEEDS = frozenset({"attention", "projector", "vision_attention"})
+
+
+@dataclass
+class Stage:
+    """One place where a method prunes.
+
+    layer: 0 = pre-LLM (after the projector), k = on the input of decoder layer k.
+    select: the function called per sample.
+    keep: the budget AFTER this stage, as a fraction of the ORIGINAL visual tokens of each media item
+        (float in (0, 1]) or a count per media item (int). None = the method's mask decides.
+    needs: signals to record for this stage (subset of `KNOWN_NEEDS`).
+    name: shown in `handle.stats`.
+    """
+
+    layer: int
+    select: SelectFn
+    keep: float | int | None = None
+    needs: frozenset[str] = field(default_factory=frozenset)
+    name: str = ""
+
+
+class Method:
+    """Base class of every pruning method, built-in or user-defined.
+
+    Class attributes a subclass may set:
+        layer: where the single stage runs (0 = pre-LLM).
+        needs: signals it wants (see `KNOWN_NEEDS`).
+        media: "any", "image" or "video": what it can prune.
+    Instance attribute:
+        keep: the budget (fraction in (0, 1] or count per media item), set by `apply()` when None.
+    """
+
+    layer: int = 0
+    needs: frozenset[str] = frozenset()
+    media: str = "any"
+    name: str = ""
+    keep: float | int | None = None
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor | Selection:
+        raise NotImplementedError(f"{type(self).__name__} must implement select(ctx) or stages()")
+
+    def stages(self) -> list[Stage]:
+        """The stages of this method, in layer order. Default: one stage at `self.layer`."""
+        return [
+            Stage(
+                layer=int(self.layer),
+                select=self.select,
+                keep=self.keep,
+                needs=frozenset(self.needs),
+                name=self.name or type(self).__name__,
+            )
+        ]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keep={self.keep!r})"
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) scores -> (N,) bool mask of the k highest; ties go to the earlier token (stable)."""
+    n = scores.numel()
+    k = max(0, min(int(k), n))
+    keep_mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k == 0:
+        return keep_mask
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    keep_mask[order[:k]] = True
+    return keep_mask
+
+
+def topk_mask_per_media(
+    scores: torch.Tensor, media_index: torch.Tensor, budget_per_media: list[int]
+) -> torch.Tensor:
+    """Top-k within each media item: scores (N,), media_index (N,) -> keep mask (N,) bool."""
+    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+    for item, budget in enumerate(budget_per_media):
+        members = (media_index == item).nonzero(as_tuple=True)[0]
+        if members.numel() == 0:
+            continue
+        keep_mask[members[topk_mask(scores[members], budget)]] = True
+    return keep_mask
+
+
+class ScorerMethod(Method):
+    """A method that scores each visual token; the engine keeps the top-k per media item in order.
+
+    Subclasses implement `score(ctx) -> (N,) float`. Higher = more important.
+    """
+
+    def score(self, ctx: SelectionContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        scores = self.score(ctx)
+        if scores.shape != (ctx.num_visual,):
+            raise ValueError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, want ({ctx.num_visual},)")
+        if ctx.budget_per_media is None:
+            raise ValueError(f"{type(self).__name__} needs a budget: pass keep=... to apply()")
+        return topk_mask_per_media(scores, ctx.layout.media_index, ctx.budget_per_media)
+
+
+def per_media(
+    ctx: SelectionContext, choose: Callable[[torch.Tensor, int], torch.Tensor | Selection]
+) -> torch.Tensor | Selection:
+    """Run a selector or merger item by item.
+
+    `choose(member_index (n,), budget) -> keep mask (n,)` or a `Selection` over those n tokens. The
+    per-item results are stitched back in sequence order.
+    """
+    if ctx.budget_per_media is None:
+        raise ValueError("this method needs a budget: pass keep=... to apply()")
+    keep_mask = torch.zeros(ctx.num_visual, dtype=torch.bool, device=ctx.visual_features.device)
+    new_features = ctx.visual_features.clone()
+    merged = False
+    for item, budget in enumerate(ctx.budget_per_media):
+        members = (ctx.layout.media_index == item).nonzero(as_tuple=True)[0]
+        if members.numel() == 0:
+            continue
+        result = choose(members, budget)
+        if isinstance(result, Selection):
+            item_keep = result.keep_mask
+            if result.features is not None:
+                merged = True
+                new_features[members[item_keep]] = result.features.to(new_features.dtype)
+        else:
+            item_keep = result
+        keep_mask[members[item_keep]] = True
+    if merged:
+        return Selection(keep_mask, new_features[keep_mask])
+    return keep_mask
