@@ -90,9 +90,7 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep_mask
 
 
-def topk_mask_per_media(
-    scores: torch.Tensor, media_index: torch.Tensor, budget_per_media: list[int]
-) -> torch.Tensor:
+def topk_mask_per_media(scores: torch.Tensor, media_index: torch.Tensor, budget_per_media: list[int]) -> torch.Tensor:
     """Top-k within each media item: scores (N,), media_index (N,) -> keep mask (N,) bool."""
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
     for item, budget in enumerate(budget_per_media):

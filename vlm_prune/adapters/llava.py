@@ -1,0 +1,203 @@
+"""Adapters for LLaVA-1.5 (`LlavaForConditionalGeneration`) and LLaVA-NeXT (`LlavaNextForConditionalGeneration`).
+
+Media spans come from the image token id and the vision config, never from fixed offsets:
+- LLaVA: every image contributes the same number of tokens (patches, plus CLS under the "full" strategy);
+  the count is total image tokens / number of images.
+- LLaVA-NeXT ("anyres"): an image contributes its base grid, then the unpadded high-resolution grid
+  row by row, each row closed by a newline token. Counts follow `image_sizes`, computed with the model's
+  own helpers. Layout: base tokens get (0, h, w); high-resolution tokens get (1, row, col); newline
+  tokens get grid (-1, -1, -1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlm_prune.adapters.base import Adapter, ProjectorParts, SampleMedia, item_counts
+from vlm_prune.engine.context import IMAGE, VisualLayout
+from vlm_prune.errors import InputError, PruneError
+
+
+def _image_token_id(config) -> int:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise PruneError("the model config has no image_token_id; cannot find the image tokens")
+
+
+def _square_grid(count: int) -> tuple[int, int, int]:
+    """(offset, h, w) for a block of `count` tokens: a square grid, possibly after one CLS token."""
+    side = math.isqrt(count)
+    if side * side == count:
+        return 0, side, side
+    side = math.isqrt(count - 1)
+    if side * side == count - 1:
+        return 1, side, side
+    return 0, 1, count
+
+
+def _layout_from_blocks(blocks: list[torch.Tensor]) -> VisualLayout:
+    """Concatenate per-image (n, 3) grid coordinates into one layout (images, in order)."""
+    media_index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(blocks)])
+    grid_thw = torch.cat(blocks) if blocks else torch.zeros(0, 3, dtype=torch.long)
+    frame = torch.zeros_like(media_index)
+    grids = []
+    for block in blocks:
+        base = block[block[:, 0] == 0]
+        h = int(base[:, 1].max()) + 1 if len(base) else 1
+        w = int(base[:, 2].max()) + 1 if len(base) else 1
+        grids.append((1, h, w))
+    return VisualLayout(
+        media_index=media_index,
+        kind=torch.full_like(media_index, IMAGE),
+        frame=frame,
+        grid_thw=grid_thw,
+        media_grid=grids,
+    )
+
+
+def _grid_block(offset: int, h: int, w: int, t: int = 0) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    block = torch.stack([torch.full_like(rows, t), rows, cols], dim=-1).reshape(-1, 3)
+    if offset:
+        block = torch.cat([torch.full((offset, 3), -1, dtype=torch.long), block])
+    return block
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.image_token_id = _image_token_id(model.config)
+
+    def media_token_ids(self) -> list[int]:
+        return [self.image_token_id]
+
+    def image_blocks(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """(n_i, 3) grid coordinates of every image of the batch, in order."""
+        total = int((input_ids == self.image_token_id).sum())
+        counts = item_counts(call, "image")
+        if counts is None:
+            pixel_values = call.get("pixel_values")
+            num_images = int(pixel_values.shape[0]) if pixel_values is not None else 0
+            if num_images == 0 or total % num_images:
+                raise InputError(
+                    f"found {total} image tokens for {num_images} images; pass pixel_values with one image per "
+                    "<image> placeholder group, as the processor builds them"
+                )
+            counts = [total // num_images] * num_images
+        blocks = []
+        for count in counts:
+            offset, h, w = _square_grid(count)
+            blocks.append(_grid_block(offset, h, w))
+        return blocks
+
+    def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
+        is_visual = input_ids == self.image_token_id
+        if not bool(is_visual.any()):
+            return [SampleMedia(torch.zeros(0, dtype=torch.long), _layout_from_blocks([])) for _ in input_ids]
+        blocks = self.image_blocks(input_ids, call, inputs_embeds)
+        samples, next_block = [], 0
+        for row in is_visual:
+            columns = row.nonzero(as_tuple=True)[0].cpu()
+            mine, count = [], 0
+            while count < len(columns):
+                if next_block >= len(blocks):
+                    raise InputError("more image tokens than images; check the processor output")
+                mine.append(blocks[next_block])
+                count += len(blocks[next_block])
+                next_block += 1
+            if count != len(columns):
+                raise InputError("image tokens of a sample do not match whole images")
+            samples.append(SampleMedia(columns, _layout_from_blocks(mine)))
+        return samples
+
+    def projector_module(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def projector_parts(self) -> ProjectorParts:
+        projector = self.projector_module()
+
+        def tail(hidden: torch.Tensor) -> torch.Tensor:
+            return projector.linear_2(projector.act(hidden))
+
+        return ProjectorParts(projector.linear_1.weight, projector.linear_1.bias, tail)
+
+    def projector_rows(self, captured: list[torch.Tensor], call: dict) -> dict[str, torch.Tensor]:
+        features = captured[-1]
+        return {"image": features.reshape(-1, features.shape[-1])}
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+
+    def image_blocks(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Base grid, then the high-resolution rows; row ends are found from the newline embedding.
+
+        generate() forwards neither pixel values nor image sizes (only the encoded features), so the
+        rows are recovered from where the model's `image_newline` vector sits in `inputs_embeds`.
+        """
+        config = self.model.config
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        base_count = side * side + (1 if getattr(config, "vision_feature_select_strategy", "") == "full" else 0)
+        flat_embeds = inputs_embeds[input_ids == self.image_token_id]
+        newline = getattr(self.model.model, "image_newline", None)
+        counts = item_counts(call, "image")
+        if counts is None:
+            counts = self._counts_from_sizes(call)
+        if sum(counts) != len(flat_embeds):
+            raise InputError(
+                f"LLaVA-NeXT: {len(flat_embeds)} image tokens but the images need {sum(counts)}; "
+                "pass the processor's input_ids, pixel_values and image_sizes unchanged"
+            )
+        blocks, start = [], 0
+        for count in counts:
+            item = flat_embeds[start : start + count]
+            start += count
+            base = _grid_block(base_count - side * side, side, side, t=0)
+            rest = item[base_count:]
+            if newline is None or len(rest) == 0:
+                hires = torch.full((len(rest), 3), -1, dtype=torch.long)
+            else:
+                is_newline = (rest == newline.to(rest.dtype)).all(dim=-1).cpu()
+                hires = torch.full((len(rest), 3), -1, dtype=torch.long)
+                row = col = 0
+                for index, flag in enumerate(is_newline.tolist()):
+                    if flag:
+                        row, col = row + 1, 0
+                        continue
+                    hires[index] = torch.tensor([1, row, col])
+                    col += 1
+            blocks.append(torch.cat([base, hires]))
+        return blocks
+
+    def _counts_from_sizes(self, call: dict) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
+
+        config = self.model.config
+        image_sizes = call.get("image_sizes")
+        if image_sizes is None:
+            raise InputError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        counts = []
+        for size in image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes:
+            num_h, num_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)
+            height, width = unpad_image(torch.zeros(1, num_h * side, num_w * side), torch.tensor(size)).shape[-2:]
+            counts.append(side * side + height * (width + 1))
+        return counts
+
+    def projector_rows(self, captured: list[torch.Tensor], call: dict) -> dict[str, torch.Tensor]:
+        raise PruneError(
+            "projector signals are not available on LLaVA-NeXT (anyres packs crops after the projector); "
+            "use a method that does not need them"
+        )

@@ -1,0 +1,206 @@
+"""Adapters for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (M-RoPE, 2x2 patch merger, images and video).
+
+Media spans come from the image/video token ids and `image_grid_thw` / `video_grid_thw`: an item of grid
+(t, h, w) contributes t * (h/m) * (w/m) tokens (m = spatial merge size), in (t, row, col) raster order.
+Qwen3-VL interleaves timestamp text tokens between video frames; tokens are consumed item by item in
+sequence order, so those text tokens simply stay text.
+
+Decode fix-up (DESIGN.md trap): with `position_ids=None` and no attention mask, the model derives decode
+positions from the cache length plus `rope_deltas`. A pruned cache is shorter, so the adapter injects
+positions computed from the unpruned ("virtual") length instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlm_prune.adapters.base import Adapter, ProjectorParts, SampleMedia, item_counts
+from vlm_prune.engine.context import IMAGE, VIDEO, VisualLayout
+from vlm_prune.errors import InputError, PruneError
+
+
+def _item_grid(t: int, h: int, w: int) -> torch.Tensor:
+    """(t*h*w, 3) (t, row, col) coordinates in raster order."""
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
+
+
+class QwenVLAdapter(Adapter):
+    family = "qwen2_vl"
+    rope_rows = 3
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        config = model.config
+        self.image_token_id = int(config.image_token_id)
+        self.video_token_id = int(config.video_token_id)
+        self.merge = int(config.vision_config.spatial_merge_size)
+        self.visual = model.model.visual
+
+    def media_token_ids(self) -> list[int]:
+        return [self.image_token_id, self.video_token_id]
+
+    def _items(self, grid_thw: torch.Tensor | None) -> list[tuple[int, int, int]]:
+        if grid_thw is None:
+            return []
+        return [(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grid_thw.tolist()]
+
+    def vision_module(self) -> nn.Module:
+        return self.visual
+
+    def record_vision_call(self, args: tuple, kwargs: dict) -> object:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        return None if grid is None else grid.detach().cpu()
+
+    def _grids(self, call: dict, modality: str) -> torch.Tensor | None:
+        """Grids of one modality: from the call, else from the recorded vision-tower calls."""
+        grid = call.get(f"{modality}_grid_thw")
+        if grid is not None:
+            return grid
+        counts = item_counts(call, modality)
+        if counts is None:
+            return None
+        for recorded in reversed(call.get("vision_calls", [])):
+            if recorded is None:
+                continue
+            merged = [int(t * h * w) // (self.merge * self.merge) for t, h, w in recorded.tolist()]
+            if merged == counts:
+                return recorded
+        raise InputError(f"cannot find the {modality} grids; pass {modality}_grid_thw as the processor returns it")
+
+    def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
+        queues = {
+            IMAGE: (self.image_token_id, self._items(self._grids(call, "image"))),
+            VIDEO: (self.video_token_id, self._items(self._grids(call, "video"))),
+        }
+        next_item = {IMAGE: 0, VIDEO: 0}
+        samples = []
+        for row in input_ids:
+            pieces = []  # (first column, kind, columns, grid block, grid size)
+            for kind, (token_id, grids) in queues.items():
+                columns = (row == token_id).nonzero(as_tuple=True)[0].cpu()
+                start = 0
+                while start < len(columns):
+                    if next_item[kind] >= len(grids):
+                        name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
+                        raise InputError(f"more media tokens than items in {name}; pass the processor output")
+                    t, h, w = grids[next_item[kind]]
+                    next_item[kind] += 1
+                    count = t * h * w
+                    item_columns = columns[start : start + count]
+                    if len(item_columns) != count:
+                        raise InputError(
+                            f"a media item of grid {(t, h, w)} needs {count} tokens, found {len(item_columns)}"
+                        )
+                    pieces.append((int(item_columns[0]), kind, item_columns, _item_grid(t, h, w), (t, h, w)))
+                    start += count
+            pieces.sort(key=lambda piece: piece[0])
+            if not pieces:
+                empty = torch.zeros(0, dtype=torch.long)
+                samples.append(SampleMedia(empty, VisualLayout(empty, empty, empty, torch.zeros(0, 3).long(), [])))
+                continue
+            columns = torch.cat([p[2] for p in pieces])
+            grid = torch.cat([p[3] for p in pieces])
+            media_index = torch.cat([torch.full((len(p[2]),), i, dtype=torch.long) for i, p in enumerate(pieces)])
+            kind = torch.cat([torch.full((len(p[2]),), p[1], dtype=torch.long) for p in pieces])
+            order = torch.argsort(columns)
+            layout = VisualLayout(
+                media_index=media_index[order],
+                kind=kind[order],
+                frame=grid[order, 0].clone(),
+                grid_thw=grid[order],
+                media_grid=[p[4] for p in pieces],
+            )
+            samples.append(SampleMedia(columns[order], layout))
+        return samples
+
+    def lm_position_ids(self, contiguous: torch.Tensor) -> torch.Tensor:
+        return contiguous.unsqueeze(0).expand(self.rope_rows + 1, -1, -1)
+
+    def decode_position_ids(self, call: dict, virtual_past: int, q_len: int, batch: int) -> torch.Tensor | None:
+        if call.get("attention_mask") is not None:
+            return None  # the model derives positions from the full-length mask: already right
+        rope_deltas = getattr(self.model.model, "rope_deltas", None)
+        positions = torch.arange(virtual_past, virtual_past + q_len).view(1, 1, -1).expand(3, batch, -1)
+        if rope_deltas is not None:
+            delta = rope_deltas.repeat_interleave(batch // rope_deltas.shape[0], dim=0).cpu()
+            positions = positions + delta.view(1, batch, 1)
+        return positions
+
+    # ---- projector (merger) --------------------------------------------------------------------
+    def projector_module(self) -> nn.Module:
+        return self.visual.merger.mlp
+
+    def projector_parts(self) -> ProjectorParts:
+        mlp = self.projector_module()
+        return ProjectorParts(mlp[0].weight, mlp[0].bias, lambda hidden: mlp[2](mlp[1](hidden)))
+
+    def _merger_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def projector_rows(self, captured: list[torch.Tensor], call: dict) -> dict[str, torch.Tensor]:
+        rows: dict[str, torch.Tensor] = {}
+        present = sum(self._grids(call, name) is not None for name in ("image", "video"))
+        calls = iter(captured[-present:] if present else [])
+        for name in ("image", "video"):
+            grid = self._grids(call, name)
+            if grid is None:
+                continue
+            features = next(calls, None)
+            if features is None:
+                raise PruneError("the projector input was not recorded; was the vision tower bypassed?")
+            order = self._merger_order(grid)
+            rows[name] = features if order is None else features[torch.argsort(order.to(features.device))]
+        return rows
+
+
+class Qwen25VLAdapter(QwenVLAdapter):
+    family = "qwen2_5_vl"
+
+    def _merger_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=self.visual.spatial_merge_size,
+            window_size=self.visual.window_size,
+            patch_size=self.visual.patch_size,
+        )
+        return window_index
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: also compacts the deepstack inputs (`visual_pos_masks`, `deepstack_visual_embeds`)."""
+
+    family = "qwen3_vl"
+
+    def projector_module(self) -> nn.Module:
+        return self.visual.merger.linear_fc1
+
+    def projector_parts(self) -> ProjectorParts:
+        merger = self.visual.merger
+        return ProjectorParts(
+            merger.linear_fc1.weight, merger.linear_fc1.bias, lambda h: merger.linear_fc2(merger.act_fn(h))
+        )
+
+    def compact_lm_kwargs(self, kwargs: dict, keep_columns: torch.Tensor, visual_keep: torch.Tensor) -> None:
+        """keep_columns: (B, L') original columns (-1 = pad slot); visual_keep: (N_visual_total,) bool,
+        row-major over the batch, True where the visual token survives."""
+        masks = kwargs.get("visual_pos_masks")
+        if masks is None:
+            return
+        from vlm_prune.kernels import gather_tokens
+
+        kwargs["visual_pos_masks"] = gather_tokens(masks.unsqueeze(-1), keep_columns.to(masks.device)).squeeze(-1)
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if embeds is not None:
+            kwargs["deepstack_visual_embeds"] = [e[visual_keep.to(e.device)] for e in embeds]
+
+    def check_layer_stage(self, layer: int) -> None:
+        depth = len(getattr(self.visual, "deepstack_visual_indexes", []))
+        if 0 < layer < depth:
+            raise PruneError(
+                f"Qwen3-VL adds deepstack features at decoder layers 0..{depth - 1}; in-LLM stages must run at "
+                f"layer >= {depth} (or at layer 0)"
+            )

@@ -1,0 +1,754 @@
+"""The engine: per-instance hooks that prune visual tokens inside one model's forward.
+
+Flow of one prefill that holds media:
+1. Top-level pre-hook: remember the call's kwargs (input ids, grids) for the language-model hook.
+2. Projector hook (only if a stage needs it): record the projector input.
+3. Language-model pre-hook: find each sample's visual columns from the input ids, run the pre-LLM
+   stages on `inputs_embeds`, gather the kept columns (re-padding rows on the left if their counts
+   differ), and pass the language model an explicit 2-D mask, CONTIGUOUS position ids (so masking
+   and flash-attention never mistake gapped positions for packed sequences) and, through a pre-hook
+   on the rotary embedding, the TRUE positions of the kept tokens (policy "preserve") or renumbered
+   ones (policy "compact").
+4. Decoder-layer pre-hooks (only with in-LLM stages): at stage layer k, score with the hidden states
+   (and attention rows of layer k-1 recomputed from q/k), compact, and hand every later layer the
+   compacted mask, position embeddings and position ids.
+5. Language-model post-hook: trim the caches of layers below the last stage to the kept tokens
+   (option `trim_cache`), record stats, and keep what decoding needs: the original columns of the
+   cached tokens, the unpruned length and the position shift.
+
+Decode steps (or any continuation on the same cache) map the caller's 2-D mask, which spans the
+ORIGINAL sequence, onto the cached columns, and keep positions consistent with the policy.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vlm_prune.adapters.base import Adapter, SampleMedia
+from vlm_prune.engine.budget import tokens_to_keep
+from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext
+from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
+from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
+from vlm_prune.kernels import gather_tokens
+from vlm_prune.methods.base import Stage
+
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+POSITION_POLICIES = ("preserve", "compact")
+
+
+@dataclass
+class _Sample:
+    """Per-sample bookkeeping during one prefill."""
+
+    media: SampleMedia
+    original_counts: list[int]  # visual tokens per media item before pruning
+    visual_columns: torch.Tensor  # (N,) original columns of the visual tokens still present
+
+
+@dataclass
+class _Forward:
+    """State of one language-model forward (prefill or continuation)."""
+
+    prefill: bool
+    columns: torch.Tensor  # (B, L) original column of every slot, -1 = pad slot we added
+    mask: torch.Tensor  # (B, past + L) 2-D attention mask over the cached + current slots
+    rope: torch.Tensor  # (R, B, L) rotary positions of the current slots
+    samples: list[_Sample] = field(default_factory=list)
+    shift: torch.Tensor | None = None  # (B,) positions removed so far (policy "compact")
+    # per in-LLM segment: (first layer, columns of the segment's slots) -- for cache trimming
+    segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    overrides: dict | None = None  # kwargs handed to every layer after an in-LLM stage
+    layer_masks: dict[int, object] = field(default_factory=dict)  # decode masks per layer (no trimming)
+    attention_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+    stats: PruneStats | None = None
+    visual_keep_flat: torch.Tensor | None = None
+
+
+@dataclass
+class _Cached:
+    """What decoding after a pruned prefill needs."""
+
+    cache_ref: weakref.ref
+    original_length: int  # L0: length of the unpruned prefill
+    shift: torch.Tensor  # (B,) positions removed (policy "compact"); zeros under "preserve"
+    # per segment: (first layer, (B, L_seg) original columns of its cached prefill slots)
+    segments: list[tuple[int, torch.Tensor]]
+    prefill_mask: list[torch.Tensor]  # per segment: (B, L_seg) mask of its cached prefill slots
+
+
+class PruneHandle:
+    """Pruning attached to one model instance. `remove()` (or leaving `pruned(...)`) restores it exactly.
+
+    Attributes:
+        stats: `PruneStats` of the last prefill that held media.
+        last_kept_index: (B, L_kept) original column of each position of the last pruned output
+            (-1 = padding slot added to align rows); the prefill logits follow this order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        stages: list[Stage],
+        *,
+        position_policy: str = "preserve",
+        trim_cache: bool = True,
+        seed: int = 0,
+        methods: list | None = None,
+    ):
+        if position_policy not in POSITION_POLICIES:
+            raise PruneError(f"position_policy={position_policy!r}; choose one of {POSITION_POLICIES}")
+        implementation = getattr(adapter.text_config, "_attn_implementation", None) or "eager"
+        if implementation not in SUPPORTED_ATTENTION:
+            raise AttentionImplementationError(
+                f"attention implementation {implementation!r} is not supported; load the model with "
+                f"attn_implementation= one of {SUPPORTED_ATTENTION}"
+            )
+        self.model = model
+        self.adapter = adapter
+        self.methods = methods or []
+        self.stages = sorted(stages, key=lambda stage: stage.layer)
+        self.position_policy = position_policy
+        self.trim_cache = trim_cache
+        self.seed = seed
+        self.shape = LayerShape.from_config(adapter.text_config)
+        num_layers = len(adapter.layers)
+        for stage in self.stages:
+            if not 0 <= stage.layer < num_layers:
+                raise PruneError(
+                    f"stage {stage.name!r} runs at layer {stage.layer}, but the model has {num_layers} decoder "
+                    "layers (0 = pre-LLM, k = input of layer k)"
+                )
+            if stage.layer:
+                adapter.check_layer_stage(stage.layer)
+            if "attention" in stage.needs and stage.layer == 0:
+                raise PruneError(f"stage {stage.name!r} needs attention rows, which exist only at layer >= 1")
+        self.stats = PruneStats()
+        self.last_kept_index: torch.Tensor | None = None
+        self._call: dict | None = None
+        self._projector_inputs: list[torch.Tensor] = []
+        self._vision_calls: list[object] = []
+        self._forward: _Forward | None = None
+        self._cached: _Cached | None = None
+        self._pending_rope: torch.Tensor | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._removed = False
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+
+    # ------------------------------------------------------------------ hooks
+    def _install(self) -> None:
+        add = self._hooks.append
+        add(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        add(self.model.register_forward_hook(self._on_model_return, always_call=True))
+        lm = self.adapter.language_model
+        add(lm.register_forward_pre_hook(self._on_lm_call, with_kwargs=True))
+        add(lm.register_forward_hook(self._on_lm_return, with_kwargs=True))
+        add(self.adapter.rotary.register_forward_pre_hook(self._on_rotary, with_kwargs=True))
+        vision = self.adapter.vision_module()
+        if vision is not None:
+            add(vision.register_forward_pre_hook(self._on_vision_call, with_kwargs=True))
+        if any("projector" in stage.needs for stage in self.stages):
+            module = self.adapter.projector_module()
+            if module is None:
+                raise PruneError(f"{self.adapter.family}: no projector to record; this method cannot run here")
+            add(module.register_forward_hook(self._on_projector))
+        in_llm = [stage.layer for stage in self.stages if stage.layer > 0]
+        if in_llm:
+            first = min(in_llm)
+            needs_rows = any("attention" in stage.needs for stage in self.stages)
+            start = max(0, first - 1) if needs_rows else first
+            for index in range(start, len(self.adapter.layers)):
+                hook = self._make_layer_hook(index)
+                add(self.adapter.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before `apply()`."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._call = self._forward = self._cached = self._pending_rope = None
+        self._projector_inputs = []
+        self._removed = True
+
+    def __enter__(self) -> PruneHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        names = "+".join(stage.name for stage in self.stages)
+        return f"PruneHandle({names}, policy={self.position_policy}, trim_cache={self.trim_cache})"
+
+    # ------------------------------------------------------------------ top level
+    def _on_model_call(self, module, args, kwargs):
+        call = dict(kwargs)
+        if args:
+            call.setdefault("input_ids", args[0])
+        call["vision_calls"] = self._vision_calls
+        self._call = call
+        cache = _cache_of(call)
+        cached = self._live_cached(cache)
+        if cached is not None and call.get("position_ids") is None and call.get("input_ids") is not None:
+            input_ids = call["input_ids"]
+            if not self._has_media(input_ids):
+                past = cache.get_seq_length(cached.segments[0][0])
+                virtual_past = past - cached.segments[0][1].shape[1] + cached.original_length
+                positions = self.adapter.decode_position_ids(call, virtual_past, input_ids.shape[1], input_ids.shape[0])
+                if positions is not None:
+                    kwargs["position_ids"] = positions.to(input_ids.device)
+                    return args, kwargs
+        return None
+
+    def _on_model_return(self, module, args, output):
+        self._call = None
+        self._projector_inputs = []
+        self._vision_calls = []
+        self._forward = None
+        self._pending_rope = None
+        return None
+
+    def _on_vision_call(self, module, args, kwargs):
+        self._vision_calls.append(self.adapter.record_vision_call(args, kwargs))
+
+    def _on_projector(self, module, args, output):
+        self._projector_inputs.append(args[0].detach())
+
+    def _has_media(self, input_ids: torch.Tensor) -> bool:
+        return any(bool((input_ids == token).any()) for token in self.adapter.media_token_ids())
+
+    def _live_cached(self, cache) -> _Cached | None:
+        if self._cached is None or cache is None:
+            return None
+        return self._cached if self._cached.cache_ref() is cache else None
+
+    # ------------------------------------------------------------------ language model
+    def _on_lm_call(self, module, args, kwargs):
+        self._forward = None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        batch, length = embeds.shape[:2]
+        cache = _cache_of(kwargs)
+        call = self._call or {}
+        input_ids = call.get("input_ids")
+        if input_ids is not None and tuple(input_ids.shape) == (batch, length) and self._has_media(input_ids):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise InputError(
+                    "media tokens arrived with a non-empty cache; vlm_prune prunes whole prefills only. "
+                    "Start a new cache for a prompt with new images or video"
+                )
+            return args, self._prefill(kwargs, input_ids, cache)
+        cached = self._live_cached(cache)
+        if cached is not None:
+            return args, self._continue(kwargs, cached, cache)
+        if self._cached is not None and cache is None:
+            self._cached = None
+        return None
+
+    def _prefill(self, kwargs: dict, input_ids: torch.Tensor, cache) -> dict:
+        embeds: torch.Tensor = kwargs["inputs_embeds"]
+        device = embeds.device
+        batch, length = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        elif not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+            raise InputError("vlm_prune needs a 2-D attention mask (or none); a prepared 4-D mask cannot be pruned")
+        rope = self.adapter.rope_positions(kwargs.get("position_ids"), batch, length, 0).to(device)
+        media = self.adapter.sample_media(input_ids, self._call or {}, embeds)
+        samples = [
+            _Sample(
+                media=m,
+                original_counts=[int((m.layout.media_index == i).sum()) for i in range(m.layout.num_media)],
+                visual_columns=m.visual_columns,
+            )
+            for m in media
+        ]
+        columns = torch.arange(length, device=device).expand(batch, -1).clone()
+        stats = PruneStats(visual_tokens_in=sum(len(s.visual_columns) for s in samples))
+        forward = _Forward(
+            prefill=True,
+            columns=columns,
+            mask=mask,
+            rope=rope,
+            samples=samples,
+            shift=torch.zeros(batch, dtype=torch.long, device=device),
+            stats=stats,
+        )
+        self._forward = forward
+        self._check_media_kinds(samples)
+
+        pre_llm = [stage for stage in self.stages if stage.layer == 0]
+        original_visual = [s.visual_columns.clone() for s in samples]
+        for stage in pre_llm:
+            signals = self._projector_signals(samples) if "projector" in stage.needs else None
+            embeds = self._run_stage(stage, embeds, signals=signals)
+        kwargs["inputs_embeds"] = embeds
+        if pre_llm:
+            kept_flat = torch.cat([torch.isin(orig, s.visual_columns) for orig, s in zip(original_visual, samples)])
+            self.adapter.compact_lm_kwargs(kwargs, forward.columns, kept_flat)
+        forward.segments = [(0, forward.columns.clone())]
+        self._finish_lm_kwargs(kwargs, forward, past=0)
+        return kwargs
+
+    def _finish_lm_kwargs(self, kwargs: dict, forward: _Forward, past: int) -> None:
+        """Set mask, contiguous position ids and the pending rotary positions for the language model."""
+        batch, length = forward.columns.shape
+        contiguous = torch.arange(past, past + length, device=forward.rope.device).expand(batch, -1)
+        kwargs["attention_mask"] = forward.mask
+        kwargs["position_ids"] = self.adapter.lm_position_ids(contiguous)
+        self._pending_rope = forward.rope
+
+    def _continue(self, kwargs: dict, cached: _Cached, cache) -> dict:
+        embeds: torch.Tensor = kwargs["inputs_embeds"]
+        device = embeds.device
+        batch, q_len = embeds.shape[:2]
+        first_layer, first_columns = cached.segments[0]
+        past = cache.get_seq_length(first_layer)
+        appended = past - first_columns.shape[1]
+        virtual_past = cached.original_length + appended
+        user_mask = kwargs.get("attention_mask")
+        if user_mask is not None and user_mask.ndim != 2:
+            raise InputError("after a pruned prefill, pass a 2-D attention mask (or none)")
+        if user_mask is not None and user_mask.shape[1] != virtual_past + q_len:
+            raise InputError(
+                f"attention_mask spans {user_mask.shape[1]} tokens, but the unpruned sequence so far is "
+                f"{virtual_past + q_len}; pass the mask over the ORIGINAL sequence, as generate() does"
+            )
+
+        def segment_mask(index: int) -> torch.Tensor:
+            seg_columns = cached.segments[index][1]
+            if user_mask is None:
+                tail = torch.ones(batch, appended + q_len, dtype=cached.prefill_mask[index].dtype, device=device)
+                return torch.cat([cached.prefill_mask[index], tail], dim=1)
+            head = gather_tokens(user_mask.unsqueeze(-1), seg_columns.to(device)).squeeze(-1)
+            return torch.cat([head, user_mask[:, cached.original_length :]], dim=1)
+
+        rope = self.adapter.rope_positions(kwargs.get("position_ids"), batch, q_len, virtual_past).to(device)
+        if self.position_policy == "compact":
+            rope = rope - cached.shift.to(device).view(1, -1, 1)
+        forward = _Forward(
+            prefill=False,
+            columns=torch.arange(q_len, device=device).expand(batch, -1),
+            mask=segment_mask(0),
+            rope=rope,
+        )
+        if len(cached.segments) > 1:
+            from transformers.masking_utils import create_causal_mask
+
+            bounds = [layer for layer, _ in cached.segments[1:]] + [len(self.adapter.layers)]
+            for index, (layer, _) in enumerate(cached.segments[1:], start=1):
+                mask = create_causal_mask(
+                    config=self.adapter.text_config,
+                    inputs_embeds=embeds,
+                    attention_mask=segment_mask(index),
+                    cache=cache,
+                    position_ids=None,
+                    layer_idx=layer,
+                )
+                for covered in range(layer, bounds[index]):
+                    forward.layer_masks[covered] = mask
+        self._forward = forward
+        self._finish_lm_kwargs(kwargs, forward, past=past)
+        return kwargs
+
+    def _on_lm_return(self, module, args, kwargs, output):
+        forward = self._forward
+        self._pending_rope = None
+        if forward is None or not forward.prefill:
+            self._forward = None
+            return None
+        cache = getattr(output, "past_key_values", None)
+        if cache is None:
+            cache = getattr(output, "cache", None)
+        final_columns = forward.columns
+        segments = forward.segments
+        if cache is not None and self.trim_cache and len(segments) > 1:
+            self._trim(cache, segments, final_columns)
+            segments = [(0, final_columns)]
+        stats = forward.stats
+        stats.visual_tokens_out = sum(len(s.visual_columns) for s in forward.samples)
+        self._finish_stats(stats, forward, cache, segments)
+        self.stats = stats
+        self.last_kept_index = final_columns
+        if cache is not None:
+            prefill_masks = []
+            for _, seg_columns in segments:
+                seg_mask = (seg_columns >= 0).to(forward.mask.dtype)
+                original_mask = self._prefill_mask_for(seg_columns, forward)
+                prefill_masks.append(seg_mask * original_mask)
+            self._cached = _Cached(
+                cache_ref=weakref.ref(cache),
+                original_length=int(self._call["input_ids"].shape[1]),
+                shift=forward.shift.clone(),
+                segments=segments,
+                prefill_mask=prefill_masks,
+            )
+        else:
+            self._cached = None
+        self._forward = None
+        return None
+
+    def _prefill_mask_for(self, seg_columns: torch.Tensor, forward: _Forward) -> torch.Tensor:
+        original = (self._call or {}).get("attention_mask")
+        if original is None:
+            return torch.ones_like(seg_columns, dtype=forward.mask.dtype)
+        return gather_tokens(original.unsqueeze(-1), seg_columns.to(original.device)).squeeze(-1).to(forward.mask.dtype)
+
+    def _trim(self, cache, segments: list[tuple[int, torch.Tensor]], final_columns: torch.Tensor) -> None:
+        """Trim every layer below the last stage to the final kept slots."""
+        bounds = [layer for layer, _ in segments[1:]] + [len(self.adapter.layers)]
+        for (first, seg_columns), end in zip(segments[:-1], bounds):
+            index = _positions_within(seg_columns, final_columns)
+            for layer in range(first, end):
+                entry = cache.layers[layer]
+                entry.keys = gather_tokens(entry.keys, index.to(entry.keys.device), dim=2)
+                entry.values = gather_tokens(entry.values, index.to(entry.values.device), dim=2)
+
+    def _finish_stats(self, stats: PruneStats, forward: _Forward, cache, segments) -> None:
+        num_layers = len(self.adapter.layers)
+        valid0 = (self._call or {}).get("attention_mask")
+        batch, length0 = self._call["input_ids"].shape
+        per_sample_len0 = valid0.sum(dim=1).tolist() if valid0 is not None else [length0] * batch
+        # tokens per layer per sample: start from the unpruned count, subtract each stage's removals
+        removed_before: dict[int, list[int]] = {}
+        for stage_stats in stats.stages:
+            removed = [sum(a) - sum(b) for a, b in zip(stage_stats.tokens_in, stage_stats.tokens_out)]
+            previous = removed_before.get(stage_stats.layer, [0] * batch)
+            removed_before[stage_stats.layer] = [p + r for p, r in zip(previous, removed)]
+        flops_after = flops_before = 0
+        visual_per_layer_total = 0.0
+        for sample in range(batch):
+            counts, current = [], per_sample_len0[sample]
+            for layer in range(num_layers):
+                current -= removed_before.get(layer, [0] * batch)[sample]
+                counts.append(current)
+            flops_after += self.shape.prefill_flops(counts)
+            flops_before += self.shape.prefill_flops([per_sample_len0[sample]] * num_layers)
+            visual_in = sum(len(c) for c in [forward.samples[sample].media.visual_columns])
+            visual_per_layer_total += sum(visual_in - (per_sample_len0[sample] - n) for n in counts) / num_layers
+        stats.prefill_flops = flops_after
+        stats.prefill_flops_unpruned = flops_before
+        stats.equivalent_average_tokens = visual_per_layer_total / max(batch, 1)
+        stats.select_seconds = sum(stage.select_seconds for stage in stats.stages)
+        if cache is not None:
+            total = 0
+            per_token_layer = 0
+            for layer in cache.layers:
+                keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+                if keys is None or not isinstance(keys, torch.Tensor):
+                    continue
+                total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+                per_token_layer += (keys.numel() // max(keys.shape[-2], 1)) * keys.element_size() * 2
+            stats.kv_cache_bytes = total
+            stats.kv_cache_bytes_unpruned = per_token_layer * length0
+
+    # ------------------------------------------------------------------ stages
+    def _check_media_kinds(self, samples: list[_Sample]) -> None:
+        has_video = any(bool((s.media.layout.kind == VIDEO).any()) for s in samples)
+        for method in self.methods:
+            if getattr(method, "media", "any") == "video" and not has_video:
+                raise MediaKindError(
+                    f"{type(method).__name__} prunes video, but this input holds only images; "
+                    "pass video inputs or choose an image method"
+                )
+
+    def _run_stage(
+        self,
+        stage: Stage,
+        hidden: torch.Tensor,
+        *,
+        signals: dict | None = None,
+        attention: tuple | None = None,
+    ) -> torch.Tensor:
+        """Run one stage on the current slots; compact `hidden` and the forward state. Returns new hidden."""
+        forward = self._forward
+        batch, length = forward.columns.shape
+        device = hidden.device
+        started = time.perf_counter()
+        keep_slots: list[torch.Tensor] = []
+        replacements: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        tokens_in, tokens_out = [], []
+        valid_all = forward.mask[:, -length:].bool()
+        for row in range(batch):
+            sample = forward.samples[row]
+            row_columns = forward.columns[row]
+            valid_slots = valid_all[row].nonzero(as_tuple=True)[0]
+            is_visual = torch.isin(row_columns, sample.visual_columns.to(device)) & (row_columns >= 0)
+            visual_slots = is_visual.nonzero(as_tuple=True)[0]
+            layout = sample.media.layout.select(torch.isin(sample.media.visual_columns, sample.visual_columns))
+            current_counts = [int((layout.media_index == i).sum()) for i in range(layout.num_media)]
+            tokens_in.append(current_counts)
+            if len(visual_slots) == 0:
+                keep_slots.append(torch.arange(length, device=device))
+                replacements.append(None)
+                tokens_out.append(current_counts)
+                continue
+            keep = stage.keep
+            budgets = (
+                None
+                if keep is None
+                else [tokens_to_keep(keep, o, c) for o, c in zip(sample.original_counts, current_counts)]
+            )
+            slot_to_valid = torch.full((length,), -1, dtype=torch.long, device=device)
+            slot_to_valid[valid_slots] = torch.arange(len(valid_slots), device=device)
+            visual_index = slot_to_valid[visual_slots]
+            if bool((visual_index < 0).any()):
+                raise InputError("visual tokens are masked out by the attention mask; check the inputs")
+            ctx = SelectionContext(
+                layer=stage.layer,
+                num_visual=len(visual_slots),
+                budget=None if budgets is None else sum(budgets),
+                budget_per_media=budgets,
+                visual_features=hidden[row, visual_slots],
+                hidden_states=hidden[row, valid_slots],
+                visual_index=visual_index,
+                input_ids=self._row_input_ids(row, valid_slots),
+                layout=layout,
+                seed=self.seed,
+            )
+            if signals is not None:
+                self._fill_projector_signals(ctx, signals, row)
+            if attention is not None:
+                ctx.attention_fn = self._attention_fn(attention, row, valid_slots)
+            result = stage.select(ctx)
+            features = None
+            if isinstance(result, Selection):
+                features = result.features
+                result = result.keep_mask
+            keep_mask = torch.as_tensor(result, device=device)
+            if keep_mask.dtype != torch.bool or keep_mask.shape != (len(visual_slots),):
+                raise PruneError(
+                    f"{stage.name}.select returned {keep_mask.dtype} {tuple(keep_mask.shape)}; it must return a "
+                    f"bool mask of shape ({len(visual_slots)},) (ctx.num_visual)"
+                )
+            if budgets is not None and int(keep_mask.sum()) != sum(budgets):
+                raise PruneError(f"{stage.name} kept {int(keep_mask.sum())} tokens, its budget is {sum(budgets)}")
+            slot_keep = torch.ones(length, dtype=torch.bool, device=device)
+            slot_keep[visual_slots[~keep_mask]] = False
+            kept_slots = slot_keep.nonzero(as_tuple=True)[0]
+            keep_slots.append(kept_slots)
+            if features is not None:
+                target = torch.searchsorted(kept_slots, visual_slots[keep_mask])
+                replacements.append((target, features))
+            else:
+                replacements.append(None)
+            sample.visual_columns = row_columns[visual_slots[keep_mask]].cpu()
+            layout_out = layout.select(keep_mask.cpu())
+            tokens_out.append([int((layout_out.media_index == i).sum()) for i in range(layout.num_media)])
+            forward.shift[row] += int((~keep_mask).sum())
+            if self.position_policy == "compact":
+                removed = torch.zeros(length, dtype=torch.long, device=device)
+                removed[visual_slots[~keep_mask]] = 1
+                forward.rope[:, row] -= torch.cumsum(removed, 0).to(forward.rope.dtype).view(1, -1)
+        index = _left_pad(keep_slots, device)
+        hidden = gather_tokens(hidden, index)
+        for row, replacement in enumerate(replacements):
+            if replacement is not None:
+                target, features = replacement
+                offset = index.shape[1] - len(keep_slots[row])
+                hidden[row, target + offset] = features.to(hidden.dtype)
+        past = forward.mask.shape[1] - length
+        forward.columns = gather_tokens(forward.columns.unsqueeze(-1), index, fill=-1).squeeze(-1)
+        current_mask = gather_tokens(forward.mask[:, past:].unsqueeze(-1), index).squeeze(-1)
+        forward.mask = torch.cat([forward.mask[:, :past], current_mask], dim=1)
+        rope = forward.rope.permute(1, 2, 0)  # (B, L, R)
+        forward.rope = gather_tokens(rope, index).permute(2, 0, 1).contiguous()
+        forward.stats.stages.append(
+            StageStats(stage.name, stage.layer, tokens_in, tokens_out, time.perf_counter() - started)
+        )
+        return hidden
+
+    def _row_input_ids(self, row: int, valid_slots: torch.Tensor) -> torch.Tensor:
+        input_ids = self._call["input_ids"]
+        columns = self._forward.columns[row, valid_slots].to(input_ids.device)
+        return input_ids[row, columns.clamp(min=0)]
+
+    # ---- projector signals
+    def _projector_signals(self, samples: list[_Sample]) -> dict:
+        if not self._projector_inputs:
+            raise PruneError("the projector input was not recorded (were image features passed precomputed?)")
+        rows = self.adapter.projector_rows(self._projector_inputs, self._call or {})
+        parts = self.adapter.projector_parts()
+        # map each sample's visual columns (in sequence order) to rows of the per-kind feature table
+        per_sample, offsets = [], {"image": 0, "video": 0}
+        for sample in samples:
+            kinds = sample.media.layout.kind
+            table_rows = torch.empty(len(kinds), dtype=torch.long)
+            for name, code in (("image", IMAGE), ("video", VIDEO)):
+                members = (kinds == code).nonzero(as_tuple=True)[0]
+                table_rows[members] = torch.arange(offsets[name], offsets[name] + len(members))
+                offsets[name] += len(members)
+            per_sample.append(table_rows)
+        return {"rows": rows, "parts": parts, "per_sample": per_sample}
+
+    def _fill_projector_signals(self, ctx: SelectionContext, signals: dict, row: int) -> None:
+        sample = self._forward.samples[row]
+        present = torch.isin(sample.media.visual_columns, sample.visual_columns)
+        table_rows = signals["per_sample"][row][present]
+        kinds = sample.media.layout.kind[present]
+        rows = signals["rows"]
+        features = None
+        for name, code in (("image", IMAGE), ("video", VIDEO)):
+            members = (kinds == code).nonzero(as_tuple=True)[0]
+            if len(members) == 0:
+                continue
+            table = rows[name]
+            if features is None:
+                features = table.new_empty(len(kinds), table.shape[-1])
+            features[members.to(table.device)] = table[table_rows[members].to(table.device)]
+        ctx.projector_inputs = features
+        parts = signals["parts"]
+        ctx.projector = parts
+        ctx.projector_first = (parts.weight, parts.bias)
+        ctx.projector_tail = parts.tail
+
+    # ---- attention rows
+    def _attention_fn(self, attention: tuple, row: int, valid_slots: torch.Tensor):
+        from vlm_prune.engine.attention_rows import recompute_attention_rows
+
+        layer_index, hidden_in, position_embeddings = attention
+        layer = self.adapter.layers[layer_index]
+        cos, sin = position_embeddings
+
+        def rows_for(query_index: torch.Tensor) -> torch.Tensor:
+            query_slots = valid_slots[query_index.to(valid_slots.device)]
+            normed = layer.input_layernorm(hidden_in[row : row + 1, valid_slots])
+            rope = (cos[row : row + 1, valid_slots], sin[row : row + 1, valid_slots])
+            local_query = torch.searchsorted(valid_slots, query_slots)
+            key_mask = torch.ones(1, len(valid_slots), dtype=torch.bool, device=normed.device)
+            with torch.no_grad():
+                rows = recompute_attention_rows(layer.self_attn, normed, rope, local_query, key_mask)
+            return rows[0]
+
+        return rows_for
+
+    # ------------------------------------------------------------------ decoder layers
+    def _make_layer_hook(self, index: int):
+        stages_here = [stage for stage in self.stages if stage.layer == index]
+        capture_for_next = any(stage.layer == index + 1 and "attention" in stage.needs for stage in self.stages)
+
+        def hook(module, args, kwargs):
+            forward = self._forward
+            if forward is None:
+                return None
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if forward.overrides is not None:
+                kwargs.update(forward.overrides)
+            if not forward.prefill and index in forward.layer_masks:
+                kwargs["attention_mask"] = forward.layer_masks[index]
+            if forward.prefill and stages_here:
+                hidden = self._in_llm_stages(index, stages_here, hidden, kwargs)
+            if capture_for_next and forward.prefill:
+                forward.attention_input = (index, hidden, kwargs["position_embeddings"])
+            return (hidden, *rest), kwargs
+
+        return hook
+
+    def _in_llm_stages(self, index: int, stages: list[Stage], hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        forward = self._forward
+        cos, sin = kwargs["position_embeddings"]
+        for stage in stages:
+            attention = None
+            if "attention" in stage.needs:
+                if forward.attention_input is None or forward.attention_input[0] != index - 1:
+                    raise PruneError(f"attention rows of layer {index - 1} were not recorded")
+                attention = forward.attention_input
+            before = forward.columns
+            hidden = self._run_stage(stage, hidden, attention=attention)
+            slot_index = _positions_within(before, forward.columns)
+            if self.position_policy == "compact":
+                with torch.no_grad():
+                    rope = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
+                    cos, sin = self.adapter.rotary(hidden, rope)
+            else:
+                cos = gather_tokens(cos, slot_index)
+                sin = gather_tokens(sin, slot_index)
+        batch, length = forward.columns.shape
+        cache = _cache_of(kwargs)
+        contiguous = torch.arange(length, device=hidden.device).expand(batch, -1)
+        mask = create_causal_mask(
+            config=self.adapter.text_config,
+            inputs_embeds=hidden,
+            attention_mask=forward.mask,
+            cache=cache,
+            position_ids=contiguous,
+            layer_idx=index if cache is not None else None,
+        )
+        forward.overrides = {
+            "attention_mask": mask,
+            "position_embeddings": (cos, sin),
+            "position_ids": contiguous,
+        }
+        kwargs.update(forward.overrides)
+        forward.segments.append((index, forward.columns.clone()))
+        return hidden
+
+    # ------------------------------------------------------------------ rotary
+    def _on_rotary(self, module, args, kwargs):
+        rope = self._pending_rope
+        if rope is None:
+            return None
+        self._pending_rope = None
+        value = rope[0] if self.adapter.rope_rows == 1 else rope
+        if len(args) >= 2:
+            args = (args[0], value, *args[2:])
+        else:
+            kwargs["position_ids"] = value
+        return args, kwargs
+
+
+def _cache_of(kwargs: dict):
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    if cache is not None and not hasattr(cache, "layers"):
+        raise AttentionImplementationError(
+            f"cache of type {type(cache).__name__} is not supported; use transformers' DynamicCache (the default)"
+        )
+    if cache is not None and type(cache).__name__ in ("StaticCache", "HybridCache", "OffloadedStaticCache"):
+        raise AttentionImplementationError(
+            "static caches cannot hold pruned sequences of varying length; generate with the default "
+            "DynamicCache (do not set cache_implementation='static')"
+        )
+    return cache
+
+
+def _left_pad(rows: list[torch.Tensor], device) -> torch.Tensor:
+    """Stack per-row index lists into (B, L_max), left-padded with -1."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
+    for row, values in enumerate(rows):
+        if len(values):
+            out[row, width - len(values) :] = values
+    return out
+
+
+def _positions_within(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """For each slot of `inner` (B, L_in), its slot index in `outer` (B, L_out); -1 for pad slots.
+
+    Both hold original columns in ascending order (pad slots -1 first); inner's columns are a subset.
+    """
+    index = torch.full_like(inner, -1)
+    for row in range(inner.shape[0]):
+        outer_row, inner_row = outer[row], inner[row]
+        real = inner_row >= 0
+        outer_real = (outer_row >= 0).nonzero(as_tuple=True)[0]
+        positions = torch.searchsorted(outer_row[outer_real], inner_row[real])
+        index[row, real] = outer_real[positions]
+    return index

@@ -1,0 +1,105 @@
+"""Statistics of a pruned forward: tokens per stage, prefill FLOPs, KV bytes, selection time.
+
+FLOPs of one decoder layer over n tokens (2 FLOPs per multiply-accumulate), with hidden size d,
+query width d_q = H * head_dim, key/value width d_kv = H_kv * head_dim (GQA) and MLP width m:
+
+    F(n) = 2 * [ n*d*(2*d_q + 2*d_kv)      # q, k, v, o projections (o maps d_q -> d)
+                 + 2 * n^2 * d_q           # QK^T and AV, counted over the full square as FastV does
+                 + 3 * n*d*m ]             # SwiGLU: gate, up, down
+
+This is FastV's 4nd^2 + 2n^2d + 2ndm with GQA and the three-matrix MLP, times two. The prefill FLOPs are
+the sum over layers of F(n_layer), with each layer's own n (tokens after the stages before it), summed
+over the samples of the batch (padding excluded). The LM head is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerShape:
+    hidden: int
+    q_width: int
+    kv_width: int
+    mlp: int
+    num_layers: int
+
+    @classmethod
+    def from_config(cls, config) -> LayerShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(
+            hidden=config.hidden_size,
+            q_width=heads * head_dim,
+            kv_width=kv_heads * head_dim,
+            mlp=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+        )
+
+    def layer_flops(self, n: int) -> int:
+        d = self.hidden
+        macs = n * d * (2 * self.q_width + 2 * self.kv_width) + 2 * n * n * self.q_width + 3 * n * d * self.mlp
+        return 2 * macs
+
+    def prefill_flops(self, tokens_per_layer: list[int]) -> int:
+        return sum(self.layer_flops(n) for n in tokens_per_layer)
+
+
+@dataclass
+class StageStats:
+    name: str
+    layer: int
+    tokens_in: list[list[int]]  # per sample, per media item
+    tokens_out: list[list[int]]
+    select_seconds: float = 0.0
+
+    @property
+    def total_in(self) -> int:
+        return sum(map(sum, self.tokens_in))
+
+    @property
+    def total_out(self) -> int:
+        return sum(map(sum, self.tokens_out))
+
+
+@dataclass
+class PruneStats:
+    """What `handle.stats` reports about the last prefill that held media."""
+
+    stages: list[StageStats] = field(default_factory=list)
+    visual_tokens_in: int = 0
+    visual_tokens_out: int = 0
+    prefill_flops_unpruned: int = 0
+    prefill_flops: int = 0
+    kv_cache_bytes: int = 0
+    kv_cache_bytes_unpruned: int = 0
+    select_seconds: float = 0.0
+    equivalent_average_tokens: float = 0.0
+    forwards: int = 0
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.prefill_flops / self.prefill_flops_unpruned if self.prefill_flops_unpruned else 1.0
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.visual_tokens_out / self.visual_tokens_in if self.visual_tokens_in else 1.0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["flops_ratio"] = self.flops_ratio
+        out["keep_ratio"] = self.keep_ratio
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"visual tokens {self.visual_tokens_in} -> {self.visual_tokens_out} ({self.keep_ratio:.1%})",
+            f"prefill FLOPs {self.prefill_flops_unpruned:.3e} -> {self.prefill_flops:.3e} ({self.flops_ratio:.1%})",
+            f"KV cache {self.kv_cache_bytes_unpruned / 2**20:.2f} MiB -> {self.kv_cache_bytes / 2**20:.2f} MiB",
+            f"selection time {self.select_seconds * 1e3:.2f} ms",
+        ]
+        for stage in self.stages:
+            lines.append(f"  stage {stage.name} @ layer {stage.layer}: {stage.total_in} -> {stage.total_out}")
+        return "\n".join(lines)
