@@ -114,6 +114,20 @@ class Adapter:
         """Map captured projector inputs to rows aligned with media tokens: {"image": (N_img, d), "video": ...}."""
         raise NotImplementedError
 
+    def vision_attention_layer(self) -> nn.Module | None:
+        """The vision-tower layer whose INPUT gives VisionZip's attention signal (None = unsupported)."""
+        return None
+
+    def vision_attention_signal(self, module: nn.Module, args: tuple, kwargs: dict) -> object:
+        """Compute (received attention, keys) from one call of `vision_attention_layer()`."""
+        raise NotImplementedError
+
+    def vision_attention_rows(
+        self, recorded: list, call: dict
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Recorded signals -> per-kind tables aligned with media tokens: ({"image": (N,)}, {"image": (N, d)})."""
+        raise NotImplementedError
+
     # ---- language-model kwargs ----------------------------------------------------------------
     def compact_lm_kwargs(self, kwargs: dict, keep_columns: torch.Tensor, visual_keep: torch.Tensor) -> None:
         """Compact family-specific LM kwargs in place (e.g. Qwen3-VL deepstack). Default: nothing."""

@@ -128,6 +128,29 @@ class LlavaAdapter(Adapter):
 
         return ProjectorParts(projector.linear_1.weight, projector.linear_1.bias, tail)
 
+    def vision_attention_layer(self) -> nn.Module:
+        """The ViT layer producing the features the projector reads (VisionZip's attentions[-2])."""
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel in transformers 4.x wraps one
+        layers = tower.encoder.layers
+        feature_layer = self.model.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            feature_layer = feature_layer[-1]
+        return layers[feature_layer if feature_layer < 0 else feature_layer - 1]
+
+    def vision_attention_signal(self, module: nn.Module, args: tuple, kwargs: dict) -> object:
+        from vlm_prune.adapters.vision_signals import clip_layer_cls_attention, vit_layer_mean_attention
+
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if getattr(self.model.config, "vision_feature_select_strategy", "default") == "default":
+            return clip_layer_cls_attention(module, hidden)  # CLS query; CLS column dropped
+        received, keys = vit_layer_mean_attention(module, hidden)  # "full": every token is a placeholder
+        return received, keys
+
+    def vision_attention_rows(self, recorded: list, call: dict):
+        received, keys = recorded[-1]
+        return {"image": received.reshape(-1)}, {"image": keys.reshape(-1, keys.shape[-1])}
+
     def projector_rows(self, captured: list[torch.Tensor], call: dict) -> dict[str, torch.Tensor]:
         features = captured[-1]
         return {"image": features.reshape(-1, features.shape[-1])}
@@ -195,6 +218,9 @@ class LlavaNextAdapter(LlavaAdapter):
             height, width = unpad_image(torch.zeros(1, num_h * side, num_w * side), torch.tensor(size)).shape[-2:]
             counts.append(side * side + height * (width + 1))
         return counts
+
+    def vision_attention_layer(self) -> nn.Module | None:
+        return None  # anyres crops are packed after the tower; no per-token mapping yet
 
     def projector_rows(self, captured: list[torch.Tensor], call: dict) -> dict[str, torch.Tensor]:
         raise PruneError(

@@ -37,6 +37,7 @@ class QwenVLAdapter(Adapter):
         self.video_token_id = int(config.video_token_id)
         self.merge = int(config.vision_config.spatial_merge_size)
         self.visual = model.model.visual
+        self._vision_calls_grid: torch.Tensor | None = None
 
     def media_token_ids(self) -> list[int]:
         return [self.image_token_id, self.video_token_id]
@@ -48,10 +49,6 @@ class QwenVLAdapter(Adapter):
 
     def vision_module(self) -> nn.Module:
         return self.visual
-
-    def record_vision_call(self, args: tuple, kwargs: dict) -> object:
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        return None if grid is None else grid.detach().cpu()
 
     def _grids(self, call: dict, modality: str) -> torch.Tensor | None:
         """Grids of one modality: from the call, else from the recorded vision-tower calls."""
@@ -139,6 +136,41 @@ class QwenVLAdapter(Adapter):
     def _merger_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    # ---- vision-tower attention (VisionZip): the last full-attention block, mean attention received
+    def vision_attention_layer(self) -> nn.Module:
+        full = getattr(self.visual, "fullatt_block_indexes", None)
+        return self.visual.blocks[full[-1] if full else -1]
+
+    def vision_attention_signal(self, module: nn.Module, args: tuple, kwargs: dict) -> object:
+        from vlm_prune.adapters.vision_signals import qwen2vl_block_mean_attention
+
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cu_seqlens = kwargs.get("cu_seqlens")
+        window_index = None
+        grid = self._vision_calls_grid
+        if grid is not None:
+            window_index = self._merger_order(grid)
+        return qwen2vl_block_mean_attention(
+            module,
+            hidden,
+            cu_seqlens,
+            kwargs.get("position_embeddings"),
+            spatial_merge_unit=self.merge * self.merge,
+            window_index=window_index,
+        )
+
+    def record_vision_call(self, args: tuple, kwargs: dict) -> object:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._vision_calls_grid = None if grid is None else grid.detach().cpu()
+        return self._vision_calls_grid
+
+    def vision_attention_rows(self, recorded: list, call: dict):
+        received_tables, key_tables = {}, {}
+        present = [name for name in ("image", "video") if self._grids(call, name) is not None]
+        for name, (received, keys) in zip(present, recorded[-len(present) :] if present else []):
+            received_tables[name], key_tables[name] = received, keys
+        return received_tables, key_tables
+
     def projector_rows(self, captured: list[torch.Tensor], call: dict) -> dict[str, torch.Tensor]:
         rows: dict[str, torch.Tensor] = {}
         present = sum(self._grids(call, name) is not None for name in ("image", "video"))
@@ -174,6 +206,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
     """Qwen3-VL: also compacts the deepstack inputs (`visual_pos_masks`, `deepstack_visual_embeds`)."""
 
     family = "qwen3_vl"
+
+    def vision_attention_layer(self) -> nn.Module | None:
+        return None  # not validated against Qwen3-VL's vision blocks yet
 
     def projector_module(self) -> nn.Module:
         return self.visual.merger.linear_fc1

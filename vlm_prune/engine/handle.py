@@ -132,6 +132,7 @@ class PruneHandle:
         self.last_kept_index: torch.Tensor | None = None
         self._call: dict | None = None
         self._projector_inputs: list[torch.Tensor] = []
+        self._vision_attention: list[object] = []
         self._vision_calls: list[object] = []
         self._forward: _Forward | None = None
         self._cached: _Cached | None = None
@@ -161,6 +162,14 @@ class PruneHandle:
             if module is None:
                 raise PruneError(f"{self.adapter.family}: no projector to record; this method cannot run here")
             add(module.register_forward_hook(self._on_projector))
+        if any("vision_attention" in stage.needs for stage in self.stages):
+            module = self.adapter.vision_attention_layer()
+            if module is None:
+                raise PruneError(
+                    f"{self.adapter.family}: vision-tower attention is not available on this family; "
+                    "choose a method that does not need it"
+                )
+            add(module.register_forward_pre_hook(self._on_vision_layer, with_kwargs=True))
         in_llm = [stage.layer for stage in self.stages if stage.layer > 0]
         if in_llm:
             first = min(in_llm)
@@ -212,6 +221,7 @@ class PruneHandle:
     def _on_model_return(self, module, args, output):
         self._call = None
         self._projector_inputs = []
+        self._vision_attention = []
         self._vision_calls = []
         self._forward = None
         self._pending_rope = None
@@ -219,6 +229,10 @@ class PruneHandle:
 
     def _on_vision_call(self, module, args, kwargs):
         self._vision_calls.append(self.adapter.record_vision_call(args, kwargs))
+
+    def _on_vision_layer(self, module, args, kwargs):
+        with torch.no_grad():
+            self._vision_attention.append(self.adapter.vision_attention_signal(module, args, kwargs))
 
     def _on_projector(self, module, args, output):
         self._projector_inputs.append(args[0].detach())
@@ -291,7 +305,7 @@ class PruneHandle:
         pre_llm = [stage for stage in self.stages if stage.layer == 0]
         original_visual = [s.visual_columns.clone() for s in samples]
         for stage in pre_llm:
-            signals = self._projector_signals(samples) if "projector" in stage.needs else None
+            signals = self._signals(stage, samples)
             embeds = self._run_stage(stage, embeds, signals=signals)
         kwargs["inputs_embeds"] = embeds
         if pre_llm:
@@ -518,7 +532,7 @@ class PruneHandle:
                 seed=self.seed,
             )
             if signals is not None:
-                self._fill_projector_signals(ctx, signals, row)
+                self._fill_signals(ctx, signals, row)
             if attention is not None:
                 ctx.attention_fn = self._attention_fn(attention, row, valid_slots)
             result = stage.select(ctx)
@@ -574,13 +588,22 @@ class PruneHandle:
         columns = self._forward.columns[row, valid_slots].to(input_ids.device)
         return input_ids[row, columns.clamp(min=0)]
 
-    # ---- projector signals
-    def _projector_signals(self, samples: list[_Sample]) -> dict:
-        if not self._projector_inputs:
-            raise PruneError("the projector input was not recorded (were image features passed precomputed?)")
-        rows = self.adapter.projector_rows(self._projector_inputs, self._call or {})
-        parts = self.adapter.projector_parts()
-        # map each sample's visual columns (in sequence order) to rows of the per-kind feature table
+    # ---- vision-side signals (projector inputs, vision-tower attention)
+    def _signals(self, stage: Stage, samples: list[_Sample]) -> dict | None:
+        """Per-kind tables of recorded signals, aligned with the media tokens, and each sample's rows in them."""
+        tables: dict[str, dict[str, torch.Tensor]] = {}
+        call = self._call or {}
+        if "projector" in stage.needs:
+            if not self._projector_inputs:
+                raise PruneError("the projector input was not recorded (were image features passed precomputed?)")
+            tables["projector_inputs"] = self.adapter.projector_rows(self._projector_inputs, call)
+        if "vision_attention" in stage.needs:
+            if not self._vision_attention:
+                raise PruneError("the vision-tower attention was not recorded (were image features precomputed?)")
+            received, keys = self.adapter.vision_attention_rows(self._vision_attention, call)
+            tables["vision_attention"], tables["vision_keys"] = received, keys
+        if not tables:
+            return None
         per_sample, offsets = [], {"image": 0, "video": 0}
         for sample in samples:
             kinds = sample.media.layout.kind
@@ -590,28 +613,29 @@ class PruneHandle:
                 table_rows[members] = torch.arange(offsets[name], offsets[name] + len(members))
                 offsets[name] += len(members)
             per_sample.append(table_rows)
-        return {"rows": rows, "parts": parts, "per_sample": per_sample}
+        return {"tables": tables, "per_sample": per_sample}
 
-    def _fill_projector_signals(self, ctx: SelectionContext, signals: dict, row: int) -> None:
+    def _fill_signals(self, ctx: SelectionContext, signals: dict, row: int) -> None:
         sample = self._forward.samples[row]
         present = torch.isin(sample.media.visual_columns, sample.visual_columns)
         table_rows = signals["per_sample"][row][present]
         kinds = sample.media.layout.kind[present]
-        rows = signals["rows"]
-        features = None
-        for name, code in (("image", IMAGE), ("video", VIDEO)):
-            members = (kinds == code).nonzero(as_tuple=True)[0]
-            if len(members) == 0:
-                continue
-            table = rows[name]
-            if features is None:
-                features = table.new_empty(len(kinds), table.shape[-1])
-            features[members.to(table.device)] = table[table_rows[members].to(table.device)]
-        ctx.projector_inputs = features
-        parts = signals["parts"]
-        ctx.projector = parts
-        ctx.projector_first = (parts.weight, parts.bias)
-        ctx.projector_tail = parts.tail
+        for field_name, per_kind in signals["tables"].items():
+            values = None
+            for name, code in (("image", IMAGE), ("video", VIDEO)):
+                members = (kinds == code).nonzero(as_tuple=True)[0]
+                if len(members) == 0:
+                    continue
+                table = per_kind[name]
+                if values is None:
+                    values = table.new_empty((len(kinds), *table.shape[1:]))
+                values[members.to(table.device)] = table[table_rows[members].to(table.device)]
+            setattr(ctx, field_name, values)
+        if "projector_inputs" in signals["tables"]:
+            parts = self.adapter.projector_parts()
+            ctx.projector = parts
+            ctx.projector_first = (parts.weight, parts.bias)
+            ctx.projector_tail = parts.tail
 
     # ---- attention rows
     def _attention_fn(self, attention: tuple, row: int, valid_slots: torch.Tensor):
