@@ -49,9 +49,16 @@ def _build_methods(method: str | Method | list[Method], keep, options: dict) -> 
     for instance, budget in zip(built, budgets):
         if budget is not None:
             instance.keep = budget
-        elif isinstance(instance, ScorerMethod) and instance.keep is None:
-            raise BudgetError(f"{type(instance).__name__} needs a budget: pass keep=0.25 (a fraction) or keep=64")
     return built
+
+
+def _check_budgets(method: Method, stages: list, named: bool) -> None:
+    """Built-in methods (and scorers) need a budget at every stage; a user mask may decide alone."""
+    if (named or isinstance(method, ScorerMethod)) and any(stage.keep is None for stage in stages):
+        raise BudgetError(
+            f"{type(method).__name__} needs a budget: pass keep=0.25 (a fraction of the visual tokens) "
+            "or keep=64 (tokens per image)"
+        )
 
 
 def apply(
@@ -100,7 +107,9 @@ def apply(
         bind = getattr(instance, "bind", None)
         if callable(bind):
             bind(info)
-        stages.extend(instance.stages())
+        instance_stages = instance.stages()
+        _check_budgets(instance, instance_stages, named=isinstance(method, str))
+        stages.extend(instance_stages)
     handle = PruneHandle(
         model, adapter, stages, position_policy=position_policy, trim_cache=trim_cache, seed=seed, methods=built
     )
