@@ -46,6 +46,8 @@ class Adapter:
     family: str = ""
     #: number of rows of the rotary position ids: 1 (RoPE) or 3 (M-RoPE)
     rope_rows: int = 1
+    #: vision-side signals this family can record ("projector", "vision_attention")
+    signals: frozenset[str] = frozenset()
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -70,6 +70,7 @@ def _grid_block(offset: int, h: int, w: int, t: int = 0) -> torch.Tensor:
 
 class LlavaAdapter(Adapter):
     family = "llava"
+    signals = frozenset({"projector", "vision_attention"})
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -158,6 +159,7 @@ class LlavaAdapter(Adapter):
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
+    signals = frozenset()  # anyres packs crops after the projector: no per-token mapping of tower signals yet
 
     def image_blocks(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
         """Base grid, then the high-resolution rows; row ends are found from the newline embedding.

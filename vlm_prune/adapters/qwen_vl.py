@@ -29,6 +29,7 @@ def _item_grid(t: int, h: int, w: int) -> torch.Tensor:
 class QwenVLAdapter(Adapter):
     family = "qwen2_vl"
     rope_rows = 3
+    signals = frozenset({"projector", "vision_attention"})
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -206,6 +207,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     """Qwen3-VL: also compacts the deepstack inputs (`visual_pos_masks`, `deepstack_visual_embeds`)."""
 
     family = "qwen3_vl"
+    signals = frozenset({"projector"})
 
     def vision_attention_layer(self) -> nn.Module | None:
         return None  # not validated against Qwen3-VL's vision blocks yet

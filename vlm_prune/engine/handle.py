@@ -126,6 +126,12 @@ class PruneHandle:
                 )
             if stage.layer:
                 adapter.check_layer_stage(stage.layer)
+            missing = set(stage.needs) - {"attention"} - set(adapter.signals)
+            if missing:
+                raise PruneError(
+                    f"{stage.name} needs {sorted(missing)}, which {adapter.family} models cannot provide yet; "
+                    f"choose a method without them (see vlm_prune.methods())"
+                )
             if "attention" in stage.needs and stage.layer == 0:
                 raise PruneError(f"stage {stage.name!r} needs attention rows, which exist only at layer >= 1")
         self.stats = PruneStats()

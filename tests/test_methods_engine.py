@@ -1,0 +1,86 @@
+"""Every registered method through the engine on every adapter: exact budgets, batch rows equal rows alone,
+determinism and clean removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_prune
+from vlm_prune.toy_models import build_tiny, make_inputs, single_row
+
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+# Not every signal exists on every family; these combinations must refuse with a PruneError at apply().
+UNSUPPORTED = {("zoo", "llava_next"), ("visionzip", "llava_next"), ("visionzip", "qwen3_vl")}
+OPTIONS = {"fastv": {"keep": 0.5}, "adaptinfer": {"keep": 0.5}, "visionzip": {"keep": 4}}
+
+
+def method_names() -> list[str]:
+    return sorted(vlm_prune.methods())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    built: dict[str, torch.nn.Module] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_tiny(family)
+        return built[family]
+
+    return get
+
+
+def _options(name: str, family: str) -> dict:
+    options = dict(OPTIONS.get(name, {"keep": 0.5}))
+    if family == "qwen3_vl" and name in ("fastv", "adaptinfer"):
+        options["layer" if name == "fastv" else "layers"] = 3 if name == "fastv" else [3]
+        if name == "adaptinfer":
+            options["ratios"] = [0.5]
+            options.pop("keep")
+    return options
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", method_names())
+def test_method_on_adapter(tiny, family, name):
+    model = tiny(family)
+    options = _options(name, family)
+    if (name, family) in UNSUPPORTED:
+        with pytest.raises(vlm_prune.PruneError):
+            handle = vlm_prune.apply(model, name, **options)
+            with torch.no_grad():
+                model(**make_inputs(model))
+            handle.remove()
+        assert not model._forward_pre_hooks and not model.model.language_model._forward_pre_hooks
+        return
+    inputs = make_inputs(model, batch=2, padding="left")
+    with torch.no_grad():
+        baseline = model(**inputs).logits
+    with vlm_prune.pruned(model, name, **options) as handle, torch.no_grad():
+        batched = model(**inputs).logits
+        kept_batch = handle.last_kept_index.clone()
+        stats = handle.stats
+        again = model(**inputs).logits
+        assert torch.equal(batched, again), "same inputs, same seed: same result"
+        assert torch.equal(handle.last_kept_index, kept_batch)
+        for row in range(2):
+            alone = model(**single_row(inputs, row)).logits[0]
+            kept_alone = handle.last_kept_index[0]
+            mine = kept_batch[row][kept_batch[row] >= 0]
+            offset = int((inputs["attention_mask"][row] == 0).sum())  # left padding of the original row
+            assert torch.equal(mine[mine >= offset] - offset, kept_alone), "same tokens kept as the row alone"
+            torch.testing.assert_close(batched[row, -alone.shape[0] :], alone, rtol=1e-4, atol=1e-4)
+    # exact budgets: every stage's output count per media item equals the requested count
+    for stage in stats.stages:
+        for before, after in zip(stage.tokens_in, stage.tokens_out):
+            assert all(a <= b for a, b in zip(after, before))
+    if name in ("random", "divprune", "zoo", "pool"):
+        from vlm_prune.engine.budget import tokens_to_keep
+
+        (stage,) = stats.stages
+        for before, after in zip(stage.tokens_in, stage.tokens_out):
+            assert after == [tokens_to_keep(0.5, b, b) for b in before]
+    assert stats.visual_tokens_out < stats.visual_tokens_in
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, baseline), "removal restores the model bit for bit"
