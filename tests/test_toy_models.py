@@ -16,6 +16,7 @@ from vlm_prune.toy_models import (
 )
 
 FAMILIES = available_families()
+torch.set_num_threads(1)  # tiny matrices: threads only add contention
 _MODELS: dict = {}
 
 

@@ -1,0 +1,507 @@
+"""DESIGN.md invariants, through the public API only, on every toy family.
+
+Parametrized over families x attention (eager, sdpa) x layout (batch 1, batch 2 left-padded, batch 2
+right-padded). The pruned results are compared with `tests/reference.py`, a hand-built reference that
+does not use the engine. Generation is compared on left-padded / unpadded batches only: with right
+padding `generate()` itself appends after the pads, so there is nothing meaningful to compare.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import (
+    capture,
+    pattern_mask,
+    reference_row,
+    reference_via_language_model,
+    visual_counts,
+)
+
+import vlm_prune
+from vlm_prune.toy_models import available_families, build_tiny, make_inputs, single_row
+
+FAMILIES = available_families()
+ATTNS = ("eager", "sdpa")
+LAYOUTS = [(1, "left"), (2, "left"), (2, "right")]
+LAYOUT_IDS = ["b1", "b2-left", "b2-right"]
+NEW_TOKENS = 4
+TOL = dict(atol=2e-5, rtol=1e-4)
+IDENTITY_TOL = dict(atol=1e-5, rtol=1e-5)
+
+torch.set_num_threads(1)  # tiny matrices: threads only add contention
+
+
+# ------------------------------------------------------------------------------------------------------
+# user methods: the minimal public contract (class attribute `layer`, `select(ctx)` -> bool mask)
+# ------------------------------------------------------------------------------------------------------
+
+class KeepAll(vlm_prune.Method):
+    layer = 0
+
+    def select(self, ctx):
+        return torch.ones(ctx.num_visual, dtype=torch.bool)
+
+
+class Pattern(vlm_prune.Method):
+    """A fixed, irregular ~40% keep set over the sample's visual tokens in sequence order."""
+
+    layer = 0
+
+    def select(self, ctx):
+        return pattern_mask(ctx.num_visual)
+
+
+class SeededRandom(vlm_prune.Method):
+    layer = 0
+
+    def select(self, ctx):
+        return torch.rand(ctx.num_visual, generator=ctx.generator()) < 0.5
+
+
+class Boom(vlm_prune.Method):
+    layer = 0
+
+    def select(self, ctx):
+        raise RuntimeError("boom from select")
+
+
+def in_llm_layer(family: str) -> int:
+    """The in-LLM stage layer used for `family`.
+
+    2 everywhere, except Qwen3-VL: its deepstack adds vision features after decoder layers 0..2 and the
+    engine only allows in-LLM stages after them (layer >= 3); see test_qwen3_deepstack_layer_stage.
+    """
+    return 3 if family == "qwen3_vl" else 2
+
+
+def _at(base: type, layer: int) -> type:
+    return type(f"{base.__name__}At{layer}", (base,), {"layer": layer})
+
+
+def pattern_method(layer: int) -> vlm_prune.Method:
+    return (Pattern if layer == 0 else _at(Pattern, layer))()
+
+
+def keep_all_method(layer: int) -> vlm_prune.Method:
+    return (KeepAll if layer == 0 else _at(KeepAll, layer))()
+
+
+def stage_layer(family: str, stage: str) -> int:
+    return 0 if stage == "pre" else in_llm_layer(family)
+
+
+STAGES = ["pre", "llm"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------
+
+_MODELS: dict = {}
+
+
+def model_for(family: str, attn: str, seed: int = 0):
+    key = (family, attn, seed)
+    if key not in _MODELS:
+        _MODELS[key] = build_tiny(family, attn_implementation=attn, seed=seed)
+    return _MODELS[key]
+
+
+def inputs_for(model, batch: int, padding: str, **kw) -> dict:
+    return make_inputs(model, batch=batch, padding=padding, **kw)
+
+
+@torch.no_grad()
+def forward(model, inputs, **kw):
+    return model(**inputs, **kw)
+
+
+@torch.no_grad()
+def generate(model, inputs, n=NEW_TOKENS):
+    out = model.generate(
+        **inputs, max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return new, torch.stack(out.logits, dim=1)  # (B, T), (B, T, V)
+
+
+def cache_of(out):
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    return cache
+
+
+def pattern_keeps(inputs) -> list[torch.Tensor]:
+    return [pattern_mask(n) for n in visual_counts(inputs["input_ids"], inputs["attention_mask"])]
+
+
+def kept_index(handle) -> torch.Tensor:
+    idx = getattr(handle, "last_kept_index", None)
+    assert idx is not None, "handle.last_kept_index is missing (engine must expose it after a pruned prefill)"
+    return idx
+
+
+def real_slots(index: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L_kept) bool: slots holding a real token (not a pad the engine added, not an original pad)."""
+    valid = index >= 0
+    if attention_mask is not None:
+        valid &= attention_mask.bool().gather(1, index.clamp(min=0).to(attention_mask.device)).to(valid.device)
+    return valid
+
+
+def assert_matches_reference(logits, index, refs, attention_mask=None, tol=TOL):
+    """Pruned prefill logits (B, L_kept, V) vs per-row references, aligned by handle.last_kept_index."""
+    assert index.shape == logits.shape[:2], (tuple(index.shape), tuple(logits.shape))
+    real = real_slots(index, attention_mask)
+    for b, ref in enumerate(refs):
+        valid = real[b]
+        got_cols = index[b][valid].cpu()
+        assert torch.equal(got_cols, ref.kept_cols), f"row {b}: kept columns {got_cols} != {ref.kept_cols}"
+        torch.testing.assert_close(logits[b][valid], ref.logits, **tol)
+
+
+def assert_generation_matches(new, step_logits, refs, tol=TOL):
+    for b, ref in enumerate(refs):
+        assert new[b].tolist() == ref.tokens.tolist(), f"row {b}: {new[b].tolist()} != {ref.tokens.tolist()}"
+        torch.testing.assert_close(step_logits[b], ref.step_logits, **tol)
+
+
+def hook_snapshot(model) -> dict:
+    snap = {}
+    for name, module in model.named_modules():
+        snap[name] = (
+            tuple(module._forward_hooks.keys()),
+            tuple(module._forward_pre_hooks.keys()),
+            tuple(module._backward_hooks.keys()),
+            tuple(module._backward_pre_hooks.keys()),
+            tuple(sorted(k for k in vars(module) if not k.startswith("_"))),
+            "forward" in vars(module),
+        )
+    return snap
+
+
+def global_hooks() -> tuple:
+    m = torch.nn.modules.module
+    return (
+        len(m._global_forward_hooks),
+        len(m._global_forward_pre_hooks),
+        len(m._global_backward_hooks),
+    )
+
+
+matrix = pytest.mark.parametrize(
+    "family,attn,layout",
+    [(f, a, lay) for f in FAMILIES for a in ATTNS for lay in LAYOUTS],
+    ids=[f"{f}-{a}-{i}" for f in FAMILIES for a in ATTNS for i in LAYOUT_IDS],
+)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the reference itself (no engine): keep-all reference == the model; partial keep == LM forward path
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_self_check(family):
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left")
+    full = forward(model, inputs).logits
+    cap = capture(model, inputs, "forward")
+    capg = capture(model, inputs, "generate")
+    new, _ = generate(model, inputs)
+    for b in range(2):
+        for layer in (0, 2):
+            ref = reference_row(model, cap, b, None, layer=layer)
+            torch.testing.assert_close(ref.logits, full[b, ref.kept_cols], **IDENTITY_TOL)
+            refg = reference_row(model, capg, b, None, layer=layer, max_new_tokens=NEW_TOKENS)
+            assert refg.tokens.tolist() == new[b].tolist()
+        keep = pattern_keeps(inputs)[b]
+        ref = reference_row(model, cap, b, keep)
+        torch.testing.assert_close(ref.logits, reference_via_language_model(model, cap, b, keep), **TOL)
+        # pruning must matter, or the reference tests would prove nothing
+        assert (ref.logits[-1] - full[b, ref.kept_cols[-1]]).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. identity
+# ------------------------------------------------------------------------------------------------------
+
+@matrix
+def test_identity_keep_all(family, attn, layout):
+    model = model_for(family, attn)
+    inputs = inputs_for(model, *layout)
+    base = forward(model, inputs).logits
+    base_new, base_steps = generate(model, inputs)
+    mask = inputs["attention_mask"].bool()
+    for stage in STAGES:
+        with vlm_prune.pruned(model, keep_all_method(stage_layer(family, stage))):
+            got = forward(model, inputs).logits
+            new, steps = generate(model, inputs)
+        assert got.shape == base.shape, stage
+        torch.testing.assert_close(got[mask], base[mask], **IDENTITY_TOL)
+        assert new.tolist() == base_new.tolist(), stage
+        torch.testing.assert_close(steps, base_steps, **IDENTITY_TOL)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. removal
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removal_bit_identical(family, attn):
+    model = model_for(family, attn)
+    inputs = inputs_for(model, 2, "left")
+    base = forward(model, inputs).logits
+    base_new, _ = generate(model, inputs)
+    before, before_global = hook_snapshot(model), global_hooks()
+
+    handle = vlm_prune.apply(model, pattern_method(in_llm_layer(family)))
+    forward(model, inputs)
+    generate(model, inputs)
+    handle.remove()
+    assert hook_snapshot(model) == before
+    assert global_hooks() == before_global
+    assert torch.equal(forward(model, inputs).logits, base)
+    assert torch.equal(generate(model, inputs)[0], base_new)
+
+    # leaving the with-block on an exception raised by user code
+    with pytest.raises(ValueError, match="user error"):
+        with vlm_prune.pruned(model, Pattern()):
+            forward(model, inputs)
+            raise ValueError("user error")
+    assert hook_snapshot(model) == before
+    assert torch.equal(forward(model, inputs).logits, base)
+
+    # an exception raised inside the pruned forward (by the method)
+    with pytest.raises(Exception, match="boom"):
+        with vlm_prune.pruned(model, Boom()):
+            forward(model, inputs)
+    assert hook_snapshot(model) == before
+    assert global_hooks() == before_global
+    assert torch.equal(forward(model, inputs).logits, base)
+    assert torch.equal(generate(model, inputs)[0], base_new)
+
+    # remove() twice is harmless, and the model can be pruned again
+    handle.remove()
+    with vlm_prune.pruned(model, Pattern()):
+        forward(model, inputs)
+    assert hook_snapshot(model) == before
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3/4. reference equivalence, pre-LLM and layer k; 5. positions (both policies); 7. cache
+# ------------------------------------------------------------------------------------------------------
+
+def _check_reference(model, inputs, layer, policy="preserve", gen=True, trim_cache=True):
+    keeps = pattern_keeps(inputs)
+    rows = range(len(keeps))
+    cap = capture(model, inputs, "forward")
+    capg = capture(model, inputs, "generate") if gen else None
+    refs = [
+        reference_row(model, cap, b, keeps[b], layer=layer, policy=policy, trim_cache=trim_cache) for b in rows
+    ]
+    with vlm_prune.pruned(model, pattern_method(layer), position_policy=policy, trim_cache=trim_cache) as handle:
+        out = forward(model, inputs)
+        index = kept_index(handle)
+        assert_matches_reference(out.logits, index, refs, inputs.get("attention_mask"))
+        # 7. cache: every layer holds the kept length after prefill (trimmed), or the full length below k
+        cache = cache_of(out)
+        assert cache is not None, "forward(use_cache default) returned no cache"
+        lengths = [int(lay.keys.shape[-2]) for lay in cache.layers]
+        kept, full = index.shape[1], inputs["input_ids"].shape[1]
+        if trim_cache or layer == 0:
+            assert lengths == [kept] * len(lengths)
+        else:
+            assert lengths == [full] * layer + [kept] * (len(lengths) - layer)
+        kv_bytes = getattr(handle.stats, "kv_cache_bytes", None)
+        if kv_bytes is not None:
+            actual = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+            assert kv_bytes == actual, "stats.kv_cache_bytes does not match the cache tensors"
+        if gen:
+            new, steps = generate(model, inputs)
+    if gen:
+        grefs = [
+            reference_row(
+                model, capg, b, keeps[b], layer=layer, policy=policy, trim_cache=trim_cache,
+                max_new_tokens=NEW_TOKENS,
+            )
+            for b in rows
+        ]
+        assert_generation_matches(new, steps, grefs)
+
+
+@matrix
+@pytest.mark.parametrize("stage", STAGES)
+def test_reference_equivalence(family, attn, layout, stage):
+    """Invariants 3 (stage "pre") and 4 (stage "llm"), policy "preserve", prefill + greedy decode."""
+    model = model_for(family, attn)
+    inputs = inputs_for(model, *layout)
+    _check_reference(model, inputs, stage_layer(family, stage), gen=layout[1] == "left")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compact_policy(family, layout, stage):
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, *layout)
+    _check_reference(model, inputs, stage_layer(family, stage), "compact", gen=layout[1] == "left")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_trim_keeps_full_early_caches(family):
+    model = model_for(family, "sdpa")
+    _check_reference(model, inputs_for(model, 2, "left"), in_llm_layer(family), trim_cache=False)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
+def test_reference_video(family, stage):
+    """Image + video in every row (Qwen3-VL: per-frame spans separated by timestamp tokens)."""
+    model = model_for(family, "sdpa")
+    _check_reference(model, inputs_for(model, 2, "left", video=True), stage_layer(family, stage))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_images_per_row(family):
+    model = model_for(family, "sdpa")
+    _check_reference(model, inputs_for(model, 2, "left", num_images=2), 0)
+
+
+def test_qwen3_deepstack_layer_stage():
+    """Qwen3-VL adds deepstack features after layers 0..2: an in-LLM stage there must either be exact
+    (the kept tokens keep their own deepstack residuals, the pruned ones lose theirs) or be refused
+    with a PruneError that says where stages may run."""
+    if "qwen3_vl" not in FAMILIES:
+        pytest.skip("no Qwen3-VL in this transformers")
+    model = model_for("qwen3_vl", "sdpa")
+    try:
+        vlm_prune.apply(model, pattern_method(2)).remove()
+    except vlm_prune.PruneError as err:
+        assert "layer" in str(err)
+        return
+    _check_reference(model, inputs_for(model, 2, "left"), 2)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_mask_no_cache(family, stage):
+    """forward(use_cache=False) without attention_mask at batch 1: the packed-sequence trap."""
+    model = model_for(family, "sdpa")
+    layer = stage_layer(family, stage)
+    inputs = inputs_for(model, 1, "left")
+    inputs.pop("attention_mask")
+    cap = capture(model, inputs, "forward")
+    n = visual_counts(inputs["input_ids"])[0]
+    ref = reference_row(model, cap, 0, pattern_mask(n), layer=layer)
+    with vlm_prune.pruned(model, pattern_method(layer)) as handle:
+        out = forward(model, inputs, use_cache=False)
+        assert_matches_reference(out.logits, kept_index(handle), [ref])
+
+
+# ------------------------------------------------------------------------------------------------------
+# 6. batch: each row == that row alone
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_row_equals_row_alone(family, padding, stage):
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, padding)
+    with vlm_prune.pruned(model, pattern_method(stage_layer(family, stage))) as handle:
+        logits = forward(model, inputs).logits
+        index = kept_index(handle).clone()
+        new = generate(model, inputs)[0] if padding == "left" else None
+        for b in range(2):
+            alone = single_row(inputs, b)
+            alone_logits = forward(model, alone).logits[0]
+            alone_index = kept_index(handle)[0]
+            offset = int((~inputs["attention_mask"][b].bool()).sum()) if padding == "left" else 0
+            valid = real_slots(index, inputs["attention_mask"])[b]
+            assert torch.equal(index[b][valid] - offset, alone_index[alone_index >= 0])
+            torch.testing.assert_close(logits[b][valid], alone_logits[alone_index >= 0], **TOL)
+            if new is not None:
+                assert generate(model, alone)[0][0].tolist() == new[b].tolist()
+
+
+# ------------------------------------------------------------------------------------------------------
+# 8. determinism; instances; text-only passthrough
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_determinism(family):
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left")
+    with vlm_prune.pruned(model, SeededRandom()) as handle:
+        a_logits = forward(model, inputs).logits
+        a = kept_index(handle).clone()
+        b_logits = forward(model, inputs).logits
+        assert torch.equal(kept_index(handle), a)
+        assert torch.equal(a_logits, b_logits)
+        alone = single_row(inputs, 1)
+        forward(model, alone)
+        alone_index = kept_index(handle)[0]
+    offset = int((~inputs["attention_mask"][1].bool()).sum())
+    real = real_slots(a, inputs["attention_mask"])[1]
+    assert torch.equal(a[1][real] - offset, alone_index[alone_index >= 0])
+    with vlm_prune.pruned(model, SeededRandom()) as handle:
+        forward(model, inputs)
+        assert torch.equal(kept_index(handle), a)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_instances_do_not_interfere(family):
+    m1 = model_for(family, "sdpa")
+    m2 = build_tiny(family, seed=0)  # a second instance of the same class, same weights
+    m3 = model_for(family, "eager")  # never wrapped here: must stay untouched
+    k = in_llm_layer(family)
+    inputs = inputs_for(m1, 2, "left")
+    keeps = pattern_keeps(inputs)
+    cap = capture(m1, inputs, "forward")
+    capg = capture(m1, inputs, "generate")
+    base = forward(m3, inputs).logits
+    base_new, _ = generate(m3, inputs)
+    untouched = hook_snapshot(m3)
+    h1 = vlm_prune.apply(m1, pattern_method(0))
+    h2 = vlm_prune.apply(m2, pattern_method(k))
+    try:
+        o1 = forward(m1, inputs)
+        i1 = kept_index(h1).clone()
+        o2 = forward(m2, inputs)
+        i2 = kept_index(h2).clone()
+        g1 = generate(m1, inputs)
+        o3 = forward(m3, inputs)
+        g2 = generate(m2, inputs)
+        g3 = generate(m3, inputs)
+        assert hook_snapshot(m3) == untouched
+    finally:
+        h1.remove()
+        h2.remove()
+    assert torch.equal(o3.logits, base)
+    assert torch.equal(g3[0], base_new)
+    for layer, out, idx, (new, steps) in ((0, o1, i1, g1), (k, o2, i2, g2)):
+        refs = [reference_row(m1, cap, b, keeps[b], layer=layer) for b in range(2)]
+        assert_matches_reference(out.logits, idx, refs, inputs["attention_mask"])
+        grefs = [
+            reference_row(m1, capg, b, keeps[b], layer=layer, max_new_tokens=NEW_TOKENS) for b in range(2)
+        ]
+        assert_generation_matches(new, steps, grefs)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_passes_through(family, stage):
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left", num_images=0)
+    base = forward(model, inputs).logits
+    base_new, base_steps = generate(model, inputs)
+    with vlm_prune.pruned(model, pattern_method(stage_layer(family, stage))):
+        got = forward(model, inputs).logits
+        new, steps = generate(model, inputs)
+    assert got.shape == base.shape
+    torch.testing.assert_close(got, base, atol=1e-6, rtol=1e-6)
+    assert new.tolist() == base_new.tolist()
+    torch.testing.assert_close(steps, base_steps, atol=1e-6, rtol=1e-6)
