@@ -30,7 +30,11 @@ class SampleMedia:
 
 @dataclass
 class ProjectorParts:
-    """The multimodal projector split as projector(x) == tail(x @ weight.T + bias)."""
+    """The multimodal projector split as projector(x) == tail(x @ weight.T + bias).
+
+    `tail` is an `nn.Module` (sharing the model's parameters), so methods can see its dtype and its last
+    linear layer.
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor | None

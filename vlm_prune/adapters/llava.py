@@ -123,10 +123,7 @@ class LlavaAdapter(Adapter):
 
     def projector_parts(self) -> ProjectorParts:
         projector = self.projector_module()
-
-        def tail(hidden: torch.Tensor) -> torch.Tensor:
-            return projector.linear_2(projector.act(hidden))
-
+        tail = nn.Sequential(projector.act, projector.linear_2)  # modules: methods can read dtypes and layers
         return ProjectorParts(projector.linear_1.weight, projector.linear_1.bias, tail)
 
     def vision_attention_layer(self) -> nn.Module:

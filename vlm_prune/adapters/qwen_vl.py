@@ -132,7 +132,7 @@ class QwenVLAdapter(Adapter):
 
     def projector_parts(self) -> ProjectorParts:
         mlp = self.projector_module()
-        return ProjectorParts(mlp[0].weight, mlp[0].bias, lambda hidden: mlp[2](mlp[1](hidden)))
+        return ProjectorParts(mlp[0].weight, mlp[0].bias, mlp[1:])
 
     def _merger_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -217,9 +217,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def projector_parts(self) -> ProjectorParts:
         merger = self.visual.merger
-        return ProjectorParts(
-            merger.linear_fc1.weight, merger.linear_fc1.bias, lambda h: merger.linear_fc2(merger.act_fn(h))
-        )
+        tail = nn.Sequential(merger.act_fn, merger.linear_fc2)
+        return ProjectorParts(merger.linear_fc1.weight, merger.linear_fc1.bias, tail)
 
     def compact_lm_kwargs(self, kwargs: dict, keep_columns: torch.Tensor, visual_keep: torch.Tensor) -> None:
         """keep_columns: (B, L') original columns (-1 = pad slot); visual_keep: (N_visual_total,) bool,
