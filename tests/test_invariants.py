@@ -370,6 +370,29 @@ def test_two_images_per_row(family):
     _check_reference(model, inputs_for(model, 2, "left", num_images=2), 0)
 
 
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_with_text_only_row(family, stage):
+    """Row 0 has no image, row 1 has one: the text-only row passes through, the other is pruned."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left", num_images=[0, 1])
+    _check_reference(model, inputs, stage_layer(family, stage))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_without_cache(family, stage):
+    """generate(use_cache=False) re-runs the pruned prefill every step; without cache trimming that is
+    the same computation as cached decoding, so the tokens must match."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left")
+    with vlm_prune.pruned(model, pattern_method(stage_layer(family, stage)), trim_cache=False):
+        cached, _ = generate(model, inputs)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
+    assert out[:, inputs["input_ids"].shape[1]:].tolist() == cached.tolist()
+
+
 def test_qwen3_deepstack_layer_stage():
     """Qwen3-VL adds deepstack features after layers 0..2: an in-LLM stage there must either be exact
     (the kept tokens keep their own deepstack residuals, the pruned ones lose theirs) or be refused

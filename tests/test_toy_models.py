@@ -71,6 +71,25 @@ def test_single_row_matches_row_alone(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_rows_with_different_image_counts(family):
+    model = _model(family, "sdpa")
+    inputs = make_inputs(model, batch=3, num_images=[0, 2, 1])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    for i, n in enumerate([0, 2, 1]):
+        alone = single_row(inputs, i)
+        direct = make_inputs(model, rows=[i], num_images=[0, 2, 1])
+        assert alone.keys() == direct.keys()
+        assert ("pixel_values" in alone) == (n > 0)
+        for k in alone:
+            assert torch.equal(alone[k], direct[k]), k
+        with torch.no_grad():
+            got = model(**alone).logits[0]
+        keep = inputs["attention_mask"][i].bool()
+        torch.testing.assert_close(logits[i][keep], got, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_deterministic_and_text_only(family):
     a = build_tiny(family, seed=3)
     b = build_tiny(family, seed=3)

@@ -357,7 +357,7 @@ def make_inputs(
     *,
     batch: int = 1,
     padding: str = "left",
-    num_images: int = 1,
+    num_images: int | list[int] = 1,
     video: bool = False,
     prompt_lengths: list[int] | None = None,
     seed: int = 0,
@@ -372,7 +372,8 @@ def make_inputs(
     text length (and, for LLaVA-NeXT/Qwen, in image size), so padding really happens.
 
     prompt_lengths: text tokens per row (prefix + question), indexed by row index.
-    num_images=0 and video=False give a text-only input (no pixel keys).
+    num_images: images per row, or a list indexed by row index (e.g. [0, 1]: row 0 text-only, row 1 one
+        image). num_images=0 and video=False give a text-only input (no pixel keys).
     Returned keys: input_ids, attention_mask, and per family pixel_values (+ image_sizes for LLaVA-NeXT,
     image_grid_thw + mm_token_type_ids for Qwen), pixel_values_videos + video_grid_thw for video
     (+ second_per_grid_ts for Qwen2.5-VL).
@@ -388,7 +389,8 @@ def make_inputs(
     specs = []
     for r in row_ids:
         pl = None if prompt_lengths is None else prompt_lengths[r]
-        specs.append(_row_spec(family, config, r, seed, num_images, video, pl, size, image_grid, video_grid))
+        n_img = num_images if isinstance(num_images, int) else int(num_images[r])
+        specs.append(_row_spec(family, config, r, seed, n_img, video, pl, size, image_grid, video_grid))
     length = max(len(s["ids"]) for s in specs)
     input_ids = torch.full((len(specs), length), PAD_ID, dtype=torch.long)
     attention_mask = torch.zeros((len(specs), length), dtype=torch.long)
@@ -430,12 +432,12 @@ def make_inputs(
     return out
 
 
-def _media_per_row(inputs: dict, key_ids: int) -> list[int]:
-    """Number of media items of one kind per row, from the placeholder spans."""
+def _media_per_row(inputs: dict, token_id: int) -> list[int]:
+    """Number of media items of one kind per row: runs of its placeholder token outside padding."""
     ids = inputs["input_ids"]
     counts = []
-    for row in ids:
-        is_m = (row == key_ids).long()
+    for row, valid in zip(ids, inputs["attention_mask"].bool(), strict=True):
+        is_m = ((row == token_id) & valid).long()
         starts = ((is_m[1:] - is_m[:-1]) == 1).sum() + is_m[0]
         counts.append(int(starts))
     return counts
@@ -444,8 +446,9 @@ def _media_per_row(inputs: dict, key_ids: int) -> list[int]:
 def single_row(inputs: dict, i: int) -> dict:
     """Row i of a batch from `make_inputs`, alone and without padding (media items sliced accordingly).
 
-    Works for inputs with the same number of media items per row (what `make_inputs` builds). For Qwen3-VL
-    video, frames are separate spans; the count per row comes from video_grid_thw instead.
+    Images per row are counted from the placeholder spans (rows may differ, e.g. num_images=[0, 1]);
+    videos must be the same number per row (Qwen3-VL frames are separate spans, so the count comes from
+    video_grid_thw).
     """
     ids = inputs["input_ids"]
     mask = inputs["attention_mask"].bool()
@@ -454,20 +457,20 @@ def single_row(inputs: dict, i: int) -> dict:
     out = {"input_ids": ids[i][keep][None], "attention_mask": inputs["attention_mask"][i][keep][None]}
     if "mm_token_type_ids" in inputs:
         out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i][keep][None]
-    if "pixel_values" in inputs:
+    images = _media_per_row(inputs, IMAGE_ID)
+    first, count = sum(images[:i]), images[i]
+    if "pixel_values" in inputs and count:
         if "image_grid_thw" in inputs:
             grid = inputs["image_grid_thw"]
-            per = grid.shape[0] // batch
             sizes = grid.prod(-1).tolist()
-            start = sum(sizes[: i * per])
-            n = sum(sizes[i * per: (i + 1) * per])
+            start = sum(sizes[:first])
+            n = sum(sizes[first: first + count])
             out["pixel_values"] = inputs["pixel_values"][start: start + n]
-            out["image_grid_thw"] = grid[i * per: (i + 1) * per]
+            out["image_grid_thw"] = grid[first: first + count]
         else:
-            per = inputs["pixel_values"].shape[0] // batch
-            out["pixel_values"] = inputs["pixel_values"][i * per: (i + 1) * per]
+            out["pixel_values"] = inputs["pixel_values"][first: first + count]
             if "image_sizes" in inputs:
-                out["image_sizes"] = inputs["image_sizes"][i * per: (i + 1) * per]
+                out["image_sizes"] = inputs["image_sizes"][first: first + count]
                 # drop the zero padding of the anyres patch dimension (random patches are never all zero)
                 pv = out["pixel_values"]
                 used = pv.flatten(2).ne(0).any(-1).any(0)
