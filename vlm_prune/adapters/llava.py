@@ -42,6 +42,9 @@ def _square_grid(count: int) -> tuple[int, int, int]:
 
 def _layout_from_blocks(blocks: list[torch.Tensor]) -> VisualLayout:
     """Concatenate per-image (n, 3) grid coordinates into one layout (images, in order)."""
+    if not blocks:
+        empty = torch.zeros(0, dtype=torch.long)
+        return VisualLayout(empty, empty.clone(), empty.clone(), torch.zeros(0, 3, dtype=torch.long), [])
     media_index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(blocks)])
     grid_thw = torch.cat(blocks) if blocks else torch.zeros(0, 3, dtype=torch.long)
     frame = torch.zeros_like(media_index)

@@ -37,6 +37,7 @@ from vlm_prune.errors import AttentionImplementationError, InputError, MediaKind
 from vlm_prune.kernels import gather_tokens
 from vlm_prune.methods.base import Stage
 
+_KEEP_RECORDINGS = 2  # recordings per kind kept across calls (an image and a video encoder call)
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 POSITION_POLICIES = ("preserve", "compact")
 
@@ -67,6 +68,7 @@ class _Forward:
     attention_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
     stats: PruneStats | None = None
     visual_keep_flat: torch.Tensor | None = None
+    original_embeds: torch.Tensor | None = None
 
 
 @dataclass
@@ -191,7 +193,7 @@ class PruneHandle:
             hook.remove()
         self._hooks.clear()
         self._call = self._forward = self._cached = self._pending_rope = None
-        self._projector_inputs = []
+        self._projector_inputs, self._vision_attention, self._vision_calls = [], [], []
         self._removed = True
 
     def __enter__(self) -> PruneHandle:
@@ -209,6 +211,9 @@ class PruneHandle:
         call = dict(kwargs)
         if args:
             call.setdefault("input_ids", args[0])
+        if any(call.get(key) is not None for key in ("pixel_values", "pixel_values_videos")):
+            # media is encoded inside this call: older recordings are stale
+            self._projector_inputs, self._vision_attention, self._vision_calls = [], [], []
         call["vision_calls"] = self._vision_calls
         self._call = call
         cache = _cache_of(call)
@@ -226,9 +231,10 @@ class PruneHandle:
 
     def _on_model_return(self, module, args, output):
         self._call = None
-        self._projector_inputs = []
-        self._vision_attention = []
-        self._vision_calls = []
+        # generate(use_cache=False) re-runs the prefill from pre-encoded features without calling the
+        # vision tower again, so the latest recordings are kept (bounded) rather than cleared.
+        del self._projector_inputs[:-_KEEP_RECORDINGS], self._vision_attention[:-_KEEP_RECORDINGS]
+        del self._vision_calls[:-_KEEP_RECORDINGS]
         self._forward = None
         self._pending_rope = None
         return None
@@ -304,6 +310,7 @@ class PruneHandle:
             samples=samples,
             shift=torch.zeros(batch, dtype=torch.long, device=device),
             stats=stats,
+            original_embeds=embeds,
         )
         self._forward = forward
         self._check_media_kinds(samples)
@@ -388,9 +395,9 @@ class PruneHandle:
         if forward is None or not forward.prefill:
             self._forward = None
             return None
-        cache = getattr(output, "past_key_values", None)
+        cache = output.get("cache") if hasattr(output, "get") else None
         if cache is None:
-            cache = getattr(output, "cache", None)
+            cache = getattr(output, "past_key_values", None)
         final_columns = forward.columns
         segments = forward.segments
         if cache is not None and self.trim_cache and len(segments) > 1:
@@ -603,6 +610,7 @@ class PruneHandle:
             if not self._projector_inputs:
                 raise PruneError("the projector input was not recorded (were image features passed precomputed?)")
             tables["projector_inputs"] = self.adapter.projector_rows(self._projector_inputs, call)
+            self._verify_projector_rows(tables["projector_inputs"], samples)
         if "vision_attention" in stage.needs:
             if not self._vision_attention:
                 raise PruneError("the vision-tower attention was not recorded (were image features precomputed?)")
@@ -620,6 +628,24 @@ class PruneHandle:
                 offsets[name] += len(members)
             per_sample.append(table_rows)
         return {"tables": tables, "per_sample": per_sample}
+
+    def _verify_projector_rows(self, rows: dict[str, torch.Tensor], samples: list[_Sample]) -> None:
+        """The recorded projector inputs must project onto the media embeddings (guards stale recordings)."""
+        embeds = self._forward.original_embeds
+        input_ids = self._call["input_ids"]
+        parts = self.adapter.projector_parts()
+        for name, token_id in zip(("image", "video"), self.adapter.media_token_ids()):
+            if name not in rows:
+                continue
+            expected = embeds[input_ids == token_id]
+            with torch.no_grad():
+                projected = parts(rows[name].to(parts.weight.dtype))
+            scale = expected.abs().max().clamp(min=1e-6)
+            if projected.shape != expected.shape or (projected - expected).abs().max() > 1e-2 * scale:
+                raise PruneError(
+                    "the recorded projector inputs do not match this input's media embeddings (features "
+                    "computed outside the model?); pass pixel_values so the vision tower runs in the call"
+                )
 
     def _fill_signals(self, ctx: SelectionContext, signals: dict, row: int) -> None:
         sample = self._forward.samples[row]
