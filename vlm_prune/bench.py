@@ -68,7 +68,7 @@ QUICK: dict[str, Any] = {
     "n_samples": 48,
     "repeats": 3,
     "warmup": 1,
-    "keeps": (1.0, 128, 64),
+    "keeps": (1.0, 192, 64),
     "decode_tokens": 4,
 }
 UNPRUNED = "unpruned"
@@ -363,22 +363,23 @@ def _time_latency(model, inputs, handle, *, repeats: int, warmup: int, decode_to
                 select.append(handle.stats.select_seconds if handle is not None else 0.0)
             kv_bytes = _cache_bytes(getattr(out, "past_key_values", None))
             del out
-        gen_short, gen_long = [], []
+        generate_runs = []
         if decode_tokens > 0:
             kwargs = dict(do_sample=False, pad_token_id=_pad_id(model))
+            n = decode_tokens + 1
             for i in range(warmup + repeats):
-                for n, bucket in ((1, gen_short), (decode_tokens + 1, gen_long)):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **kwargs)
-                    _sync(device)
-                    if i >= warmup:
-                        bucket.append(time.perf_counter() - t0)
+                _sync(device)
+                t0 = time.perf_counter()
+                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **kwargs)
+                _sync(device)
+                if i >= warmup:
+                    generate_runs.append(time.perf_counter() - t0)
     finally:
         timer.remove()
+    # generate(1 + D tokens) = prefill + D decode steps (+ generate's own small per-call overhead)
     decode = (
-        max(0.0, (statistics.median(gen_long) - statistics.median(gen_short)) / decode_tokens) * 1e3
-        if gen_long
+        max(0.0, (statistics.median(generate_runs) - statistics.median(prefill)) / decode_tokens) * 1e3
+        if generate_runs
         else None
     )
     prefill_ms = _median_ms(prefill)
@@ -492,8 +493,8 @@ def run_bench(
         keeps: budgets; an int is visual tokens kept per image, a float a fraction; 1.0 = the unpruned reference.
         n_samples: test samples evaluated per method and budget (default 400; quick: 48).
         repeats: timed repeats per latency (median reported; default 7; quick: 3), after `warmup` runs.
-        quick: small sizes (`QUICK`): fewer samples, repeats and budgets (keeps 1.0/128/64 unless `keeps`
-            is passed explicitly as something else than the default).
+        quick: small sizes (`QUICK`): fewer samples and repeats, budgets 1.0/192/64 (unless `keeps` is
+            given as something else than the default), 1 CPU thread unless `threads` is given.
         out_dir: where to write bench_<name>.md/.json/.png; None = write nothing.
         seed: seed of the test samples and of random methods.
         progress: show tqdm progress bars.
@@ -503,13 +504,45 @@ def run_bench(
         threads: torch CPU threads for the run (None = leave torch's setting). On a CPU shared with other
             work, 1 thread gives far steadier timings.
     """
+    previous_threads = torch.get_num_threads()
+    if threads is None and quick and torch.device(device).type == "cpu":
+        threads = 1
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _run_bench(**{k: v for k, v in locals().items() if k not in ("previous_threads", "threads")})
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_bench(
+    model_spec,
+    task,
+    methods,
+    keeps,
+    n_samples,
+    repeats,
+    quick,
+    out_dir,
+    seed,
+    progress,
+    *,
+    warmup,
+    batch_size,
+    max_new_tokens,
+    decode_tokens,
+    device,
+    dtype,
+    model,
+    processor,
+    samples,
+    name,
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     import vlm_prune
 
     t_start = time.perf_counter()
-    if threads:
-        torch.set_num_threads(int(threads))
     if task not in TASKS:
         raise BenchError(f"unknown task {task!r}; available tasks: {', '.join(TASKS)}")
     keeps_given = tuple(keeps) if keeps is not None else DEFAULT_KEEPS

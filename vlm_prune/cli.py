@@ -353,6 +353,7 @@ def cmd_demo(args) -> int:
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,
+        threads=args.threads or 1,
         model=model,
         processor=processor,
     )
@@ -367,7 +368,6 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from vlm_prune.bench import run_bench
 
-    _set_threads(args.threads, 1 if args.quick and args.device == "cpu" else None)
     methods = None
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -391,6 +391,7 @@ def cmd_bench(args) -> int:
         device=args.device,
         dtype=args.dtype,
         name=args.name,
+        threads=args.threads,
         **kwargs,
     )
     print(result["markdown"])
