@@ -337,3 +337,25 @@ def test_cache_is_trimmed_to_the_kept_length(models):
         out = model(**inputs, use_cache=True)
     lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     assert lengths[0] == inputs["input_ids"].shape[1] and lengths[-1] == handle.last_kept_index.shape[1]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_attention_rows_from_cached_keys_equal_recomputed_and_eager(models, family):
+    """Rows from the keys layer k-1 cached, from recomputed keys, and from eager attention all agree."""
+    model = build_tiny(family, attn_implementation="eager")
+    inputs = make_inputs(model)
+    with_cache, without_cache = (
+        Recorder(layer=2, needs=frozenset({"attention"})),
+        Recorder(layer=2, needs=frozenset({"attention"})),
+    )
+    with torch.no_grad():
+        with vlm_prune.pruned(model, with_cache):
+            model(**inputs, use_cache=True)
+        with vlm_prune.pruned(model, without_cache):
+            model(**inputs, use_cache=False)
+        eager = model(**inputs, output_attentions=True).attentions[1][0]  # layer k-1 = 1, (H, L, L)
+    ctx_cached, ctx_recomputed = with_cache.contexts[0], without_cache.contexts[0]
+    queries = ctx_cached.text_index
+    rows_cached = ctx_cached.attention_rows(queries)
+    torch.testing.assert_close(rows_cached, ctx_recomputed.attention_rows(queries), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows_cached, eager[:, queries].float(), rtol=1e-4, atol=1e-5)

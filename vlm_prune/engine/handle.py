@@ -65,7 +65,8 @@ class _Forward:
     segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     overrides: dict | None = None  # kwargs handed to every layer after an in-LLM stage
     layer_masks: dict[int, object] = field(default_factory=dict)  # decode masks per layer (no trimming)
-    attention_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # (layer index, input hidden states, position embeddings, cache) of the layer before an attention stage
+    attention_input: tuple | None = None
     stats: PruneStats | None = None
     visual_keep_flat: torch.Tensor | None = None
     original_embeds: torch.Tensor | None = None
@@ -673,9 +674,15 @@ class PruneHandle:
     def _attention_fn(self, attention: tuple, row: int, valid_slots: torch.Tensor):
         from vlm_prune.engine.attention_rows import recompute_attention_rows
 
-        layer_index, hidden_in, position_embeddings = attention
+        layer_index, hidden_in, position_embeddings, cache = attention
         layer = self.adapter.layers[layer_index]
         cos, sin = position_embeddings
+        keys = None
+        if cache is not None and len(cache.layers) > layer_index:
+            cached_keys = getattr(cache.layers[layer_index], "keys", None)
+            # the keys layer k-1 just cached (after k_norm and RoPE) cover exactly the current slots
+            if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
+                keys = cached_keys[row : row + 1, :, valid_slots.to(cached_keys.device)]
 
         def rows_for(query_index: torch.Tensor) -> torch.Tensor:
             query_slots = valid_slots[query_index.to(valid_slots.device)]
@@ -684,7 +691,7 @@ class PruneHandle:
             local_query = torch.searchsorted(valid_slots, query_slots)
             key_mask = torch.ones(1, len(valid_slots), dtype=torch.bool, device=normed.device)
             with torch.no_grad():
-                rows = recompute_attention_rows(layer.self_attn, normed, rope, local_query, key_mask)
+                rows = recompute_attention_rows(layer.self_attn, normed, rope, local_query, key_mask, keys=keys)
             return rows[0]
 
         return rows_for
@@ -709,7 +716,7 @@ class PruneHandle:
             if forward.prefill and stages_here:
                 hidden = self._in_llm_stages(index, stages_here, hidden, kwargs)
             if capture_for_next and forward.prefill:
-                forward.attention_input = (index, hidden, kwargs["position_embeddings"])
+                forward.attention_input = (index, hidden, kwargs["position_embeddings"], _cache_of(kwargs))
             return (hidden, *rest), kwargs
 
         return hook
