@@ -265,3 +265,26 @@ def test_zoo_on_cuda_matches_cpu():
     method = ZOOPrune(num_directions=32)
     torch.testing.assert_close(method.sensitivity(cuda).cpu(), method.sensitivity(cpu), rtol=1e-4, atol=1e-5)
     assert torch.equal(method.select(cuda).cpu(), method.select(cpu))
+
+
+def test_sketched_norm_tracks_the_exact_sensitivity():
+    """The opt-in Johnson-Lindenstrauss sketch of the last layer keeps the ranking of the exact scores."""
+    from torch import nn
+
+    from vlm_prune.methods.zoo import zo_sensitivity
+
+    torch.manual_seed(0)
+    first = nn.Linear(32, 64)
+    tail = nn.Sequential(nn.GELU(), nn.Linear(64, 512))
+    x = torch.randn(200, 32) * torch.linspace(0.2, 3.0, 200).unsqueeze(1)
+    exact = zo_sensitivity(x, first.weight, first.bias, tail, generator=torch.Generator().manual_seed(1))
+    sketched = zo_sensitivity(
+        x, first.weight, first.bias, tail, generator=torch.Generator().manual_seed(1), sketch_dim=256
+    )
+
+    def ranks(values):
+        return torch.argsort(torch.argsort(values)).float()
+
+    rho = torch.corrcoef(torch.stack([ranks(exact), ranks(sketched)]))[0, 1]
+    assert rho > 0.95
+    assert float(((sketched - exact).abs() / exact).median()) < 0.1
