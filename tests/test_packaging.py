@@ -12,14 +12,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_contains_the_package(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
         check=True,
         cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("vlm_prune-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("__init__.py", "api.py", "engine/handle.py", "adapters/llava.py", "adapters/qwen_vl.py",
-                   "kernels/gather.py", "methods/registry.py"):
+    for module in (
+        "__init__.py",
+        "api.py",
+        "engine/handle.py",
+        "adapters/llava.py",
+        "adapters/qwen_vl.py",
+        "kernels/gather.py",
+        "methods/registry.py",
+    ):
         assert f"vlm_prune/{module}" in names, module
     top_level = {name.split("/")[0] for name in names}
     assert not {"adapters", "kernels", "tests", "benchmarks"} & top_level
