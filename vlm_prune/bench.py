@@ -904,6 +904,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
         ax_acc.axhline(100 * (ref["accuracy"] or 0), color="k", ls="--", lw=1, label="unpruned")
         ax_acc.plot([ref["visual_tokens_kept"]], [100 * (ref["accuracy"] or 0)], "k*", ms=10)
         ax_speed.axhline(1.0, color="k", ls="--", lw=1, label="unpruned")
+        ax_speed.plot([ref["visual_tokens_kept"]], [1.0], "k*", ms=10)
     m = result["model"]
     for ax, ylabel in ((ax_acc, "accuracy (%)"), (ax_speed, "prefill speedup (x, batch 1)")):
         ax.set_xlabel("visual tokens (equivalent average over decoder layers)")
@@ -913,6 +914,8 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
         f"{m['name']}: accuracy vs tokens ({result['task']['n_samples']} {result['task']['name']} samples)"
     )
     ax_speed.set_title(f"{m['name']}: speedup vs tokens ({result['machine']['gpu'] or 'CPU'})")
+    ax_acc.set_ylim(0, 105)
+    ax_speed.set_ylim(bottom=0)
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
