@@ -30,6 +30,7 @@ Outputs (when `out_dir` is given): `bench_<model>.md` (the table), `bench_<model
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -65,8 +66,8 @@ DEFAULTS: dict[str, Any] = {
 }
 #: what `quick=True` changes (the rest as given): sized to finish in < 3 minutes on 2 CPU cores
 QUICK: dict[str, Any] = {
-    "n_samples": 48,
-    "repeats": 3,
+    "n_samples": 96,
+    "repeats": 5,
     "warmup": 1,
     "keeps": (1.0, 192, 64),
     "decode_tokens": 4,
@@ -203,11 +204,23 @@ def describe_machine(device: str | torch.device = "cpu") -> dict[str, Any]:
         "transformers": transformers.__version__,
         "device": str(device),
         "gpu": gpu,
+        "load_average": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages when the run started (other work on the CPU skews timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _machine_line(machine: dict) -> str:
     where = machine["gpu"] or f"CPU {machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} threads)"
+    load = machine.get("load_average")
+    if load and not machine["gpu"]:
+        where += f", load average {load[0]:.1f} at start"
     versions = f"Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}"
     return f"{where}; {machine['platform']}; {versions}"
 
@@ -340,58 +353,57 @@ def _vision_module(model):
 
 
 @torch.no_grad()
-def _time_latency(model, inputs, handle, *, repeats: int, warmup: int, decode_tokens: int) -> dict[str, Any]:
-    """Batch-1 timings of one sample: prefill (TTFT), vision encoder, selection, decode per token."""
+def _time_once(model, inputs, handle, timer: _VisionTimer, decode_tokens: int) -> dict[str, Any]:
+    """One batch-1 measurement: prefill (TTFT) with the vision tower's share and the selection time, then
+    one generate of 1 + decode_tokens tokens."""
     device = _device_of(model)
-    timer = _VisionTimer(_vision_module(model), device)
-    prefill, vision, select = [], [], []
-    kv_bytes = None
+    timer.seconds = 0.0
+    _sync(device)
+    t0 = time.perf_counter()
     try:
-        for i in range(warmup + repeats):
-            timer.seconds = 0.0
-            _sync(device)
-            t0 = time.perf_counter()
-            try:
-                out = model(**inputs, use_cache=True, logits_to_keep=1)
-            except TypeError:
-                out = model(**inputs, use_cache=True)
-            _sync(device)
-            elapsed = time.perf_counter() - t0
-            if i >= warmup:
-                prefill.append(elapsed)
-                vision.append(timer.seconds)
-                select.append(handle.stats.select_seconds if handle is not None else 0.0)
-            kv_bytes = _cache_bytes(getattr(out, "past_key_values", None))
-            del out
-        generate_runs = []
-        if decode_tokens > 0:
-            kwargs = dict(do_sample=False, pad_token_id=_pad_id(model))
-            n = decode_tokens + 1
-            for i in range(warmup + repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **kwargs)
-                _sync(device)
-                if i >= warmup:
-                    generate_runs.append(time.perf_counter() - t0)
-    finally:
-        timer.remove()
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+    except TypeError:
+        out = model(**inputs, use_cache=True)
+    _sync(device)
+    prefill = time.perf_counter() - t0
+    sample = {
+        "prefill": prefill,
+        "vision": timer.seconds,
+        "select": handle.stats.select_seconds if handle is not None else 0.0,
+        "kv_bytes": _cache_bytes(getattr(out, "past_key_values", None)),
+        "stats": copy.deepcopy(handle.stats) if handle is not None else None,
+        "generate": None,
+    }
+    del out
+    if decode_tokens > 0:
+        n = decode_tokens + 1
+        _sync(device)
+        t0 = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=_pad_id(model))
+        _sync(device)
+        sample["generate"] = time.perf_counter() - t0
+    return sample
+
+
+def _summarize_latency(runs: list[dict[str, Any]], decode_tokens: int) -> dict[str, Any]:
+    prefill = [r["prefill"] for r in runs]
+    generate = [r["generate"] for r in runs if r["generate"] is not None]
+    prefill_ms = _median_ms(prefill)
+    vision_ms = _median_ms([r["vision"] for r in runs])
     # generate(1 + D tokens) = prefill + D decode steps (+ generate's own small per-call overhead)
     decode = (
-        max(0.0, (statistics.median(generate_runs) - statistics.median(prefill)) / decode_tokens) * 1e3
-        if generate_runs
+        max(0.0, (statistics.median(generate) - statistics.median(prefill)) / decode_tokens) * 1e3
+        if generate and decode_tokens > 0
         else None
     )
-    prefill_ms = _median_ms(prefill)
-    vision_ms = _median_ms(vision)
     return {
         "prefill_ms": prefill_ms,
         "prefill_ms_runs": [t * 1e3 for t in prefill],
+        "prefill_ms_min": min(prefill) * 1e3 if prefill else None,
         "vision_ms": vision_ms,
         "llm_prefill_ms": prefill_ms - vision_ms,
-        "select_ms": _median_ms(select),
+        "select_ms": _median_ms([r["select"] for r in runs]),
         "decode_ms_per_token": decode,
-        "kv_cache_bytes": kv_bytes,
     }
 
 
@@ -491,8 +503,8 @@ def run_bench(
         task: "mosaic" (the embedded task; see `TASKS`).
         methods: method names or "a+b" compositions; None = every registered method.
         keeps: budgets; an int is visual tokens kept per image, a float a fraction; 1.0 = the unpruned reference.
-        n_samples: test samples evaluated per method and budget (default 400; quick: 48).
-        repeats: timed repeats per latency (median reported; default 7; quick: 3), after `warmup` runs.
+        n_samples: test samples evaluated per method and budget (default 400; quick: 96).
+        repeats: timed repeats per latency (median reported; default 7; quick: 5), after `warmup` runs.
         quick: small sizes (`QUICK`): fewer samples and repeats, budgets 1.0/192/64 (unless `keeps` is
             given as something else than the default), 1 CPU thread unless `threads` is given.
         out_dir: where to write bench_<name>.md/.json/.png; None = write nothing.
@@ -625,6 +637,8 @@ def _run_bench(
     from .engine.stats import LayerShape
 
     shape = LayerShape.from_config(adapter.text_config)
+    timer = _VisionTimer(_vision_module(model), _device_of(model))
+    configs: list[tuple[str, float | int | None, dict[str, Any]]] = []
     for method, keep in runs:
         outer.set_postfix_str(f"{method} @ {_keep_label(keep)}")
         inner = tqdm(
@@ -644,12 +658,12 @@ def _run_bench(
                     keep_passed = min(1.0, keep / visual_per_image)
                     note = f"refused keep={keep} ({e}); run with keep={keep_passed:.4f} = {keep}/{visual_per_image}"
                     handle = vlm_prune.apply(model, method, keep=keep_passed, seed=seed)
-            row = _measure(
-                model, processor, samples, fixed, handle,
-                batch_size=batch_size, max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup,
-                decode_tokens=decode_tokens, bar=inner, shape=shape, visual_per_image=visual_per_image,
-                num_layers=len(adapter.layers),
-            )  # fmt: skip
+            ev = _evaluate(
+                model, processor, samples, handle, batch_size=batch_size, max_new_tokens=max_new_tokens, bar=inner
+            )
+            probe = _time_once(model, fixed, handle, timer, 0)  # stats of the fixed sample at batch 1
+            row = _row(ev, probe, fixed, shape, visual_per_image, len(adapter.layers))
+            configs.append((method, keep_passed, row))
         except PruneError as e:
             skipped.append({"method": method, "keep": keep, "status": "skipped", "reason": f"{type(e).__name__}: {e}"})
             row = None
@@ -680,6 +694,13 @@ def _run_bench(
             reference = row
         results.append(row)
     outer.close()
+    try:
+        _latency_round_robin(
+            model, fixed, configs, timer, seed=seed, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
+            progress=progress, name=name,
+        )  # fmt: skip
+    finally:
+        timer.remove()
 
     ref = reference or {}
     for row in results:
@@ -688,7 +709,7 @@ def _run_bench(
         for q, d in row["per_qtype"].items():
             d["relative_accuracy"] = _rel(d["accuracy"], ref.get("per_qtype", {}).get(q, {}).get("accuracy"))
         lat = row["latency"]
-        ref_lat = ref.get("latency", {})
+        ref_lat = ref.get("latency") or {}
         row["speedup"] = _rel(ref_lat.get("prefill_ms"), lat["prefill_ms"])
         row["llm_prefill_speedup"] = _rel(ref_lat.get("llm_prefill_ms"), lat["llm_prefill_ms"])
 
@@ -732,33 +753,16 @@ def _run_bench(
     return result
 
 
-def _measure(
-    model,
-    processor,
-    samples,
-    fixed,
-    handle,
-    *,
-    batch_size,
-    max_new_tokens,
-    repeats,
-    warmup,
-    decode_tokens,
-    bar,
-    shape,
-    visual_per_image,
-    num_layers,
-) -> dict[str, Any]:
-    ev = _evaluate(model, processor, samples, handle, batch_size=batch_size, max_new_tokens=max_new_tokens, bar=bar)
-    lat = _time_latency(model, fixed, handle, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens)
-    kv_bytes = lat.pop("kv_cache_bytes")
+def _row(ev: dict, probe: dict, fixed, shape, visual_per_image: int, num_layers: int) -> dict[str, Any]:
+    """One result row from the accuracy run and the batch-1 probe of the fixed sample (latency comes later)."""
     length = int(fixed["input_ids"].shape[1])
     flops_unpruned = shape.prefill_flops([length] * num_layers)
-    if handle is None:
+    kv_bytes = probe["kv_bytes"]
+    st = probe["stats"]
+    if st is None:
         tokens_in = tokens_kept = equivalent = float(visual_per_image)
         flops, kv_unpruned, stages = flops_unpruned, kv_bytes, []
     else:
-        st = handle.stats  # the last prefill of `_time_latency`: the fixed sample at batch 1
         tokens_in, tokens_kept = ev["visual_tokens_in"], ev["visual_tokens_kept"]
         equivalent = ev["equivalent_average_tokens"]
         flops, flops_unpruned = st.prefill_flops, st.prefill_flops_unpruned
@@ -782,8 +786,35 @@ def _measure(
         "kv_cache_bytes": int(kv_bytes) if kv_bytes is not None else None,
         "kv_cache_bytes_unpruned": int(kv_unpruned) if kv_unpruned is not None else None,
         "stages": stages,
-        "latency": lat,
+        "latency": None,
     }
+
+
+def _latency_round_robin(model, fixed, configs, timer, *, seed, repeats, warmup, decode_tokens, progress, name):
+    """Time every configuration in turn, `warmup + repeats` rounds, so that drifting load on the machine hits
+    all of them alike. Each turn applies the method afresh, runs one untimed prefill, then the timed prefill
+    and generate (`_time_once`), and removes the method."""
+    from tqdm.auto import tqdm
+
+    import vlm_prune
+
+    runs: list[list[dict[str, Any]]] = [[] for _ in configs]
+    bar = tqdm(total=(warmup + repeats) * len(configs), desc=f"latency {name}", unit="run", disable=not progress)
+    for round_index in range(warmup + repeats):
+        for i, (method, keep_passed, _) in enumerate(configs):
+            handle = None if method == UNPRUNED else vlm_prune.apply(model, method, keep=keep_passed, seed=seed)
+            try:
+                _time_once(model, fixed, handle, timer, 0)  # untimed: first call after apply
+                sample = _time_once(model, fixed, handle, timer, decode_tokens)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if round_index >= warmup:
+                runs[i].append(sample)
+            bar.update(1)
+    bar.close()
+    for (_, _, row), samples in zip(configs, runs):
+        row["latency"] = _summarize_latency(samples, decode_tokens)
 
 
 def _clean(obj):
