@@ -74,7 +74,7 @@ TRAIN = {
     "seed": 0,
     "grid": 3,
     "vision": {"batch": 8, "lr": 3e-3, "warmup": 30, "grid": {"llava": 3, "qwen2_vl": 2}},
-    "joint": {"mosaics": 4, "questions": 24, "lr": 2e-3, "warmup": 40},
+    "joint": {"mosaics": 4, "questions": 24, "lr": 2e-3, "warmup": 40, "yesno_lr_mult": 10.0},
     "min_lr_ratio": 0.05,
     "weight_decay": 0.01,
     "betas": (0.9, 0.98),
@@ -318,6 +318,7 @@ class Stream:
         self.suffix_cache: dict[str, list[int]] = {}
         words = {"top", "middle", "bottom", "left", "right", *M.SHAPES, *(s + "s" for s in M.SHAPES), *M.COLORS}
         self.key_word_ids = {self.tok.convert_tokens_to_ids(w) for w in words}
+        self.attribute_ids = {self.tok.convert_tokens_to_ids(w) for w in (*M.SHAPES, *M.COLORS)}
         # the prompt prefix (text + image tokens) shared by every question, from the processor itself
         probe = M.compose_mosaic(self.cells[: self.grid**2], self.grid)
         qs = ["what color is the shape in the middle?", "is there a circle in the top left?", "how many circles?"]
@@ -419,13 +420,14 @@ class Stream:
         rows = []
         for lay in layouts:
             rows += [self.draw_question(lay) for _ in range(n_questions)]
-        seqs, labs, qpos, cellq, ans_ids, qtypes, keyw = [], [], [], [], [], [], []
+        seqs, labs, qpos, cellq, ans_ids, qtypes, keyw, attr = [], [], [], [], [], [], [], []
         for spec, ans in rows:
             q = self.suffix_ids(spec.text(self.grid))
             a = [self.answer_token(ans), self.eos]
             seqs.append(q + a)
             labs.append([-100] * len(q) + a)
             qpos.append(len(q) - 1)
+            attr.append(next((j for j, t in enumerate(q) if t in self.attribute_ids), 0))
             keyw.append([t in self.key_word_ids for t in q + a])
             cellq.append(spec.cell if spec.qtype in M.CELL_QTYPES else -1)
             ans_ids.append(a[0])
@@ -452,6 +454,7 @@ class Stream:
             "qpos": torch.tensor(qpos, device=d),
             "cell": torch.tensor(cellq, device=d),
             "key_words": kw.to(d),
+            "attr_pos": torch.tensor(attr, device=d),
             "is_yesno": torch.tensor([q == "yesno" for q in qtypes], device=d),
             "is_yes": torch.tensor([(sp.qtype == "yesno" and a == "yes") for sp, a in rows], device=d),
             "answer_ids": torch.tensor(ans_ids, device=d),
@@ -597,7 +600,8 @@ def dense_loss(heads, feats: torch.Tensor, targets: dict) -> tuple[torch.Tensor,
 
 def run_stage(name, steps, minutes, params, step_fn, cfg, history, log, on_step=None) -> int:
     """Generic loop: AdamW + warmup/cosine; `steps` an int or None (then calibrated to `minutes`)."""
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=TRAIN["betas"], weight_decay=TRAIN["weight_decay"])
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=TRAIN["betas"], weight_decay=TRAIN["weight_decay"])
     total = steps
     calib_at, calib_n = 3, 8
     t0 = time.time()
@@ -611,11 +615,11 @@ def run_stage(name, steps, minutes, params, step_fn, cfg, history, log, on_step=
             total = max(step + 1, int((minutes * 60 - (time.time() - t0)) / per) + step)
             log(f"{name}: {per:.2f} s/step -> {total} steps")
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total if total is not None else 10**6, cfg["lr"], cfg["warmup"])
+            g["lr"] = lr_at(step, total if total is not None else 10**6, cfg["lr"], cfg["warmup"]) * g.get("lr_mult", 1)
         loss, parts = step_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], TRAIN["grad_clip"])
+        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], TRAIN["grad_clip"])
         opt.step()
         step += 1
         if on_step is not None:
@@ -719,13 +723,13 @@ def train_one(family: str, args) -> dict:
         fg = fg.repeat_interleave(b["n_questions"], dim=0)
         target = (tok_cell.unsqueeze(0) == b["cell"].unsqueeze(1)) & fg
         l_att = _masked_nll((att * target).sum(-1), is_cell)
-        # head 1 of layer 3, yes/no questions: the answer token attends to itself when the answer is yes and
-        # to the first prompt token (an attention sink) when it is no. Its residual holds both the question's
-        # attribute and the cell read in layer 2, and a query-key product is the bilinear form that compares
-        # them (an MLP alone never learned the comparison in 1450 steps).
+        # head 1 of layer 3, yes/no questions: the answer token, which has read the cell in layer 2, attends to
+        # the question's attribute word ("triangle", "red") when the cell shows it (yes) and to the first
+        # prompt token, an attention sink, when it does not (no). The query-key product compares what was
+        # read with the word; an MLP alone never learned that comparison (1450 steps at chance).
         att1 = out.attentions[YESNO_LAYER][rows, 1, b["qpos"], :].float()  # (n, P + S)
         exist = torch.zeros_like(att1, dtype=torch.bool)
-        exist[rows, torch.where(b["is_yes"], p + b["qpos"], torch.zeros_like(b["qpos"]))] = True
+        exist[rows, torch.where(b["is_yes"], p + b["attr_pos"], torch.zeros_like(b["qpos"]))] = True
         l_exist = _masked_nll((att1 * exist).sum(-1), b["is_yesno"])
         l_attn = l_att + l_att0 + args.yesno_attention * l_exist
         loss = w["answer"] * out.loss + w["dense"] * l_dense + w["attention"] * l_attn
@@ -738,7 +742,15 @@ def train_one(family: str, args) -> dict:
         parts.update({f"acc_{q}": sum(v) / len(v) for q, v in running.items() if v})
         return loss, parts
 
-    all_params = list(model.parameters()) + list(heads.parameters())
+    # the yes/no comparison lives in a small, input-dependent part of a large residual: the query/key
+    # projections of that layer must grow much larger than the rest, so they get a larger learning rate
+    fast = f"layers.{YESNO_LAYER}.self_attn."
+    fast_params = [p for n, p in model.named_parameters() if "language_model" in n and fast in n and "o_proj" not in n]
+    fast_ids = {id(p) for p in fast_params}
+    all_params = [
+        {"params": [p for p in model.parameters() if id(p) not in fast_ids] + list(heads.parameters())},
+        {"params": fast_params, "lr_mult": jcfg["yesno_lr_mult"]},
+    ]
     j_steps = run_stage("joint", args.joint_steps, args.joint_minutes, all_params, joint_step, jcfg, history, log,
                         on_step=lambda st: st % 50 == 0 and checkpoint("joint", st))  # fmt: skip
     checkpoint("joint", j_steps)
@@ -821,7 +833,7 @@ def complete_processor_config(save: Path, family: str) -> None:
         "max_frames": 768, "min_frames": 4, "merge_size": ip["merge_size"], "patch_size": ip["patch_size"],
         "resample": ip.get("resample", 3), "rescale_factor": ip["rescale_factor"], "return_metadata": False,
         "size": dict(ip["size"]), "temporal_patch_size": ip["temporal_patch_size"],
-        "video_processor_type": "Qwen2VLVideoProcessor",
+        "video_processor_type": "Qwen2VLVideoProcessor", "max_video_tokens": 128000,
     }  # fmt: skip
     f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
@@ -832,22 +844,19 @@ def plot_loss(history, path: Path, family: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    v = [h for h in history if h["stage"] == "vision"]
-    j = [h for h in history if h["stage"] == "joint"]
-    if v:
-        axes[0].plot([h["step"] for h in v], [h["dense"] for h in v], lw=1)
-    axes[0].set_title(f"{family}: stage 1 (vision, dense loss)")
-    axes[0].set_yscale("log")
-    for key in ("answer", "dense", "attention"):
-        if j:
-            axes[1].plot([h["step"] for h in j], [h[key] for h in j], lw=1, label=key)
-    axes[1].set_title(f"{family}: stage 2 (joint)")
-    axes[1].set_yscale("log")
-    axes[1].legend()
-    for ax in axes:
+    stages = [st for st in ("vision", "joint") if any(h["stage"] == st for h in history)]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.5), squeeze=False)
+    for ax, st in zip(axes[0], stages, strict=False):
+        rows = [h for h in history if h["stage"] == st]
+        keys = ["dense"] if st == "vision" else ["answer", "dense", "attention", "attention_yesno"]
+        for key in keys:
+            if key in rows[0]:
+                ax.plot([h["step"] for h in rows], [max(h[key], 1e-5) for h in rows], lw=1, label=key)
+        ax.set_title(f"{family}: {st} stage")
+        ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -874,6 +883,18 @@ def write_markdown(results_dir: Path) -> Path:
     ]
     for r in rows:
         st = r["stages"]
+        if "lineage" in r:  # a chain of resumed runs (see the notes below): totals over all of them
+            vision = sum(ph["steps"] for ph in r["lineage"] if ph["stage"] == "vision")
+            joint = sum(ph["steps"] for ph in r["lineage"] if ph["stage"] == "joint")
+            lines.append(
+                f"| {r['model']} | `{r['class']}` | {r['parameters'] / 1e6:.2f} M | {r['visual_tokens_per_mosaic']} "
+                f"| {r['checkpoint_bytes'] / 2**20:.1f} MiB | {len(r['lineage'])} resumed phases: vision {vision} x "
+                f"{st['vision']['batch']} mosaics ({st['vision']['grid']}x{st['vision']['grid']}); joint {joint} x "
+                f"{st['joint']['mosaics']} mosaics x {st['joint']['questions_per_mosaic']} questions "
+                f"| {r['lineage_total_seconds'] / 60:.0f} min | {r['device']}, torch {r['versions']['torch']}, "
+                f"transformers {r['versions']['transformers']} |"
+            )
+            continue
         lines.append(
             f"| {r['model']} | `{r['class']}` | {r['parameters'] / 1e6:.2f} M | {r['visual_tokens_per_mosaic']} "
             f"| {r['checkpoint_bytes'] / 2**20:.1f} MiB "

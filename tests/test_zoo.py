@@ -11,10 +11,13 @@ from vlm_prune.engine.context import IMAGE, SelectionContext, VisualLayout
 from vlm_prune.errors import PruneError
 from vlm_prune.methods.zoo import (
     ZOOPrune,
+    gram_matrix,
+    is_elementwise,
     minmax_normalise,
     sensitivity_diversity_greedy,
     unit_directions,
     zo_sensitivity,
+    zo_sensitivity_moment,
     zo_sensitivity_naive,
 )
 
@@ -226,8 +229,13 @@ def test_zoo_method_counts_determinism_and_fallback():
     mask = method.select(zoo_ctx(seed=3))
     assert mask.dtype == torch.bool and int(mask[:16].sum()) == 5 and int(mask[16:].sum()) == 3
     assert torch.equal(mask, method.select(zoo_ctx(seed=3)))
-    # without the first-layer split the engine's full projector is used: same directions, same choice
-    assert torch.equal(mask, method.select(zoo_ctx(seed=3, with_first=False)))
+    # without the first-layer split the engine's full projector is used: same directions, and the same
+    # choice as the exact estimator
+    central = ZOOPrune(keep=None, num_directions=16, estimator="central")
+    assert torch.equal(central.select(zoo_ctx(seed=3)), central.select(zoo_ctx(seed=3, with_first=False)))
+    torch.testing.assert_close(
+        method.sensitivity(zoo_ctx(seed=3, with_first=False)), central.sensitivity(zoo_ctx(seed=3)), rtol=1e-4, atol=0
+    )
     # the choice is the greedy over per-item min-max normalised sensitivity
     ctx = zoo_ctx(seed=3)
     scores = method.sensitivity(ctx)
@@ -288,3 +296,81 @@ def test_sketched_norm_tracks_the_exact_sensitivity():
     rho = torch.corrcoef(torch.stack([ranks(exact), ranks(sketched)]))[0, 1]
     assert rho > 0.95
     assert float(((sketched - exact).abs() / exact).median()) < 0.1
+
+
+# ----------------------------------------------------------------------------- the moment estimator
+
+
+def test_moment_estimator_through_a_linear_projector_is_rms_of_w_u():
+    """With g = identity, S(i)² = mean_j ‖W2 W1 u_j‖² for every token (derived by hand)."""
+    d_in, d_h, d_out, m = 6, 9, 5, 12
+    w1 = torch.randn(d_h, d_in, generator=seeded(1), dtype=torch.float64)
+    w2 = torch.randn(d_out, d_h, generator=seeded(2), dtype=torch.float64)
+    x = torch.randn(7, d_in, generator=seeded(3), dtype=torch.float64)
+    scores = zo_sensitivity_moment(
+        x, w1, None, nn.Identity(), gram_matrix(w2, torch.float64), m, generator=seeded(4),
+        compute_dtype=torch.float64,
+    )  # fmt: skip
+    u = unit_directions(m, d_in, seeded(4)).double()
+    expected = (u @ w1.T @ w2.T).norm(dim=1).pow(2).mean().sqrt()
+    torch.testing.assert_close(scores, expected.expand(7), rtol=1e-10, atol=0)
+
+
+def test_moment_estimator_is_rms_of_brute_force_central_differences():
+    """Against the definition: per token and direction, a central difference through the whole
+    projector; the closed form equals the root of their mean square up to O(h²)."""
+    projector = mlp(10, 24, 14, seed=3).double()
+    x = torch.randn(20, 10, generator=seeded(5), dtype=torch.float64) * 2
+    m, h = 16, 1e-4
+    u = unit_directions(m, 10, seeded(6)).double()
+    with torch.no_grad():
+        deltas = torch.stack([(projector(x + h * uj) - projector(x - h * uj)) / (2 * h) for uj in u])  # (m, N, D)
+        expected = deltas.norm(dim=-1).pow(2).mean(dim=0).sqrt()
+    first, act, last = projector
+    got = zo_sensitivity_moment(
+        x, first.weight, first.bias, act, gram_matrix(last.weight, torch.float64), m, step=h,
+        generator=seeded(6), compute_dtype=torch.float64,
+    )  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    # and it is the RMS, not the mean: the exact estimator (mean of norms) is smaller, by Jensen
+    exact = deltas.norm(dim=-1).mean(dim=0)
+    assert bool((exact <= got * (1 + 1e-9)).all()) and not torch.allclose(exact, got, rtol=1e-3)
+
+
+def test_elementwise_probe():
+    assert is_elementwise(nn.GELU(), 16, torch.device("cpu"))
+    assert is_elementwise(nn.Sequential(nn.SiLU()), 16, torch.device("cpu"))
+    assert is_elementwise(nn.Identity(), 16, torch.device("cpu"))
+    assert not is_elementwise(nn.LayerNorm(16), 16, torch.device("cpu"))
+    assert not is_elementwise(nn.Softmax(dim=-1), 16, torch.device("cpu"))
+    assert not is_elementwise(nn.Linear(16, 16), 16, torch.device("cpu"))
+    assert not is_elementwise(nn.Linear(16, 8), 16, torch.device("cpu"))
+
+
+def test_zoo_method_moment_vs_central_and_fallback():
+    ctx = zoo_ctx(seed=1)
+    moment, central = ZOOPrune(num_directions=16), ZOOPrune(num_directions=16, estimator="central")
+    first, act, last = ctx.projector
+    expected = zo_sensitivity_moment(
+        ctx.projector_inputs, first.weight, first.bias, act, gram_matrix(last.weight), 16, generator=ctx.generator()
+    )
+    torch.testing.assert_close(moment.sensitivity(ctx), expected)
+    # RMS >= mean, and the two rank the tokens alike
+    m_scores, c_scores = moment.sensitivity(ctx), central.sensitivity(ctx)
+    assert bool((c_scores <= m_scores * (1 + 1e-5)).all())
+    assert float(torch.corrcoef(torch.stack([m_scores, c_scores]))[0, 1]) > 0.95
+    # a tail that is not elementwise -> Linear falls back to the exact estimator
+    ctx.projector_tail = nn.Sequential(nn.LayerNorm(24), last)
+    ctx.projector = nn.Sequential(first, nn.LayerNorm(24), last)
+    torch.testing.assert_close(moment.sensitivity(ctx), central.sensitivity(ctx))
+    with pytest.raises(ValueError, match="estimator"):
+        ZOOPrune(estimator="mean")
+
+
+def test_zoo_gram_cache_follows_in_place_weight_updates():
+    ctx = zoo_ctx(seed=1)
+    method = ZOOPrune(num_directions=16)
+    before = method.sensitivity(ctx)
+    with torch.no_grad():
+        ctx.projector[2].weight.mul_(2.0)  # S scales with W2
+    torch.testing.assert_close(method.sensitivity(ctx), 2 * before)

@@ -96,14 +96,27 @@ def load_processor(path: str | Path):
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type != "qwen2_vl" or _torchvision_available():
             raise DemoModelError(f"could not load the processor in {str(path)!r}: {e}") from e
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     chat = path / "chat_template.jinja"
     return image_only_qwen2vl_processor(
-        AutoImageProcessor.from_pretrained(path, local_files_only=True),
+        _qwen2vl_image_processor(path),
         AutoTokenizer.from_pretrained(path, local_files_only=True),
         chat.read_text() if chat.is_file() else None,
     )
+
+
+def _qwen2vl_image_processor(path: Path):
+    """The PIL-backed Qwen2-VL image processor from a saved folder (some transformers versions refuse
+    AutoImageProcessor without torchvision)."""
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError:
+        cfg = json.loads((path / "processor_config.json").read_text())["image_processor"]
+        cfg = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")}
+        return transformers.Qwen2VLImageProcessorPil(**cfg)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
