@@ -371,6 +371,11 @@ def test_zoo_gram_cache_follows_in_place_weight_updates():
     ctx = zoo_ctx(seed=1)
     method = ZOOPrune(num_directions=16)
     before = method.sensitivity(ctx)
+    (cached,) = method._gram_cache.values()
+    # adapters build a new Sequential around the same modules per call: still one cached G
+    ctx.projector_tail = nn.Sequential(*ctx.projector[1:])
+    method.sensitivity(ctx)
+    assert list(method._gram_cache.values()) == [cached]
     with torch.no_grad():
         ctx.projector[2].weight.mul_(2.0)  # S scales with W2
     torch.testing.assert_close(method.sensitivity(ctx), 2 * before)

@@ -429,7 +429,9 @@ class ZOOPrune(Method):
         if split is None:
             return None
         inner, last = split
-        key = (id(last.weight), last.weight._version, id(inner), device)
+        # adapters may build a new Sequential around the same modules per call: key on the modules
+        parts = tuple(map(id, inner.children())) if isinstance(inner, nn.Sequential) else (id(inner),)
+        key = (id(last.weight), last.weight._version, parts, device)
         if key not in self._gram_cache:
             activation = _in_dtype(inner, torch.float32)
             elementwise = is_elementwise(activation, last.weight.shape[1], device)
