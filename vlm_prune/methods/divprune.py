@@ -10,8 +10,9 @@ equivalent in exact arithmetic:
 * no N x N matrix in the greedy loop: the running min-distance vector is updated with one
   (N, D) x (D,) product per pick, O(N·k·D) time and O(N) memory (the first pick's nearest-neighbour
   search is done in row chunks);
-* on CUDA with N <= 4096 the greedy loop runs on the host (numpy) over the distance matrix
-  computed once on the device, since a device loop is bound by kernel launches;
+* with N <= 4096 the greedy loop runs on the host (numpy) over the distance matrix computed once
+  on the device, since a device loop is bound by kernel launches on a GPU and by per-op dispatch
+  on a CPU (N=576, k=192, 1 CPU thread: 3.8 ms vs 16.6 ms at D=64, 15 ms vs 34 ms at D=768);
 * already selected tokens are masked out explicitly (the reference relies on D_ii = 0, which can
   re-pick a token when the remaining candidates are exact duplicates);
 * computed in at least float32 (float64 input stays float64).
@@ -55,7 +56,7 @@ def maxmin_diversity(features: torch.Tensor, k: int, host_loop: bool | None = No
 
     Two equivalent loops: on the features' device with one (N, D) x (D,) product per pick, or on
     the host (numpy) over the N x N distance matrix computed once on the device (`host_loop`;
-    default: CUDA inputs with N <= 4096, where a device loop is bound by kernel launches).
+    default: N <= 4096, where a device loop is bound by kernel launches or per-op dispatch).
     """
     n = features.shape[0]
     k = max(0, min(int(k), n))
@@ -63,7 +64,7 @@ def maxmin_diversity(features: torch.Tensor, k: int, host_loop: bool | None = No
         return torch.empty(0, dtype=torch.long, device=features.device)
     unit = F.normalize(_at_least_fp32(features), dim=-1)
     if host_loop is None:
-        host_loop = features.is_cuda and n <= 4096
+        host_loop = n <= 4096
     if host_loop:
         distance = 1.0 - unit @ unit.T
         return torch.from_numpy(_maxmin_host(distance.cpu().numpy(), k)).to(features.device)
