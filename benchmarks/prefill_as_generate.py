@@ -64,6 +64,16 @@ def verdict(row: dict) -> str:
     return f"undecided (IQR {row['q1']:+.1%} to {row['q3']:+.1%})"
 
 
+def speed_verdict(row: dict) -> str:
+    """>= 90 % of the FLOPs ideal on the median and on the best-of speedup; undecided when they disagree."""
+    median_ok, best_ok = row["achieved"] >= 0.9, row["best_of"] / row["ideal"] >= 0.9
+    if median_ok and best_ok:
+        return "met"
+    if not median_ok and not best_ok:
+        return "**not met**"
+    return "undecided (median and best-of disagree)"
+
+
 def quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], values[0]
@@ -148,6 +158,7 @@ def run(family: str, keep: float, rounds: int) -> tuple[list[dict], list[dict]]:
                 "ideal": ideal[name],
                 "achieved": speedup / ideal[name],
                 "ceiling": ceiling,
+                "best_of": min(base_ms) / min(ms[name]),
             }
         )
     for layer in KEEP_ALL_LAYERS:
@@ -192,15 +203,16 @@ def main() -> None:
         "- ceiling = the unwrapped model on a text-only input as long as the pruned sequence (no engine, no "
         "selection): the speedup this hardware gives at that length",
         "",
-        "| model | method | keep | unpruned ms | pruned ms | speedup | FLOPs-ideal | achieved/ideal | ceiling | "
-        "target >= 90 % of ideal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | method | keep | unpruned ms | pruned ms | speedup | FLOPs-ideal | achieved/ideal | best-of speedup "
+        "(/ideal) | ceiling (/ideal) | target >= 90 % of ideal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['method']} | {row['keep']} | {row['unpruned_ms']:.0f} | {row['pruned_ms']:.0f} | "
-            f"{row['speedup']:.2f}x | {row['ideal']:.2f}x | {row['achieved']:.0%} | {row['ceiling']:.2f}x "
-            f"({row['ceiling'] / row['ideal']:.0%}) | {'met' if row['achieved'] >= 0.9 else '**not met**'} |"
+            f"{row['speedup']:.2f}x | {row['ideal']:.2f}x | {row['achieved']:.0%} | {row['best_of']:.2f}x "
+            f"({row['best_of'] / row['ideal']:.0%}) | {row['ceiling']:.2f}x ({row['ceiling'] / row['ideal']:.0%}) | "
+            f"{speed_verdict(row)} |"
         )
     lines += [
         "",
