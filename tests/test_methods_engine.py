@@ -84,3 +84,33 @@ def test_method_on_adapter(tiny, family, name):
     assert stats.visual_tokens_out < stats.visual_tokens_in
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, baseline), "removal restores the model bit for bit"
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava_next"])  # NeXT: no projector signal
+def test_zoo_default_estimator_runs_the_closed_form_on_every_adapter(family):
+    """Every adapter with a projector signal has an activation -> Linear tail, so ZOO's default closed-form
+    estimator is used (not the exact fallback), and its scores equal the closed form on the engine's inputs."""
+    from vlm_prune.methods.zoo import ZOOPrune, gram_matrix, zo_sensitivity_moment
+
+    model = build_tiny(family)
+    inputs = make_inputs(model)
+    method = ZOOPrune(keep=0.5, num_directions=8)
+    seen = {}
+    original = method.sensitivity
+
+    def recording(ctx):
+        seen["ctx"], seen["scores"] = ctx, original(ctx)
+        return seen["scores"]
+
+    method.sensitivity = recording
+    with vlm_prune.pruned(model, method), torch.no_grad():
+        model(**inputs)
+    (entry,) = method._gram_cache.values()
+    assert entry is not None, "the closed-form estimator fell back to the exact one"
+    ctx = seen["ctx"]
+    weight, bias = ctx.projector_first
+    activation, last = ctx.projector_tail[:-1], ctx.projector_tail[-1]
+    expected = zo_sensitivity_moment(
+        ctx.projector_inputs, weight, bias, activation, gram_matrix(last.weight), 8, generator=ctx.generator()
+    )
+    torch.testing.assert_close(seen["scores"], expected)
