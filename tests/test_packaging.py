@@ -37,7 +37,10 @@ def test_wheel_contains_the_package(tmp_path):
         "adapters/qwen_vl.py",
         "kernels/gather.py",
         "methods/registry.py",
-    ):
+        "bench_schema.json",
+        *(f"demo_models/{model}/{file}" for model in ("llava", "qwen2_vl")
+          for file in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json")),
+    ):  # fmt: skip
         assert f"vlm_prune/{module}" in names, module
     top_level = {name.split("/")[0] for name in names}
     assert not {"adapters", "kernels", "tests", "benchmarks"} & top_level
