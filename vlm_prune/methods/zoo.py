@@ -430,7 +430,10 @@ class ZOOPrune(Method):
             return None
         inner, last = split
         # adapters may build a new Sequential around the same modules per call: key on the modules
-        parts = tuple(map(id, inner.children())) if isinstance(inner, nn.Sequential) else (id(inner),)
+        if isinstance(inner, nn.Identity):  # a bare Linear tail: `_split_last_linear` makes a new Identity
+            parts: tuple = ("identity",)
+        else:
+            parts = tuple(map(id, inner.children())) if isinstance(inner, nn.Sequential) else (id(inner),)
         key = (id(last.weight), last.weight._version, parts, device)
         if key not in self._gram_cache:
             activation = _in_dtype(inner, torch.float32)
