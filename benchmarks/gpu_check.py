@@ -40,23 +40,12 @@ if str(REPO) not in sys.path:
 import vlm_prune  # noqa: E402
 from vlm_prune.toy_models import available_families, build_tiny, make_inputs, single_row  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import keep_all_at  # noqa: E402  (benchmarks/speed.py: keep-all methods, the engine's own cost)
+
 FP32_TOL = dict(atol=1e-4, rtol=1e-4)
 LOW_PRECISION_REL_TOL = 2e-2
 NEW_TOKENS = 6
-
-
-class KeepAll(vlm_prune.Method):
-    layer = 0
-    name = "keep-all"
-
-    def select(self, ctx):
-        return torch.ones(ctx.num_visual, dtype=torch.bool, device=ctx.visual_features.device)
-
-
-def keep_all_at(layer: int) -> vlm_prune.Method:
-    if layer == 0:
-        return KeepAll()
-    return type(f"KeepAllAt{layer}", (KeepAll,), {"layer": layer, "name": f"keep-all@L{layer}"})()
 
 
 def in_llm_layer(family: str) -> int:

@@ -42,18 +42,6 @@ METHODS = ("random", "pool", "divprune")
 KEEP_ALL_LAYERS = (0, 2)
 
 
-class KeepAll(vlm_prune.Method):
-    """Keeps every visual token on the input of decoder layer `layer` (0 = pre-LLM)."""
-
-    name = "keep-all"
-
-    def __init__(self, layer: int):
-        self.layer = layer
-
-    def select(self, ctx):
-        return torch.ones(ctx.num_visual, dtype=torch.bool, device=ctx.visual_features.device)
-
-
 def verdict(row: dict) -> str:
     """<= 2 % on the median and on the best-of ratio; undecided when they disagree (timing noise)."""
     median_ok, best_ok = row["overhead"] <= 0.02, row["best_of"] <= 0.02
@@ -104,7 +92,7 @@ def timed(fn) -> float:
 
 def run(family: str, keep: float, rounds: int) -> tuple[list[dict], list[dict]]:
     """(speedup rows, engine-cost rows) for one toy family."""
-    from speed import same_length_inputs  # benchmarks/speed.py, next to this script
+    from speed import keep_all_at, same_length_inputs  # benchmarks/speed.py, next to this script
 
     model = build_tiny(family, size="bench")
     inputs = encoded_inputs(model, family)
@@ -127,7 +115,7 @@ def run(family: str, keep: float, rounds: int) -> tuple[list[dict], list[dict]]:
     key_of = lambda method: method if isinstance(method, str) else f"keep-all@L{method.layer}"  # noqa: E731
     ideal: dict[str, float] = {}
     configs = {name: pruned_run(name, keep) for name in METHODS}
-    configs.update({f"keep-all@L{layer}": pruned_run(KeepAll(layer), None) for layer in KEEP_ALL_LAYERS})
+    configs.update({f"keep-all@L{layer}": pruned_run(keep_all_at(layer), None) for layer in KEEP_ALL_LAYERS})
     configs["same-length unwrapped"] = lambda: timed(lambda: prefill(ceiling_inputs))
     ratios: dict[str, list[float]] = {name: [] for name in configs}
     ms: dict[str, list[float]] = {name: [] for name in configs}

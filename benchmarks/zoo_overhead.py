@@ -25,15 +25,14 @@ Writes (or updates the section of this device in) benchmarks/results/zoo_overhea
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from speed import cpu_model  # benchmarks/speed.py, next to this script
 from torch import nn
 
 from vlm_prune.methods.zoo import (
@@ -50,15 +49,6 @@ SHAPES = {
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo_overhead.md"
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        match = re.search(r"Model name:\s*(.+)", out)
-        if match:
-            return match.group(1).strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timer(device: torch.device, fn: Callable[[], object], warmup: int, repeats: int) -> float:

@@ -271,23 +271,9 @@ def _device_of(model) -> torch.device:
 
 
 def _prepare(processor, model, images, questions) -> Any:
-    from .demo import build_prompt
+    from .demo import prepare_inputs
 
-    prompts = [build_prompt(processor, q) for q in questions]
-    tok = getattr(processor, "tokenizer", processor)
-    side = getattr(tok, "padding_side", None)
-    tok.padding_side = "left"
-    try:
-        inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
-    finally:
-        if side is not None:
-            tok.padding_side = side
-    device = _device_of(model)
-    dtype = next(model.parameters()).dtype
-    inputs = inputs.to(device)
-    if "pixel_values" in inputs and torch.is_floating_point(inputs["pixel_values"]):
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
+    return prepare_inputs(model, processor, images, questions)
 
 
 def _media_ids(model) -> list[int]:

@@ -177,11 +177,9 @@ def _device_and_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
         return torch.device(getattr(model, "device", "cpu")), getattr(model, "dtype", torch.float32)
 
 
-@torch.no_grad()
-def generate_answers(
-    model: Any, processor: Any, images: Sequence, questions: Sequence[str], max_new_tokens: int = 4
-) -> list[str]:
-    """Greedy answers (decoded new tokens) of `model` to one (image, question) pair each."""
+def prepare_inputs(model: Any, processor: Any, images: Sequence, questions: Sequence[str]) -> Any:
+    """Left-padded processor inputs for one (image, question) pair each, on the model's device, pixel
+    values in the model's dtype (the tokenizer's padding side is restored afterwards)."""
     device, dtype = _device_and_dtype(model)
     prompts = [build_prompt(processor, q) for q in questions]
     tok = getattr(processor, "tokenizer", processor)
@@ -195,6 +193,16 @@ def generate_answers(
     inputs = inputs.to(device)
     if "pixel_values" in inputs and torch.is_floating_point(inputs["pixel_values"]):
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, processor: Any, images: Sequence, questions: Sequence[str], max_new_tokens: int = 4
+) -> list[str]:
+    """Greedy answers (decoded new tokens) of `model` to one (image, question) pair each."""
+    inputs = prepare_inputs(model, processor, images, questions)
+    tok = getattr(processor, "tokenizer", processor)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
