@@ -363,7 +363,7 @@ def test_zoo_method_moment_vs_central_and_fallback():
     ctx.projector_tail = nn.Sequential(nn.LayerNorm(24), last)
     ctx.projector = nn.Sequential(first, nn.LayerNorm(24), last)
     torch.testing.assert_close(moment.sensitivity(ctx), central.sensitivity(ctx))
-    with pytest.raises(ValueError, match="estimator"):
+    with pytest.raises(PruneError, match="estimator must be 'moment'"):
         ZOOPrune(estimator="mean")
 
 

@@ -32,3 +32,7 @@ class AttentionImplementationError(PruneError, ValueError):
 
 class InputError(PruneError, ValueError):
     """Inputs the engine cannot prune correctly (e.g. a pre-filled cache with new media)."""
+
+
+class MethodOptionError(PruneError, ValueError):
+    """A method hyperparameter set to a value the method does not accept."""

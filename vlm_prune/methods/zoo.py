@@ -80,7 +80,7 @@ from einops import rearrange
 from torch import nn
 
 from vlm_prune.engine.context import SelectionContext
-from vlm_prune.errors import PruneError
+from vlm_prune.errors import MethodOptionError, PruneError
 from vlm_prune.methods.base import Method
 from vlm_prune.methods.registry import register
 
@@ -418,7 +418,10 @@ class ZOOPrune(Method):
 
     def __post_init__(self) -> None:
         if self.estimator not in ("moment", "central"):
-            raise ValueError(f"ZOO-Prune estimator must be 'moment' or 'central', got {self.estimator!r}")
+            raise MethodOptionError(
+                f"ZOO-Prune estimator must be 'moment' (closed form, the default) or 'central' (the paper's "
+                f"mean of norms), got {self.estimator!r}"
+            )
 
     def _moment_parts(self, tail: Tail, device: torch.device) -> tuple[Tail, torch.Tensor] | None:
         """(activation in float32, G = W2ᵀ W2) when the tail is elementwise -> Linear, else None.
