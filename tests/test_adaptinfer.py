@@ -10,7 +10,7 @@ import torch
 from vlm_prune.engine.attention_rows import recompute_attention_rows
 from vlm_prune.engine.budget import tokens_to_keep
 from vlm_prune.engine.context import IMAGE, SelectionContext, VisualLayout
-from vlm_prune.errors import BudgetError
+from vlm_prune.errors import BudgetError, MethodOptionError
 from vlm_prune.methods.adaptinfer import (
     PRESETS,
     AdaptInfer,
@@ -284,6 +284,16 @@ def test_equivalent_average_tokens():
     assert expected == pytest.approx(0.1, abs=0.002)
     hand = Schedule((4, 8), (0.5, 0.25))
     assert equivalent_average_tokens(hand, 16, 100) == pytest.approx((4 * 100 + 4 * 50 + 8 * 25) / 16)
+
+
+@pytest.mark.parametrize(
+    ("layers", "keep", "message"),
+    [((), (), "as many layers as keeps"), ((2, 4), (0.5,), "as many layers as keeps"),
+     ((4, 2), (0.5, 0.25), "strictly increasing"), ((0, 2), (0.5, 0.25), ">= 1")],
+)  # fmt: skip
+def test_malformed_schedule_is_a_method_option_error(layers, keep, message):
+    with pytest.raises(MethodOptionError, match=message):
+        Schedule(layers, keep)
 
 
 def test_derived_schedule_rule():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext, VisualLayout
-from vlm_prune.errors import PruneError, UnknownMethodError
+from vlm_prune.errors import BudgetError, MethodOptionError, PruneError, UnknownMethodError
 from vlm_prune.methods import available, get_method, get_methods, parse_spec, register
 from vlm_prune.methods.base import Method, topk_mask, topk_mask_per_media
 from vlm_prune.methods.divprune import DivPrune, maxmin_diversity
@@ -332,8 +332,12 @@ def test_fastv_global_topk_and_contract():
     assert FastV(per_media=False).select(ctx).nonzero().flatten().tolist() == [0, 1, 2, 3]
     (stage,) = FastV().stages()
     assert stage.layer == 2 and stage.keep == 0.5 and stage.needs == frozenset({"attention"})
-    with pytest.raises(ValueError):
+    with pytest.raises(MethodOptionError, match="layer must be >= 1"):
         FastV(layer=0)
+    no_budget = make_ctx(torch.randn(8, 2), layout, None, layer=2, attention_fn=lambda q: row)
+    for per_media in (True, False):
+        with pytest.raises(BudgetError, match="needs a budget"):
+            FastV(per_media=per_media).select(no_budget)
     no_attention = make_ctx(torch.randn(8, 2), layout, [2, 2], layer=2)
     with pytest.raises(PruneError):
         FastV().select(no_attention)

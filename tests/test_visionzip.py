@@ -11,7 +11,7 @@ from vlm_prune.adapters.vision_signals import (
     siglip_layer_mean_attention,
 )
 from vlm_prune.engine.context import IMAGE, Selection, SelectionContext, VisualLayout
-from vlm_prune.errors import PruneError
+from vlm_prune.errors import MethodOptionError, PruneError
 from vlm_prune.methods.visionzip import (
     VisionZip,
     merge_groups,
@@ -157,6 +157,14 @@ def test_missing_signal_is_a_clear_error():
     ctx.vision_attention = None
     with pytest.raises(PruneError, match="vision_attention"):
         VisionZip(keep=4).select(ctx)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), [({"merge": "max"}, "merge must be one of"), ({"merge_space": "llm"}, "merge_space")]
+)
+def test_bad_merge_option_is_a_method_option_error(options, message):
+    with pytest.raises(MethodOptionError, match=message):
+        VisionZip(**options)
 
 
 def test_registered():

@@ -66,17 +66,26 @@ def _classes(family: str):
 # configs
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _text_dims(size: str) -> dict:
     if size == "tiny":
         return dict(
-            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         )
     if size == "bench":
         # ~100M parameters: 12 x 6.3M decoder layers + 2 x 12.3M embeddings/lm_head.
         return dict(
-            vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=12, num_key_value_heads=4,
+            vocab_size=16000,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
         )
     raise ValueError(f"size must be 'tiny' or 'bench', got {size!r}")
 
@@ -84,7 +93,10 @@ def _text_dims(size: str) -> dict:
 def _common_text(size: str) -> dict:
     d = _text_dims(size)
     d.update(
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, max_position_embeddings=4096,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
     return d
@@ -134,8 +146,7 @@ def _qwen_config(family: str, size: str):
         # interleaved M-RoPE, as Qwen3-VL's [24, 20, 20] for head_dim 128
         hw = (half * 5) // 16
         section = [half - 2 * hw, hw, hw]
-        rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section,
-                "mrope_interleaved": True}
+        rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section, "mrope_interleaved": True}
         text["head_dim"] = head_dim
     else:
         # chunked M-RoPE, as Qwen2-VL's [16, 24, 24] for head_dim 128
@@ -148,21 +159,40 @@ def _qwen_config(family: str, size: str):
     patch = 4 if tiny else 14
     if family == "qwen2_vl":
         vision = dict(
-            depth=2 if tiny else 4, embed_dim=32 if tiny else 256, hidden_size=hidden, mlp_ratio=2,
-            num_heads=2 if tiny else 4, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+            depth=2 if tiny else 4,
+            embed_dim=32 if tiny else 256,
+            hidden_size=hidden,
+            mlp_ratio=2,
+            num_heads=2 if tiny else 4,
+            patch_size=patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         )
     elif family == "qwen2_5_vl":
         vision = dict(
-            depth=2 if tiny else 4, hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 1024,
-            num_heads=2 if tiny else 4, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
-            out_hidden_size=hidden, window_size=patch * 2 * 2, fullatt_block_indexes=[1] if tiny else [1, 3],
+            depth=2 if tiny else 4,
+            hidden_size=32 if tiny else 256,
+            intermediate_size=64 if tiny else 1024,
+            num_heads=2 if tiny else 4,
+            patch_size=patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=hidden,
+            window_size=patch * 2 * 2,
+            fullatt_block_indexes=[1] if tiny else [1, 3],
             tokens_per_second=2,
         )
     else:
         vision = dict(
-            depth=3 if tiny else 4, hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 1024,
-            num_heads=2 if tiny else 4, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
-            out_hidden_size=hidden, num_position_embeddings=64 if tiny else 2304,
+            depth=3 if tiny else 4,
+            hidden_size=32 if tiny else 256,
+            intermediate_size=64 if tiny else 1024,
+            num_heads=2 if tiny else 4,
+            patch_size=patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=hidden,
+            num_position_embeddings=64 if tiny else 2304,
             deepstack_visual_indexes=[0, 1, 2] if tiny else [1, 2, 3],
         )
     return config_cls(
@@ -239,13 +269,19 @@ def build_tiny(
 
 def family_of(model) -> str:
     mt = model.config.model_type
-    return {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl",
-            "qwen3_vl": "qwen3_vl"}[mt]
+    return {
+        "llava": "llava",
+        "llava_next": "llava_next",
+        "qwen2_vl": "qwen2_vl",
+        "qwen2_5_vl": "qwen2_5_vl",
+        "qwen3_vl": "qwen3_vl",
+    }[mt]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _llava_next_num_tokens(config, orig_hw: tuple[int, int]) -> int:
     """Placeholder count of one LLaVA-NeXT image, as LlavaNextProcessor computes it."""
@@ -277,8 +313,18 @@ def _llava_next_num_patches(config, orig_hw: tuple[int, int]) -> int:
     return 1 + (best_h // size) * (best_w // size)
 
 
-def _row_spec(family: str, config, row: int, seed: int, num_images: int, video: bool,
-              prompt_length: int | None, size: str, image_grid, video_grid) -> dict:
+def _row_spec(
+    family: str,
+    config,
+    row: int,
+    seed: int,
+    num_images: int,
+    video: bool,
+    prompt_length: int | None,
+    size: str,
+    image_grid,
+    video_grid,
+) -> dict:
     """Deterministic content of one row, a function of (seed, row) only."""
     g = torch.Generator().manual_seed(seed * 7919 + row * 104729 + 17)
     vocab = config.text_config.vocab_size
@@ -413,8 +459,7 @@ def make_inputs(
             for i, m in enumerate(images):
                 pix[i, : m["pixel"].shape[0]] = m["pixel"]
             out["pixel_values"] = pix.to(device, dtype)
-            out["image_sizes"] = torch.tensor([list(m["image_size"]) for m in images], dtype=torch.long,
-                                              device=device)
+            out["image_sizes"] = torch.tensor([list(m["image_size"]) for m in images], dtype=torch.long, device=device)
     else:
         if images:
             out["pixel_values"] = torch.cat([m["pixel"] for m in images]).to(device, dtype)
@@ -464,13 +509,13 @@ def single_row(inputs: dict, i: int) -> dict:
             grid = inputs["image_grid_thw"]
             sizes = grid.prod(-1).tolist()
             start = sum(sizes[:first])
-            n = sum(sizes[first: first + count])
-            out["pixel_values"] = inputs["pixel_values"][start: start + n]
-            out["image_grid_thw"] = grid[first: first + count]
+            n = sum(sizes[first : first + count])
+            out["pixel_values"] = inputs["pixel_values"][start : start + n]
+            out["image_grid_thw"] = grid[first : first + count]
         else:
-            out["pixel_values"] = inputs["pixel_values"][first: first + count]
+            out["pixel_values"] = inputs["pixel_values"][first : first + count]
             if "image_sizes" in inputs:
-                out["image_sizes"] = inputs["image_sizes"][first: first + count]
+                out["image_sizes"] = inputs["image_sizes"][first : first + count]
                 # drop the zero padding of the anyres patch dimension (random patches are never all zero)
                 pv = out["pixel_values"]
                 used = pv.flatten(2).ne(0).any(-1).any(0)
@@ -481,11 +526,11 @@ def single_row(inputs: dict, i: int) -> dict:
         per = grid.shape[0] // batch
         sizes = grid.prod(-1).tolist()
         start = sum(sizes[: i * per])
-        n = sum(sizes[i * per: (i + 1) * per])
-        out["pixel_values_videos"] = inputs["pixel_values_videos"][start: start + n]
-        out["video_grid_thw"] = grid[i * per: (i + 1) * per]
+        n = sum(sizes[i * per : (i + 1) * per])
+        out["pixel_values_videos"] = inputs["pixel_values_videos"][start : start + n]
+        out["video_grid_thw"] = grid[i * per : (i + 1) * per]
         if "second_per_grid_ts" in inputs:
-            out["second_per_grid_ts"] = inputs["second_per_grid_ts"][i * per: (i + 1) * per]
+            out["second_per_grid_ts"] = inputs["second_per_grid_ts"][i * per : (i + 1) * per]
     return out
 
 

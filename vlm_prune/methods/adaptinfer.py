@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from vlm_prune.engine.context import SelectionContext
-from vlm_prune.errors import BudgetError
+from vlm_prune.errors import BudgetError, MethodOptionError
 from vlm_prune.methods.base import Method, Stage, topk_mask_per_media
 from vlm_prune.methods.registry import register
 
@@ -110,9 +110,9 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.keep) or not self.layers:
-            raise ValueError(f"a schedule needs as many layers as keeps, at least one: {self}")
+            raise MethodOptionError(f"a schedule needs as many layers as keeps, at least one: {self}")
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])) or self.layers[0] < 1:
-            raise ValueError(f"schedule layers must be strictly increasing and >= 1, got {self.layers}")
+            raise MethodOptionError(f"schedule layers must be strictly increasing and >= 1, got {self.layers}")
 
     def counts(self, n: int) -> list[int]:
         """Tokens kept after each stage for a media item of n tokens, with the engine's rounding of a
@@ -122,7 +122,7 @@ class Schedule:
     def ratios(self, n: int | None = None) -> list[float]:
         """Per-stage keep ratios (kept after / kept before the stage); int keeps need n."""
         if n is None and any(isinstance(k, int) for k in self.keep):
-            raise ValueError("per-stage ratios of a count schedule need n")
+            raise BudgetError("per-stage ratios of a count schedule need n, the media item's token count")
         fractions = [k / n if isinstance(k, int) and n else float(k) for k in self.keep]
         previous = [1.0, *fractions[:-1]]
         return [f / p if p > 0 else 0.0 for f, p in zip(fractions, previous)]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlm_prune.engine.context import Selection, SelectionContext
+from vlm_prune.errors import BudgetError, PruneError
 
 SelectFn = Callable[[SelectionContext], "torch.Tensor | Selection"]
 
@@ -113,9 +114,9 @@ class ScorerMethod(Method):
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         scores = self.score(ctx)
         if scores.shape != (ctx.num_visual,):
-            raise ValueError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, want ({ctx.num_visual},)")
+            raise PruneError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, want ({ctx.num_visual},)")
         if ctx.budget_per_media is None:
-            raise ValueError(f"{type(self).__name__} needs a budget: pass keep=... to apply()")
+            raise BudgetError(f"{type(self).__name__} needs a budget: pass keep=... to apply()")
         return topk_mask_per_media(scores, ctx.layout.media_index, ctx.budget_per_media)
 
 
@@ -128,7 +129,7 @@ def per_media(
     per-item results are stitched back in sequence order.
     """
     if ctx.budget_per_media is None:
-        raise ValueError("this method needs a budget: pass keep=... to apply()")
+        raise BudgetError("this method needs a budget: pass keep=... to apply()")
     keep_mask = torch.zeros(ctx.num_visual, dtype=torch.bool, device=ctx.visual_features.device)
     new_features = ctx.visual_features.clone()
     merged = False

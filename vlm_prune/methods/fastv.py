@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_prune.engine.context import SelectionContext
+from vlm_prune.errors import BudgetError, MethodOptionError
 from vlm_prune.methods.base import ScorerMethod, topk_mask
 from vlm_prune.methods.registry import register
 
@@ -52,7 +53,7 @@ class FastV(ScorerMethod):
 
     def __post_init__(self) -> None:
         if int(self.layer) < 1:
-            raise ValueError(f"FastV scores with layer K-1 attention: layer must be >= 1, got {self.layer}")
+            raise MethodOptionError(f"FastV scores with layer K-1 attention: layer must be >= 1, got {self.layer}")
 
     def score(self, ctx: SelectionContext) -> torch.Tensor:
         return last_token_attention_scores(ctx.attention_rows(ctx.last_index), ctx.visual_index)
@@ -61,7 +62,7 @@ class FastV(ScorerMethod):
         if self.per_media:
             return super().select(ctx)
         if ctx.budget is None:
-            raise ValueError("FastV needs a budget: pass keep=... to apply()")
+            raise BudgetError("FastV needs a budget: pass keep=... to apply()")
         return topk_mask(self.score(ctx), ctx.budget)
 
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_prune.engine.context import Selection, SelectionContext
-from vlm_prune.errors import BudgetError, PruneError
+from vlm_prune.errors import BudgetError, MethodOptionError, PruneError
 from vlm_prune.methods.base import Method, Stage, per_media, topk_mask
 from vlm_prune.methods.registry import register
 
@@ -113,7 +113,7 @@ def merge_groups(
         others_sum = sums - targets
         others_count = counts - 1
         return targets + others_sum / others_count.clamp(min=1)
-    raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    raise MethodOptionError(f"merge must be one of {MERGES}, got {merge!r}")
 
 
 def visionzip_select(
@@ -164,9 +164,9 @@ class VisionZip(Method):
 
     def __post_init__(self) -> None:
         if self.merge not in MERGES:
-            raise ValueError(f"VisionZip merge must be one of {MERGES}, got {self.merge!r}")
+            raise MethodOptionError(f"VisionZip merge must be one of {MERGES}, got {self.merge!r}")
         if self.merge_space not in MERGE_SPACES:
-            raise ValueError(f"VisionZip merge_space must be one of {MERGE_SPACES}, got {self.merge_space!r}")
+            raise MethodOptionError(f"VisionZip merge_space must be one of {MERGE_SPACES}, got {self.merge_space!r}")
         for label, value in (("dominant", self.dominant), ("contextual", self.contextual)):
             if value is not None and (isinstance(value, bool) or int(value) < 0):
                 raise BudgetError(f"VisionZip {label} must be a count >= 0, got {value!r}")

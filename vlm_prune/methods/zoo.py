@@ -80,7 +80,7 @@ from einops import rearrange
 from torch import nn
 
 from vlm_prune.engine.context import SelectionContext
-from vlm_prune.errors import MethodOptionError, PruneError
+from vlm_prune.errors import BudgetError, MethodOptionError, PruneError
 from vlm_prune.methods.base import Method
 from vlm_prune.methods.registry import register
 
@@ -482,7 +482,7 @@ class ZOOPrune(Method):
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         if ctx.budget_per_media is None:
-            raise ValueError("ZOO-Prune needs a budget: pass keep=... to apply()")
+            raise BudgetError("ZOO-Prune needs a budget: pass keep=... to apply()")
         device = ctx.visual_features.device
         keep_mask = torch.zeros(ctx.num_visual, dtype=torch.bool, device=device)
         items = [
