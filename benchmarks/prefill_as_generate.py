@@ -106,18 +106,14 @@ def op_class(name: str) -> str:
     return "everything else"
 
 
-def profiled_ms(prefill, batch: dict, repeats: int = 3) -> dict[str, float]:
-    """Median self CPU time (ms) per op class over `repeats` profiled prefills."""
-    per_class: dict[str, list[float]] = {name: [] for name in OP_CLASSES}
-    for _ in range(repeats):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            prefill(batch)
-        totals = dict.fromkeys(OP_CLASSES, 0.0)
-        for event in prof.key_averages():
-            totals[op_class(event.key)] += event.self_cpu_time_total / 1e3
-        for name, value in totals.items():
-            per_class[name].append(value)
-    return {name: statistics.median(values) for name, values in per_class.items()}
+def profiled_ms(prefill, batch: dict) -> dict[str, float]:
+    """Self CPU time (ms) per op class of one profiled prefill."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        prefill(batch)
+    totals = dict.fromkeys(OP_CLASSES, 0.0)
+    for event in prof.key_averages():
+        totals[op_class(event.key)] += event.self_cpu_time_total / 1e3
+    return totals
 
 
 def causal_layer_flops(shape: LayerShape, n: int) -> int:
@@ -125,11 +121,15 @@ def causal_layer_flops(shape: LayerShape, n: int) -> int:
     return shape.layer_flops(n) - 2 * (2 * n * n * shape.q_width) + 2 * (n * (n + 1) * shape.q_width)
 
 
-def breakdown(model, prefill, inputs: dict, ceiling_inputs: dict) -> dict:
-    """Per op class: ms at full and at pruned length, the time ratio and the FLOP ratio of that class."""
+def breakdown(model, prefill, inputs: dict, ceiling_inputs: dict, repeats: int = 7) -> dict:
+    """Per op class: ms at full and at pruned length, the time ratio and the FLOP ratio of that class.
+
+    Full and pruned length are profiled in alternation, `repeats` pairs; the time ratio is the median of the
+    per-pair ratios, so drifting load hits both sides of each ratio alike.
+    """
     full_length, short_length = int(inputs["input_ids"].shape[1]), int(ceiling_inputs["input_ids"].shape[1])
     shape = LayerShape.from_config(model.config.get_text_config())
-    full, short = profiled_ms(prefill, inputs), profiled_ms(prefill, ceiling_inputs)
+    pairs = [(profiled_ms(prefill, inputs), profiled_ms(prefill, ceiling_inputs)) for _ in range(repeats)]
     flop_ratio = {
         "matrix products": full_length / short_length,
         "attention kernel": (full_length * (full_length + 1)) / (short_length * (short_length + 1)),
@@ -141,7 +141,13 @@ def breakdown(model, prefill, inputs: dict, ceiling_inputs: dict) -> dict:
         "fastv_ideal": shape.layer_flops(full_length) / shape.layer_flops(short_length),
         "causal_ideal": causal_layer_flops(shape, full_length) / causal_layer_flops(shape, short_length),
         "classes": [
-            {"class": name, "full_ms": full[name], "short_ms": short[name], "flop_ratio": flop_ratio[name]}
+            {
+                "class": name,
+                "full_ms": statistics.median(full[name] for full, _ in pairs),
+                "short_ms": statistics.median(short[name] for _, short in pairs),
+                "time_ratio": statistics.median(full[name] / short[name] for full, short in pairs),
+                "flop_ratio": flop_ratio[name],
+            }
             for name in OP_CLASSES
         ],
     }
@@ -223,7 +229,8 @@ def render_breakdown(breakdowns: list[dict], rows: list[dict]) -> list[str]:
     lines = [
         "",
         "Where the hardware ceiling falls short of the FLOPs ideal: self CPU time of the unwrapped prefill by op "
-        "class (torch profiler, median of 3 profiled runs; profiling adds a little per-op time), at the full "
+        "class (torch profiler; 7 alternating pairs of profiled runs, medians, the time ratio as the median of "
+        "per-pair ratios; profiling adds a little per-op time), at the full "
         "length and at the pruned length, with each class's time ratio beside its FLOP ratio (tokens for "
         "products and element-wise work, query-key pairs for attention). The FLOPs ideal of the target counts "
         "attention over the full n^2 square (FastV's formula, `handle.stats`); a causal kernel computes the "
@@ -236,7 +243,7 @@ def render_breakdown(breakdowns: list[dict], rows: list[dict]) -> list[str]:
     ]
     for item in breakdowns:
         for entry in item["classes"]:
-            ratio = entry["full_ms"] / entry["short_ms"] if entry["short_ms"] else float("nan")
+            ratio = entry["time_ratio"]
             lines.append(
                 f"| {item['model']} | {item['full_length']} -> {item['short_length']} | {entry['class']} | "
                 f"{entry['full_ms']:.0f} | {entry['short_ms']:.0f} | {ratio:.2f}x | {entry['flop_ratio']:.2f}x | "
