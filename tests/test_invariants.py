@@ -528,3 +528,49 @@ def test_text_only_passes_through(family, stage):
     torch.testing.assert_close(got, base, atol=1e-6, rtol=1e-6)
     assert new.tolist() == base_new.tolist()
     torch.testing.assert_close(steps, base_steps, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# generate() expansion: num_beams / num_return_sequences repeat each row and its encoded media
+# ------------------------------------------------------------------------------------------------------
+
+BEAMS = dict(max_new_tokens=3, do_sample=False, num_beams=3, num_return_sequences=2)
+# methods whose selection reads vision-tower recordings (grids, projector inputs, vision attention), which
+# stay in the encoder's order while generate() expands the rows; plus a pure method as a control
+BEAM_METHODS = {"pattern": {}, "random": {"keep": 0.5}, "zoo": {"keep": 0.5}, "visionzip": {"keep": 4}}
+BEAM_UNSUPPORTED = {("zoo", "llava_next"), ("visionzip", "llava_next"), ("visionzip", "qwen3_vl")}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_identity(family, stage):
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left")
+    with torch.no_grad():
+        expected = model.generate(**inputs, **BEAMS)
+        with vlm_prune.pruned(model, keep_all_method(stage_layer(family, stage))):
+            got = model.generate(**inputs, **BEAMS)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [(f, m) for f in FAMILIES for m in BEAM_METHODS if (m, f) not in BEAM_UNSUPPORTED],
+)
+def test_every_beam_prunes_like_its_row(family, method):
+    """With 3 beams per row, each beam keeps exactly the tokens greedy decoding of its row keeps."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left")
+    spec = pattern_method(0) if method == "pattern" else method
+    options = BEAM_METHODS[method]
+    with torch.no_grad(), vlm_prune.pruned(model, spec, **options) as handle:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        greedy_kept = handle.last_kept_index.clone()
+        beams = model.generate(**inputs, **BEAMS)
+        beam_kept = handle.last_kept_index.clone()
+    assert beams.shape[0] == 2 * BEAMS["num_return_sequences"]
+    assert beam_kept.shape == (2 * BEAMS["num_beams"], greedy_kept.shape[1])
+    assert (greedy_kept >= 0).sum() < inputs["attention_mask"].sum(), "something was pruned"
+    for row in range(2):
+        for beam in range(BEAMS["num_beams"]):
+            assert torch.equal(beam_kept[row * BEAMS["num_beams"] + beam], greedy_kept[row])

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import Adapter, ProjectorParts, SampleMedia, item_counts
+from vlm_prune.adapters.expansion import expanded_item_index
 from vlm_prune.engine.context import IMAGE, VIDEO, VisualLayout
 from vlm_prune.errors import InputError, PruneError
 
@@ -52,7 +53,8 @@ class QwenVLAdapter(Adapter):
         return self.visual
 
     def _grids(self, call: dict, modality: str) -> torch.Tensor | None:
-        """Grids of one modality: from the call, else from the recorded vision-tower calls."""
+        """Grids of one modality as the vision tower saw them: from the call, else from the recorded
+        vision-tower calls (generate() passes only the encoded features, possibly expanded for beams)."""
         grid = call.get(f"{modality}_grid_thw")
         if grid is not None:
             return grid
@@ -62,15 +64,39 @@ class QwenVLAdapter(Adapter):
         for recorded in reversed(call.get("vision_calls", [])):
             if recorded is None:
                 continue
-            merged = [int(t * h * w) // (self.merge * self.merge) for t, h, w in recorded.tolist()]
-            if merged == counts:
+            sizes = self._merged_sizes(recorded)
+            if sizes == counts:
+                return recorded
+            try:
+                expanded = [sizes[item] for item in expanded_item_index(self._row_totals(call, modality), sizes)]
+            except InputError:
+                continue
+            if expanded == counts:
                 return recorded
         raise InputError(f"cannot find the {modality} grids; pass {modality}_grid_thw as the processor returns it")
 
+    def _call_grids(self, call: dict, modality: str) -> torch.Tensor | None:
+        """Grids of the call's media items in call order: the encoder's grids, expanded as generate() expanded
+        the rows for num_beams / num_return_sequences (see `adapters.expansion`)."""
+        grid = self._grids(call, modality)
+        if grid is None or call.get(f"{modality}_grid_thw") is not None:
+            return grid
+        sizes = self._merged_sizes(grid)
+        if sum(self._row_totals(call, modality)) == sum(sizes):
+            return grid
+        return grid[expanded_item_index(self._row_totals(call, modality), sizes)]
+
+    def _merged_sizes(self, grid_thw: torch.Tensor) -> list[int]:
+        return [int(t * h * w) // (self.merge * self.merge) for t, h, w in grid_thw.tolist()]
+
+    def _row_totals(self, call: dict, modality: str) -> list[int]:
+        token_id = self.image_token_id if modality == "image" else self.video_token_id
+        return (call["input_ids"] == token_id).sum(dim=1).tolist()
+
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         queues = {
-            IMAGE: (self.image_token_id, self._items(self._grids(call, "image"))),
-            VIDEO: (self.video_token_id, self._items(self._grids(call, "video"))),
+            IMAGE: (self.image_token_id, self._items(self._call_grids(call, "image"))),
+            VIDEO: (self.video_token_id, self._items(self._call_grids(call, "video"))),
         }
         next_item = {IMAGE: 0, VIDEO: 0}
         samples = []

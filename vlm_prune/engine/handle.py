@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import Adapter, SampleMedia
+from vlm_prune.adapters.expansion import expanded_token_index
 from vlm_prune.engine.budget import tokens_to_keep
 from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
@@ -611,7 +612,6 @@ class PruneHandle:
             if not self._projector_inputs:
                 raise PruneError("the projector input was not recorded (were image features passed precomputed?)")
             tables["projector_inputs"] = self.adapter.projector_rows(self._projector_inputs, call)
-            self._verify_projector_rows(tables["projector_inputs"], samples)
         if "vision_attention" in stage.needs:
             if not self._vision_attention:
                 raise PruneError("the vision-tower attention was not recorded (were image features precomputed?)")
@@ -619,6 +619,9 @@ class PruneHandle:
             tables["vision_attention"], tables["vision_keys"] = received, keys
         if not tables:
             return None
+        self._expand_tables(tables)
+        if "projector_inputs" in tables:
+            self._verify_projector_rows(tables["projector_inputs"], samples)
         per_sample, offsets = [], {"image": 0, "video": 0}
         for sample in samples:
             kinds = sample.media.layout.kind
@@ -629,6 +632,21 @@ class PruneHandle:
                 offsets[name] += len(members)
             per_sample.append(table_rows)
         return {"tables": tables, "per_sample": per_sample}
+
+    def _expand_tables(self, tables: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Repeat encoder-order table rows to follow generate()'s row expansion (beams, several sequences).
+
+        A table holds one row per media token the vision tower encoded; after the expansion the call holds
+        each original row's tokens `e` times (see `adapters.expansion`). No-op when the counts already match.
+        """
+        input_ids = self._call["input_ids"]
+        for name, token_id in zip(("image", "video"), self.adapter.media_token_ids()):
+            row_totals = (input_ids == token_id).sum(dim=1).tolist()
+            for per_kind in tables.values():
+                table = per_kind.get(name)
+                if table is not None and table.shape[0] != sum(row_totals):
+                    index = expanded_token_index(row_totals, table.shape[0])
+                    per_kind[name] = table[index.to(table.device)]
 
     def _verify_projector_rows(self, rows: dict[str, torch.Tensor], samples: list[_Sample]) -> None:
         """The recorded projector inputs must project onto the media embeddings (guards stale recordings)."""
