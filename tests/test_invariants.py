@@ -574,3 +574,42 @@ def test_every_beam_prunes_like_its_row(family, method):
     for row in range(2):
         for beam in range(BEAMS["num_beams"]):
             assert torch.equal(beam_kept[row * BEAMS["num_beams"] + beam], greedy_kept[row])
+
+
+# ------------------------------------------------------------------------------------------------------
+# generate(prefill_chunk_size=N): the prompt arrives in chunks
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["two rows", "two images in a row"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_with_every_media_token_in_the_first_chunk(family, layout):
+    """Chunks after the media continue the pruned cache exactly; a chunk boundary before the last media
+    token is refused with an error that names prefill_chunk_size.
+
+    generate() hands a chunk the features of all its media as ONE block, so item boundaries come from the
+    recorded vision-tower grids (Qwen), the fixed image size (LLaVA) or the rows (LLaVA-NeXT, whose anyres
+    images have no fixed size: two images in one row are refused)."""
+    from reference import VISUAL_IDS
+
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left") if layout == "two rows" else inputs_for(model, 1, "left", num_images=2)
+    media_columns = torch.isin(inputs["input_ids"], torch.tensor(VISUAL_IDS)).nonzero()[:, 1]
+    length = inputs["input_ids"].shape[1]
+    after_media = int(media_columns.max()) + 2
+    assert after_media < length, "the prompt must go on after the media for the test to chunk it"
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if family == "llava_next" and layout == "two images in a row":
+        with torch.no_grad(), vlm_prune.pruned(model, pattern_method(0)):
+            with pytest.raises(vlm_prune.InputError, match="more than one image"):
+                model.generate(**inputs, prefill_chunk_size=after_media, **kwargs)
+        return
+    with torch.no_grad(), vlm_prune.pruned(model, pattern_method(0)) as handle:
+        whole = model.generate(**inputs, **kwargs)
+        items_whole = handle.stats.stages[0].tokens_in  # per row, per media item
+        chunked = model.generate(**inputs, prefill_chunk_size=after_media, **kwargs)
+        assert handle.stats.stages[0].tokens_in == items_whole, "the same media items, not one merged block"
+        with pytest.raises(vlm_prune.InputError, match="prefill_chunk_size"):
+            model.generate(**inputs, prefill_chunk_size=int(media_columns.min()) + 1, **kwargs)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), **TOL)

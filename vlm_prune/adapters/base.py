@@ -142,6 +142,12 @@ class Adapter:
         """Raise if an in-LLM stage at `layer` cannot be served on this family."""
 
 
+SPLIT_MEDIA_HINT = (
+    "If generate(prefill_chunk_size=N) split the prompt inside or before the media, leave it unset or make N "
+    "larger than the position of the last media token (chunks after the media are supported)"
+)
+
+
 def item_counts(call: dict, modality: str) -> list[int] | None:
     """Tokens per media item from pre-encoded `mm_encoder_outputs[modality].pooler_output`, if present."""
     encoded = (call.get("mm_encoder_outputs") or {}).get(modality)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from vlm_prune.adapters.base import Adapter, ProjectorParts, SampleMedia, item_counts
+from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, ProjectorParts, SampleMedia, item_counts
 from vlm_prune.engine.context import IMAGE, VisualLayout
 from vlm_prune.errors import InputError, PruneError
 
@@ -92,14 +92,24 @@ class LlavaAdapter(Adapter):
             if num_images == 0 or total % num_images:
                 raise InputError(
                     f"found {total} image tokens for {num_images} images; pass pixel_values with one image per "
-                    "<image> placeholder group, as the processor builds them"
+                    f"<image> placeholder group, as the processor builds them. {SPLIT_MEDIA_HINT}"
                 )
             counts = [total // num_images] * num_images
+        per_image = self._tokens_per_image()
+        if len(counts) == 1 and counts[0] != per_image and counts[0] % per_image == 0:
+            # generate(prefill_chunk_size=N) hands a chunk all its images' features as one block
+            counts = [per_image] * (counts[0] // per_image)
         blocks = []
         for count in counts:
             offset, h, w = _square_grid(count)
             blocks.append(_grid_block(offset, h, w))
         return blocks
+
+    def _tokens_per_image(self) -> int:
+        """Tokens of one image's base grid: (image_size / patch_size)^2, plus the CLS token under "full"."""
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return side * side + (1 if getattr(config, "vision_feature_select_strategy", "") == "full" else 0)
 
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         is_visual = input_ids == self.image_token_id
@@ -112,12 +122,12 @@ class LlavaAdapter(Adapter):
             mine, count = [], 0
             while count < len(columns):
                 if next_block >= len(blocks):
-                    raise InputError("more image tokens than images; check the processor output")
+                    raise InputError(f"more image tokens than images; check the processor output. {SPLIT_MEDIA_HINT}")
                 mine.append(blocks[next_block])
                 count += len(blocks[next_block])
                 next_block += 1
             if count != len(columns):
-                raise InputError("image tokens of a sample do not match whole images")
+                raise InputError(f"image tokens of a sample do not match whole images. {SPLIT_MEDIA_HINT}")
             samples.append(SampleMedia(columns, _layout_from_blocks(mine)))
         return samples
 
@@ -167,19 +177,22 @@ class LlavaNextAdapter(LlavaAdapter):
         generate() forwards neither pixel values nor image sizes (only the encoded features), so the
         rows are recovered from where the model's `image_newline` vector sits in `inputs_embeds`.
         """
-        config = self.model.config
-        vision = config.vision_config
-        side = vision.image_size // vision.patch_size
-        base_count = side * side + (1 if getattr(config, "vision_feature_select_strategy", "") == "full" else 0)
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        base_count = self._tokens_per_image()
         flat_embeds = inputs_embeds[input_ids == self.image_token_id]
         newline = getattr(self.model.model, "image_newline", None)
         counts = item_counts(call, "image")
         if counts is None:
             counts = self._counts_from_sizes(call)
+        row_totals = [total for total in (input_ids == self.image_token_id).sum(dim=1).tolist() if total]
+        if len(counts) == 1 and len(row_totals) > 1 and counts[0] == sum(row_totals):
+            # generate(prefill_chunk_size=N) hands a chunk all its images' features as one block; rows
+            # separate images, and the row check below refuses a row that holds more than one
+            counts = row_totals
         if sum(counts) != len(flat_embeds):
             raise InputError(
                 f"LLaVA-NeXT: {len(flat_embeds)} image tokens but the images need {sum(counts)}; "
-                "pass the processor's input_ids, pixel_values and image_sizes unchanged"
+                f"pass the processor's input_ids, pixel_values and image_sizes unchanged. {SPLIT_MEDIA_HINT}"
             )
         blocks, start = [], 0
         for count in counts:
@@ -191,6 +204,13 @@ class LlavaNextAdapter(LlavaAdapter):
                 hires = torch.full((len(rest), 3), -1, dtype=torch.long)
             else:
                 is_newline = (rest == newline.to(rest.dtype)).all(dim=-1).cpu()
+                row_ends = is_newline.nonzero(as_tuple=True)[0]
+                widths = torch.diff(row_ends, prepend=torch.tensor([-1])) - 1
+                if not bool(is_newline[-1]) or len(set(widths.tolist())) != 1:
+                    raise InputError(
+                        "LLaVA-NeXT: an image's high-resolution rows are not one grid; the image tokens hold "
+                        f"more than one image or a part of one. {SPLIT_MEDIA_HINT}"
+                    )
                 hires = torch.full((len(rest), 3), -1, dtype=torch.long)
                 row = col = 0
                 for index, flag in enumerate(is_newline.tolist()):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlm_prune.adapters.base import Adapter, ProjectorParts, SampleMedia, item_counts
+from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, ProjectorParts, SampleMedia, item_counts
 from vlm_prune.adapters.expansion import expanded_item_index
 from vlm_prune.engine.context import IMAGE, VIDEO, VisualLayout
 from vlm_prune.errors import InputError, PruneError
@@ -67,13 +67,20 @@ class QwenVLAdapter(Adapter):
             sizes = self._merged_sizes(recorded)
             if sizes == counts:
                 return recorded
+            if len(counts) == 1 and sum(sizes) == counts[0] and sum(self._row_totals(call, modality)) == counts[0]:
+                # generate(prefill_chunk_size=N) hands a chunk its features as one block: every item of the
+                # encoder call is in this chunk, so the recorded grids still describe its tokens
+                return recorded
             try:
                 expanded = [sizes[item] for item in expanded_item_index(self._row_totals(call, modality), sizes)]
             except InputError:
                 continue
             if expanded == counts:
                 return recorded
-        raise InputError(f"cannot find the {modality} grids; pass {modality}_grid_thw as the processor returns it")
+        raise InputError(
+            f"cannot find the {modality} grids; pass {modality}_grid_thw as the processor returns it. "
+            f"{SPLIT_MEDIA_HINT}"
+        )
 
     def _call_grids(self, call: dict, modality: str) -> torch.Tensor | None:
         """Grids of the call's media items in call order: the encoder's grids, expanded as generate() expanded
@@ -108,14 +115,17 @@ class QwenVLAdapter(Adapter):
                 while start < len(columns):
                     if next_item[kind] >= len(grids):
                         name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
-                        raise InputError(f"more media tokens than items in {name}; pass the processor output")
+                        raise InputError(
+                            f"more media tokens than items in {name}; pass the processor output. {SPLIT_MEDIA_HINT}"
+                        )
                     t, h, w = grids[next_item[kind]]
                     next_item[kind] += 1
                     count = t * h * w
                     item_columns = columns[start : start + count]
                     if len(item_columns) != count:
                         raise InputError(
-                            f"a media item of grid {(t, h, w)} needs {count} tokens, found {len(item_columns)}"
+                            f"a media item of grid {(t, h, w)} needs {count} tokens, found {len(item_columns)}. "
+                            f"{SPLIT_MEDIA_HINT}"
                         )
                     pieces.append((int(item_columns[0]), kind, item_columns, _item_grid(t, h, w), (t, h, w)))
                     start += count

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vlm_prune.adapters.base import Adapter, SampleMedia
+from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
 from vlm_prune.adapters.expansion import expanded_token_index
 from vlm_prune.engine.budget import tokens_to_keep
 from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext
@@ -273,7 +273,7 @@ class PruneHandle:
             if cache is not None and cache.get_seq_length() > 0:
                 raise InputError(
                     "media tokens arrived with a non-empty cache; vlm_prune prunes whole prefills only. "
-                    "Start a new cache for a prompt with new images or video"
+                    f"Start a new cache for a prompt with new images or video. {SPLIT_MEDIA_HINT}"
                 )
             return args, self._prefill(kwargs, input_ids, cache)
         cached = self._live_cached(cache)
