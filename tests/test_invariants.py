@@ -613,3 +613,45 @@ def test_chunked_prefill_with_every_media_token_in_the_first_chunk(family, layou
             model.generate(**inputs, prefill_chunk_size=int(media_columns.min()) + 1, **kwargs)
     assert torch.equal(chunked.sequences, whole.sequences)
     torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), **TOL)
+
+
+# ------------------------------------------------------------------------------------------------------
+# a second turn on the same cache
+# ------------------------------------------------------------------------------------------------------
+
+
+def _second_turn(inputs: dict, first: torch.Tensor, extra: list[int]) -> dict:
+    """The conversation so far plus `extra` text tokens, with the first turn's media kwargs."""
+    batch, grown = first.shape[0], first.shape[1] + len(extra) - inputs["input_ids"].shape[1]
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([first, torch.tensor([extra] * batch)], dim=1)
+    ones = torch.ones(batch, grown, dtype=inputs["attention_mask"].dtype)
+    out["attention_mask"] = torch.cat([inputs["attention_mask"], ones], dim=1)
+    if "mm_token_type_ids" in inputs:
+        zeros = torch.zeros(batch, grown, dtype=inputs["mm_token_type_ids"].dtype)
+        out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], zeros], dim=1)
+    return out
+
+
+@pytest.mark.parametrize(("stage", "policy"), [("pre", "preserve"), ("llm", "preserve"), ("pre", "compact")])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_turn_on_the_pruned_cache_equals_a_fresh_pruned_prefill(family, stage, policy):
+    """generate() slices a follow-up prompt by the PHYSICAL cache length, which pruning shortened; the engine
+    drops the re-sent tokens and keeps positions. Another conversation in between must not disturb it.
+
+    In-LLM stages run with trim_cache=False: a fresh prefill lets later text see every visual token in the
+    layers before the stage, which is what an untrimmed cache keeps (trimming drops them by design)."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left")
+    kwargs = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    media_keys = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
+    method = pattern_method(stage_layer(family, stage))
+    options = dict(position_policy=policy, trim_cache=stage == "pre")
+    with torch.no_grad(), vlm_prune.pruned(model, method, **options):
+        first = model.generate(**inputs, max_new_tokens=3, **kwargs)
+        follow_up = _second_turn(inputs, first.sequences, [20, 21, 22, 23])
+        fresh = model.generate(**follow_up, max_new_tokens=NEW_TOKENS, **kwargs)  # another cache meanwhile
+        text_only = {key: value for key, value in follow_up.items() if key not in media_keys}
+        reused = model.generate(**text_only, cache=first.past_key_values, max_new_tokens=NEW_TOKENS, **kwargs)
+    assert torch.equal(reused.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), **TOL)

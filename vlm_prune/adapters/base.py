@@ -92,6 +92,8 @@ class Adapter:
             return position_ids[1:].clone()
         if position_ids.ndim == 3 and position_ids.shape[0] == self.rope_rows:
             return position_ids.clone()
+        if position_ids.ndim == 3 and position_ids.shape[0] == 1:  # text positions, the same on every axis
+            return position_ids.expand(self.rope_rows, -1, -1).clone()
         raise ValueError(f"unexpected position_ids shape {tuple(position_ids.shape)} for {self.family}")
 
     def lm_position_ids(self, contiguous: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,7 @@ class _Cached:
     # per segment: (first layer, (B, L_seg) original columns of its cached prefill slots)
     segments: list[tuple[int, torch.Tensor]]
     prefill_mask: list[torch.Tensor]  # per segment: (B, L_seg) mask of its cached prefill slots
+    tokens: torch.Tensor | None = None  # (B, virtual past) the ORIGINAL token ids the cache stands for
 
 
 class PruneHandle:
@@ -145,7 +146,9 @@ class PruneHandle:
         self._vision_attention: list[object] = []
         self._vision_calls: list[object] = []
         self._forward: _Forward | None = None
-        self._cached: _Cached | None = None
+        # per live cache (keyed by id, checked through the weak reference): what decoding on it needs, so
+        # that several conversations can go on through one handle
+        self._cached: dict[int, _Cached] = {}
         self._pending_rope: torch.Tensor | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._removed = False
@@ -194,7 +197,8 @@ class PruneHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self._call = self._forward = self._cached = self._pending_rope = None
+        self._call = self._forward = self._pending_rope = None
+        self._cached = {}
         self._projector_inputs, self._vision_attention, self._vision_calls = [], [], []
         self._removed = True
 
@@ -210,6 +214,53 @@ class PruneHandle:
 
     # ------------------------------------------------------------------ top level
     def _on_model_call(self, module, args, kwargs):
+        cached = self._live_cached(_cache_of(kwargs))
+        resent = cached is not None and self._drop_resent_prefix(kwargs, cached, _cache_of(kwargs))
+        if cached is not None and isinstance(kwargs.get("input_ids"), torch.Tensor) and cached.tokens is not None:
+            new_tokens = kwargs["input_ids"].detach().cpu()
+            if new_tokens.shape[0] == cached.tokens.shape[0]:
+                cached.tokens = torch.cat([cached.tokens, new_tokens], dim=1)
+        result = self._on_model_call_inner(args, kwargs)
+        return (args, kwargs) if resent and result is None else result
+
+    def _drop_resent_prefix(self, kwargs: dict, cached: _Cached, cache) -> bool:
+        """Drop the tokens a follow-up call re-sends although the pruned cache already holds them.
+
+        generate() slices a follow-up prompt (a second turn on the same cache) by the PHYSICAL cache length,
+        which pruning shortened, so the call starts `overlap` = (unpruned length so far - cached length)
+        tokens early. Recognised by the attention mask spanning cached + sent tokens (the unpruned model
+        would have cached those tokens) or, without a mask, by the sent head equalling the recorded tokens;
+        the head must always equal the recorded tokens. Position ids are cut like the tokens: generate()
+        derives them from the full-length mask, so the kept tail is already right. Returns whether it dropped
+        any.
+        """
+        input_ids = kwargs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or cached.tokens is None:
+            return False
+        past = cache.get_seq_length(cached.segments[0][0])
+        virtual_past = cached.original_length + past - cached.segments[0][1].shape[1]
+        overlap, sent = virtual_past - past, input_ids.shape[1]
+        if overlap <= 0 or sent <= overlap or cached.tokens.shape[1] != virtual_past:
+            return False
+        head_matches = torch.equal(input_ids[:, :overlap].cpu(), cached.tokens[:, past:virtual_past])
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            if mask.shape[1] != past + sent:
+                return False
+            if not head_matches:
+                raise InputError(
+                    f"the attention mask says the first {overlap} tokens of this call are already cached, but "
+                    "they differ from the tokens the pruned cache holds; pass the conversation so far unchanged"
+                )
+        elif not head_matches:
+            return False
+        for key in ("input_ids", "position_ids", "token_type_ids", "mm_token_type_ids"):
+            value = kwargs.get(key)
+            if isinstance(value, torch.Tensor) and value.shape[-1] == sent:
+                kwargs[key] = value[..., overlap:]
+        return True
+
+    def _on_model_call_inner(self, args, kwargs):
         call = dict(kwargs)
         if args:
             call.setdefault("input_ids", args[0])
@@ -255,9 +306,10 @@ class PruneHandle:
         return any(bool((input_ids == token).any()) for token in self.adapter.media_token_ids())
 
     def _live_cached(self, cache) -> _Cached | None:
-        if self._cached is None or cache is None:
+        cached = None if cache is None else self._cached.get(id(cache))
+        if cached is None or cached.cache_ref() is not cache or cache.get_seq_length() == 0:
             return None
-        return self._cached if self._cached.cache_ref() is cache else None
+        return cached
 
     # ------------------------------------------------------------------ language model
     def _on_lm_call(self, module, args, kwargs):
@@ -279,8 +331,6 @@ class PruneHandle:
         cached = self._live_cached(cache)
         if cached is not None:
             return args, self._continue(kwargs, cached, cache)
-        if self._cached is not None and cache is None:
-            self._cached = None
         return None
 
     def _prefill(self, kwargs: dict, input_ids: torch.Tensor, cache) -> dict:
@@ -416,15 +466,15 @@ class PruneHandle:
                 seg_mask = (seg_columns >= 0).to(forward.mask.dtype)
                 original_mask = self._prefill_mask_for(seg_columns, forward)
                 prefill_masks.append(seg_mask * original_mask)
-            self._cached = _Cached(
+            self._cached = {key: value for key, value in self._cached.items() if value.cache_ref() is not None}
+            self._cached[id(cache)] = _Cached(
                 cache_ref=weakref.ref(cache),
                 original_length=int(self._call["input_ids"].shape[1]),
                 shift=forward.shift.clone(),
                 segments=segments,
                 prefill_mask=prefill_masks,
+                tokens=self._call["input_ids"].detach().cpu(),
             )
-        else:
-            self._cached = None
         self._forward = None
         return None
 
