@@ -8,6 +8,8 @@ padding `generate()` itself appends after the pads, so there is nothing meaningf
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from reference import (
@@ -655,3 +657,28 @@ def test_second_turn_on_the_pruned_cache_equals_a_fresh_pruned_prefill(family, s
         reused = model.generate(**text_only, cache=first.past_key_values, max_new_tokens=NEW_TOKENS, **kwargs)
     assert torch.equal(reused.sequences, fresh.sequences)
     torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), **TOL)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_identity_and_pruned_rows(family, stage):
+    """In bfloat16 the keep-all engine is bit-identical, and a pruned batch row equals the row alone up to a
+    few bf16 rounding steps at the logits' scale (rows re-padded to another length round differently)."""
+    model = build_tiny(family, attn_implementation="sdpa").to(torch.bfloat16)
+    inputs = inputs_for(model, 2, "left")
+    inputs = {k: v.to(torch.bfloat16) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+    layer = stage_layer(family, stage)
+    with torch.no_grad():
+        base = model(**inputs).logits
+        base_new = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        with vlm_prune.pruned(model, keep_all_method(layer)):
+            assert torch.equal(model(**inputs).logits, base)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False), base_new)
+        with vlm_prune.pruned(model, pattern_method(layer)):
+            batched = model(**inputs).logits
+            for row in range(2):
+                alone = model(**single_row(inputs, row)).logits[0]
+                scale = alone.abs().max().float().item()
+                bf16_step = 2.0 ** (math.floor(math.log2(scale)) - 7)  # spacing of bf16 values near `scale`
+                gap = (batched[row, -alone.shape[0] :] - alone).abs().max().item()
+                assert gap <= 4 * bf16_step, (gap, bf16_step)
