@@ -32,7 +32,7 @@ from torch import nn
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
 from vlm_prune.adapters.expansion import expanded_token_index
 from vlm_prune.engine.budget import tokens_to_keep
-from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext
+from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
 from vlm_prune.kernels import gather_tokens
@@ -49,7 +49,9 @@ class _Sample:
 
     media: SampleMedia
     original_counts: list[int]  # visual tokens per media item before pruning
-    visual_columns: torch.Tensor  # (N,) original columns of the visual tokens still present
+    visual_columns: torch.Tensor  # (N,) original columns of the visual tokens still present, ascending
+    present: torch.Tensor  # (N0,) bool over `media.visual_columns`: which are still present
+    layout: VisualLayout  # layout of the tokens still present (`media.layout.select(present)`)
 
 
 @dataclass
@@ -347,8 +349,10 @@ class PruneHandle:
         samples = [
             _Sample(
                 media=m,
-                original_counts=[int((m.layout.media_index == i).sum()) for i in range(m.layout.num_media)],
+                original_counts=_counts_per_media(m.layout),
                 visual_columns=m.visual_columns,
+                present=torch.ones(len(m.visual_columns), dtype=torch.bool),
+                layout=m.layout,
             )
             for m in media
         ]
@@ -368,13 +372,12 @@ class PruneHandle:
         self._check_media_kinds(samples)
 
         pre_llm = [stage for stage in self.stages if stage.layer == 0]
-        original_visual = [s.visual_columns.clone() for s in samples]
         for stage in pre_llm:
             signals = self._signals(stage, samples)
             embeds = self._run_stage(stage, embeds, signals=signals)
         kwargs["inputs_embeds"] = embeds
         if pre_llm:
-            kept_flat = torch.cat([torch.isin(orig, s.visual_columns) for orig, s in zip(original_visual, samples)])
+            kept_flat = torch.cat([s.present for s in samples])
             self.adapter.compact_lm_kwargs(kwargs, forward.columns, kept_flat)
         forward.segments = [(0, forward.columns.clone())]
         self._finish_lm_kwargs(kwargs, forward, past=0)
@@ -563,10 +566,12 @@ class PruneHandle:
             sample = forward.samples[row]
             row_columns = forward.columns[row]
             valid_slots = valid_all[row].nonzero(as_tuple=True)[0]
-            is_visual = torch.isin(row_columns, sample.visual_columns.to(device)) & (row_columns >= 0)
-            visual_slots = is_visual.nonzero(as_tuple=True)[0]
-            layout = sample.media.layout.select(torch.isin(sample.media.visual_columns, sample.visual_columns))
-            current_counts = [int((layout.media_index == i).sum()) for i in range(layout.num_media)]
+            # slots hold original columns in ascending order (engine padding -1 first), so a sorted search
+            # finds the visual tokens still present
+            visual_columns = sample.visual_columns.to(device)
+            visual_slots = torch.searchsorted(row_columns, visual_columns).clamp(max=length - 1)
+            layout = sample.layout
+            current_counts = _counts_per_media(layout)
             tokens_in.append(current_counts)
             if len(visual_slots) == 0:
                 keep_slots.append(torch.arange(length, device=device))
@@ -582,7 +587,7 @@ class PruneHandle:
             slot_to_valid = torch.full((length,), -1, dtype=torch.long, device=device)
             slot_to_valid[valid_slots] = torch.arange(len(valid_slots), device=device)
             visual_index = slot_to_valid[visual_slots]
-            if bool((visual_index < 0).any()):
+            if bool(((visual_index < 0) | (row_columns[visual_slots] != visual_columns)).any()):
                 raise InputError("visual tokens are masked out by the attention mask; check the inputs")
             ctx = SelectionContext(
                 layer=stage.layer,
@@ -611,8 +616,9 @@ class PruneHandle:
                     f"{stage.name}.select returned {keep_mask.dtype} {tuple(keep_mask.shape)}; it must return a "
                     f"bool mask of shape ({len(visual_slots)},) (ctx.num_visual)"
                 )
-            if budgets is not None and int(keep_mask.sum()) != sum(budgets):
-                raise PruneError(f"{stage.name} kept {int(keep_mask.sum())} tokens, its budget is {sum(budgets)}")
+            kept_count = int(keep_mask.sum())
+            if budgets is not None and kept_count != sum(budgets):
+                raise PruneError(f"{stage.name} kept {kept_count} tokens, its budget is {sum(budgets)}")
             slot_keep = torch.ones(length, dtype=torch.bool, device=device)
             slot_keep[visual_slots[~keep_mask]] = False
             kept_slots = slot_keep.nonzero(as_tuple=True)[0]
@@ -622,10 +628,12 @@ class PruneHandle:
                 replacements.append((target, features))
             else:
                 replacements.append(None)
-            sample.visual_columns = row_columns[visual_slots[keep_mask]].cpu()
-            layout_out = layout.select(keep_mask.cpu())
-            tokens_out.append([int((layout_out.media_index == i).sum()) for i in range(layout.num_media)])
-            forward.shift[row] += int((~keep_mask).sum())
+            keep_mask_cpu = keep_mask.cpu()
+            sample.visual_columns = sample.visual_columns[keep_mask_cpu]
+            sample.present[sample.present.nonzero(as_tuple=True)[0][~keep_mask_cpu]] = False
+            sample.layout = layout.select(keep_mask_cpu)
+            tokens_out.append(_counts_per_media(sample.layout))
+            forward.shift[row] += len(visual_slots) - kept_count
             if self.position_policy == "compact":
                 removed = torch.zeros(length, dtype=torch.long, device=device)
                 removed[visual_slots[~keep_mask]] = 1
@@ -718,7 +726,7 @@ class PruneHandle:
 
     def _fill_signals(self, ctx: SelectionContext, signals: dict, row: int) -> None:
         sample = self._forward.samples[row]
-        present = torch.isin(sample.media.visual_columns, sample.visual_columns)
+        present = sample.present
         table_rows = signals["per_sample"][row][present]
         kinds = sample.media.layout.kind[present]
         for field_name, per_kind in signals["tables"].items():
@@ -883,3 +891,8 @@ def _positions_within(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
         positions = torch.searchsorted(outer_row[outer_real], inner_row[real])
         index[row, real] = outer_real[positions]
     return index
+
+
+def _counts_per_media(layout: VisualLayout) -> list[int]:
+    """Visual tokens of each media item in `layout` (one host sync)."""
+    return torch.bincount(layout.media_index.cpu(), minlength=layout.num_media).tolist()
