@@ -156,6 +156,22 @@ def test_text_only_input_passes_through_with_zero_stats(models, family):
     assert handle.stats.visual_tokens_in == 0 and handle.stats.visual_tokens_out == 0
 
 
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_inputs_embeds_with_media_is_refused_and_without_media_passes(models, family):
+    """Visual tokens are found by their ids: embeddings with media would silently go unpruned."""
+    model = models(family)
+    with_media, text_only = make_inputs(model), make_inputs(model, num_images=0)
+    for inputs in (with_media, text_only):
+        inputs["inputs_embeds"] = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with torch.no_grad():
+        expected = model(**text_only).logits
+        with vlm_prune.pruned(model, "random", keep=0.25):
+            with pytest.raises(vlm_prune.InputError, match="pass the processor's input_ids"):
+                model(**with_media)
+            assert torch.equal(model(**text_only).logits, expected)
+
+
 def test_video_method_on_images_is_a_media_kind_error(models):
     model = models("qwen2_vl")
 

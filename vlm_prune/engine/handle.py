@@ -323,6 +323,12 @@ class PruneHandle:
         cache = _cache_of(kwargs)
         call = self._call or {}
         input_ids = call.get("input_ids")
+        media_inputs = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+        if input_ids is None and any(call.get(key) is not None and len(call[key]) for key in media_inputs):
+            raise InputError(
+                "vlm_prune finds the visual tokens by their token ids, and this call passes inputs_embeds "
+                "with media but no input_ids; pass the processor's input_ids instead of inputs_embeds"
+            )
         if input_ids is not None and tuple(input_ids.shape) == (batch, length) and self._has_media(input_ids):
             if cache is not None and cache.get_seq_length() > 0:
                 raise InputError(
