@@ -682,3 +682,57 @@ def test_bfloat16_identity_and_pruned_rows(family, stage):
                 bf16_step = 2.0 ** (math.floor(math.log2(scale)) - 7)  # spacing of bf16 values near `scale`
                 gap = (batched[row, -alone.shape[0] :] - alone).abs().max().item()
                 assert gap <= 4 * bf16_step, (gap, bf16_step)
+
+
+# ------------------------------------------------------------------------------------------------------
+# labels: the model's own loss, over the kept positions
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_kept_labels_follow_the_kept_columns():
+    from vlm_prune.engine.handle import kept_labels
+
+    labels = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+    kept = torch.tensor([[0, 2, 3, 4], [-1, -1, 1, 4]])
+    assert kept_labels(labels, kept).tolist() == [[10, 12, 13, 14], [-100, -100, 21, 24]]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_give_the_loss_over_the_kept_tokens(family, stage):
+    """Keep-all: exactly the unwrapped loss (dict and tuple outputs). Pruned: the cross-entropy of the text
+    after the media, computed by hand from the pruned logits, whose text tail keeps its place at the end."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left")
+    layer = stage_layer(family, stage)
+    from reference import VISUAL_IDS
+
+    ids = inputs["input_ids"]
+    last_media = int(torch.isin(ids, torch.tensor(VISUAL_IDS)).nonzero()[:, 1].max())
+    labels = torch.full_like(ids, -100)
+    labels[:, last_media + 1 :] = ids[:, last_media + 1 :]  # supervise the text after the media
+    tail = ids.shape[1] - last_media - 1
+    with torch.no_grad():
+        expected = model(**inputs, labels=labels).loss
+        with vlm_prune.pruned(model, keep_all_method(layer)):
+            assert torch.equal(model(**inputs, labels=labels).loss, expected)
+            assert torch.equal(model(**inputs, labels=labels, return_dict=False)[0], expected)
+        with vlm_prune.pruned(model, pattern_method(layer)) as handle:
+            got = model(**inputs, labels=labels)
+            logits = model(**inputs).logits
+    assert handle.stats.visual_tokens_out < handle.stats.visual_tokens_in
+    # slot i predicts the token of slot i+1; the supervised tail is predicted from the `tail` slots before
+    # its last token, the first of them being the last token kept before the tail
+    predicted = logits[:, -tail - 1 : -1].float()
+    targets = ids[:, -tail:]
+    by_hand = torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1))
+    torch.testing.assert_close(got.loss, by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_loss_backpropagates():
+    model = build_tiny("llava")
+    inputs = inputs_for(model, 2, "left")
+    with vlm_prune.pruned(model, "random", keep=0.5):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grad = model.lm_head.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

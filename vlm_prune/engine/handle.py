@@ -154,6 +154,9 @@ class PruneHandle:
         self._pending_rope: torch.Tensor | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._removed = False
+        self._labels: torch.Tensor | None = None
+        self._loss_kwargs: dict = {}
+        self._kept_this_call: torch.Tensor | None = None
         try:
             self._install()
         except BaseException:
@@ -216,6 +219,10 @@ class PruneHandle:
 
     # ------------------------------------------------------------------ top level
     def _on_model_call(self, module, args, kwargs):
+        # labels span the ORIGINAL sequence; the loss is computed on the kept positions after the forward
+        self._labels = kwargs.pop("labels", None)
+        self._loss_kwargs = {key: kwargs[key] for key in ("num_items_in_batch", "ignore_index") if key in kwargs}
+        self._kept_this_call = None
         cached = self._live_cached(_cache_of(kwargs))
         resent = cached is not None and self._drop_resent_prefix(kwargs, cached, _cache_of(kwargs))
         if cached is not None and isinstance(kwargs.get("input_ids"), torch.Tensor) and cached.tokens is not None:
@@ -223,7 +230,7 @@ class PruneHandle:
             if new_tokens.shape[0] == cached.tokens.shape[0]:
                 cached.tokens = torch.cat([cached.tokens, new_tokens], dim=1)
         result = self._on_model_call_inner(args, kwargs)
-        return (args, kwargs) if resent and result is None else result
+        return (args, kwargs) if (resent or self._labels is not None) and result is None else result
 
     def _drop_resent_prefix(self, kwargs: dict, cached: _Cached, cache) -> bool:
         """Drop the tokens a follow-up call re-sends although the pruned cache already holds them.
@@ -285,6 +292,9 @@ class PruneHandle:
         return None
 
     def _on_model_return(self, module, args, output):
+        labels, self._labels = self._labels, None
+        if labels is not None:
+            output = self._with_loss(output, labels)
         self._call = None
         # generate(use_cache=False) re-runs the prefill from pre-encoded features without calling the
         # vision tower again, so the latest recordings are kept (bounded) rather than cleared.
@@ -292,7 +302,25 @@ class PruneHandle:
         del self._vision_calls[:-_KEEP_RECORDINGS]
         self._forward = None
         self._pending_rope = None
-        return None
+        return output if labels is not None else None
+
+    def _with_loss(self, output, labels: torch.Tensor):
+        """`output` with the model's own loss over the positions the logits have (the kept tokens)."""
+        logits = output[0] if isinstance(output, tuple) else output.logits
+        kept = self._kept_this_call
+        if kept is not None:
+            labels = kept_labels(labels, kept.to(labels.device), self._loss_kwargs.get("ignore_index", -100))
+        if labels.shape[:2] != logits.shape[:2]:
+            raise InputError(
+                f"labels of shape {tuple(labels.shape)} do not match the {tuple(logits.shape[:2])} positions of "
+                "the logits; pass labels over the input_ids (one per token), or none with logits_to_keep"
+            )
+        loss = self.model.loss_function(
+            logits=logits, labels=labels, vocab_size=self.adapter.text_config.vocab_size, **self._loss_kwargs
+        )
+        if isinstance(output, tuple):
+            return (loss, *output)
+        return type(output)(loss=loss, **{key: value for key, value in output.items() if key != "loss"})
 
     def _on_vision_call(self, module, args, kwargs):
         self._vision_calls.append(self.adapter.record_vision_call(args, kwargs))
@@ -469,6 +497,7 @@ class PruneHandle:
         self._finish_stats(stats, forward, cache, segments)
         self.stats = stats
         self.last_kept_index = final_columns
+        self._kept_this_call = final_columns
         if cache is not None:
             prefill_masks = []
             for _, seg_columns in segments:
@@ -902,3 +931,10 @@ def _positions_within(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 def _counts_per_media(layout: VisualLayout) -> list[int]:
     """Visual tokens of each media item in `layout` (one host sync)."""
     return torch.bincount(layout.media_index.cpu(), minlength=layout.num_media).tolist()
+
+
+def kept_labels(labels: torch.Tensor, kept_columns: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels of the kept positions: labels (B, L0) over the original columns, kept_columns (B, L) with -1
+    for padding slots the engine added. Returns (B, L), `ignore_index` at the added slots."""
+    gathered = labels.gather(1, kept_columns.clamp(min=0))
+    return torch.where(kept_columns >= 0, gathered, torch.full_like(gathered, ignore_index))
