@@ -690,7 +690,7 @@ def test_bfloat16_identity_and_pruned_rows(family, stage):
 
 
 def test_kept_labels_follow_the_kept_columns():
-    from vlm_prune.engine.handle import kept_labels
+    from vlm_prune.engine.labels import kept_labels
 
     labels = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
     kept = torch.tensor([[0, 2, 3, 4], [-1, -1, 1, 4]])

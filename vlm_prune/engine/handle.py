@@ -33,6 +33,8 @@ from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
 from vlm_prune.adapters.expansion import expanded_token_index
 from vlm_prune.engine.budget import tokens_to_keep
 from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext, VisualLayout
+from vlm_prune.engine.followup import cut_leading, resent_overlap
+from vlm_prune.engine.labels import kept_labels, with_loss
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
 from vlm_prune.kernels import gather_tokens
@@ -86,6 +88,10 @@ class _Cached:
     segments: list[tuple[int, torch.Tensor]]
     prefill_mask: list[torch.Tensor]  # per segment: (B, L_seg) mask of its cached prefill slots
     tokens: torch.Tensor | None = None  # (B, virtual past) the ORIGINAL token ids the cache stands for
+
+    def virtual_past(self, past: int) -> int:
+        """The unpruned length so far, for `past` cached positions in the first segment's layers."""
+        return self.original_length + past - self.segments[0][1].shape[1]
 
 
 class PruneHandle:
@@ -233,41 +239,17 @@ class PruneHandle:
         return (args, kwargs) if (resent or self._labels is not None) and result is None else result
 
     def _drop_resent_prefix(self, kwargs: dict, cached: _Cached, cache) -> bool:
-        """Drop the tokens a follow-up call re-sends although the pruned cache already holds them.
-
-        generate() slices a follow-up prompt (a second turn on the same cache) by the PHYSICAL cache length,
-        which pruning shortened, so the call starts `overlap` = (unpruned length so far - cached length)
-        tokens early. Recognised by the attention mask spanning cached + sent tokens (the unpruned model
-        would have cached those tokens) or, without a mask, by the sent head equalling the recorded tokens;
-        the head must always equal the recorded tokens. Position ids are cut like the tokens: generate()
-        derives them from the full-length mask, so the kept tail is already right. Returns whether it dropped
-        any.
-        """
+        """Cut the tokens a follow-up call re-sends although the pruned cache holds them (see `followup`)."""
         input_ids = kwargs.get("input_ids")
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or cached.tokens is None:
             return False
         past = cache.get_seq_length(cached.segments[0][0])
-        virtual_past = cached.original_length + past - cached.segments[0][1].shape[1]
-        overlap, sent = virtual_past - past, input_ids.shape[1]
-        if overlap <= 0 or sent <= overlap or cached.tokens.shape[1] != virtual_past:
-            return False
-        head_matches = torch.equal(input_ids[:, :overlap].cpu(), cached.tokens[:, past:virtual_past])
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            if mask.shape[1] != past + sent:
-                return False
-            if not head_matches:
-                raise InputError(
-                    f"the attention mask says the first {overlap} tokens of this call are already cached, but "
-                    "they differ from the tokens the pruned cache holds; pass the conversation so far unchanged"
-                )
-        elif not head_matches:
-            return False
-        for key in ("input_ids", "position_ids", "token_type_ids", "mm_token_type_ids"):
-            value = kwargs.get(key)
-            if isinstance(value, torch.Tensor) and value.shape[-1] == sent:
-                kwargs[key] = value[..., overlap:]
-        return True
+        overlap = resent_overlap(
+            input_ids, cached.tokens, past, cached.virtual_past(past), kwargs.get("attention_mask")
+        )
+        if overlap:
+            cut_leading(kwargs, overlap, input_ids.shape[1])
+        return bool(overlap)
 
     def _on_model_call_inner(self, args, kwargs):
         call = dict(kwargs)
@@ -283,8 +265,7 @@ class PruneHandle:
         if cached is not None and call.get("position_ids") is None and call.get("input_ids") is not None:
             input_ids = call["input_ids"]
             if not self._has_media(input_ids):
-                past = cache.get_seq_length(cached.segments[0][0])
-                virtual_past = past - cached.segments[0][1].shape[1] + cached.original_length
+                virtual_past = cached.virtual_past(cache.get_seq_length(cached.segments[0][0]))
                 positions = self.adapter.decode_position_ids(call, virtual_past, input_ids.shape[1], input_ids.shape[0])
                 if positions is not None:
                     kwargs["position_ids"] = positions.to(input_ids.device)
@@ -318,9 +299,7 @@ class PruneHandle:
         loss = self.model.loss_function(
             logits=logits, labels=labels, vocab_size=self.adapter.text_config.vocab_size, **self._loss_kwargs
         )
-        if isinstance(output, tuple):
-            return (loss, *output)
-        return type(output)(loss=loss, **{key: value for key, value in output.items() if key != "loss"})
+        return with_loss(output, loss)
 
     def _on_vision_call(self, module, args, kwargs):
         self._vision_calls.append(self.adapter.record_vision_call(args, kwargs))
@@ -432,7 +411,7 @@ class PruneHandle:
         first_layer, first_columns = cached.segments[0]
         past = cache.get_seq_length(first_layer)
         appended = past - first_columns.shape[1]
-        virtual_past = cached.original_length + appended
+        virtual_past = cached.virtual_past(past)
         user_mask = kwargs.get("attention_mask")
         if user_mask is not None and user_mask.ndim != 2:
             raise InputError("after a pruned prefill, pass a 2-D attention mask (or none)")
@@ -931,10 +910,3 @@ def _positions_within(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 def _counts_per_media(layout: VisualLayout) -> list[int]:
     """Visual tokens of each media item in `layout` (one host sync)."""
     return torch.bincount(layout.media_index.cpu(), minlength=layout.num_media).tolist()
-
-
-def kept_labels(labels: torch.Tensor, kept_columns: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Labels of the kept positions: labels (B, L0) over the original columns, kept_columns (B, L) with -1
-    for padding slots the engine added. Returns (B, L), `ignore_index` at the added slots."""
-    gathered = labels.gather(1, kept_columns.clamp(min=0))
-    return torch.where(kept_columns >= 0, gathered, torch.full_like(gathered, ignore_index))
