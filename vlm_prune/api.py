@@ -88,6 +88,11 @@ def apply(
 
     Returns:
         a `PruneHandle`: `.stats`, `.remove()`, usable as a context manager.
+
+    The wrapped model takes what the unwrapped one takes: batches with any padding, `generate()` with beams,
+    `num_return_sequences` or a `prefill_chunk_size` that leaves the media in the first chunk, a second turn
+    on the same cache, and `labels` over the original `input_ids` (the loss covers the kept positions). Its
+    prefill logits cover the kept positions; `handle.last_kept_index` maps them to input columns.
     """
     if not isinstance(model, nn.Module):
         raise PruneError(f"apply() needs a torch model, got {type(model).__name__}")
