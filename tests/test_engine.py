@@ -132,6 +132,16 @@ def test_static_cache_is_refused(models):
     assert not model._forward_pre_hooks
 
 
+
+def test_quantized_cache_is_refused(models):
+    model = models("llava")
+    inputs = make_inputs(model)
+    quantized = dict(cache_implementation="quantized", cache_config={"backend": "fp8"})
+    with vlm_prune.pruned(model, "random", keep=0.5), pytest.raises(vlm_prune.PruneError, match="quantized"):
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, **quantized)
+
+
 def test_media_with_a_filled_cache_is_refused(models):
     model = models("llava")
     inputs = make_inputs(model)

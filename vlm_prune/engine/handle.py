@@ -879,6 +879,12 @@ def _cache_of(kwargs: dict):
             "static caches cannot hold pruned sequences of varying length; generate with the default "
             "DynamicCache (do not set cache_implementation='static')"
         )
+    if cache is not None and any("Quantized" in type(layer).__name__ for layer in cache.layers):
+        raise AttentionImplementationError(
+            "quantized KV caches are not supported yet (the engine trims and maps cached positions, which "
+            "quantized layers store packed); generate with the default DynamicCache (do not set "
+            "cache_implementation='quantized')"
+        )
     return cache
 
 
