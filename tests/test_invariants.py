@@ -736,3 +736,34 @@ def test_pruned_loss_backpropagates():
         model(**inputs, labels=inputs["input_ids"]).loss.backward()
     grad = model.lm_head.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deep_copied_prompt_cache_serves_several_questions(family, stage):
+    """transformers' prompt-reuse pattern: prefill the image prompt once, then answer each question on a
+    `copy.deepcopy` of that cache. The pruned state travels with the copy; each answer equals a fresh pruned
+    prefill of prompt + question. A reset cache starts over as an unpruned one."""
+    import copy
+
+    from transformers import DynamicCache
+
+    model = model_for(family, "sdpa")
+    prompt = inputs_for(model, 1, "left")
+    method = pattern_method(stage_layer(family, stage))
+    kwargs = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, max_new_tokens=NEW_TOKENS)
+    media_keys = ("pixel_values", "image_grid_thw", "image_sizes")
+    with torch.no_grad(), vlm_prune.pruned(model, method, trim_cache=stage == "pre"):
+        prompt_cache = DynamicCache(config=model.config.get_text_config())
+        model(**prompt, cache=prompt_cache)
+        for question in ([20, 21, 22], [30, 31]):
+            full = _second_turn(prompt, prompt["input_ids"], question)
+            fresh = model.generate(**full, **kwargs)
+            text_only = {key: value for key, value in full.items() if key not in media_keys}
+            reused = model.generate(**text_only, cache=copy.deepcopy(prompt_cache), **kwargs)
+            assert torch.equal(reused.sequences, fresh.sequences)
+            torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), **TOL)
+        prompt_cache.reset()
+        text = inputs_for(model, 1, "left", num_images=0)
+        expected = model.generate(**text, **kwargs).sequences
+        assert torch.equal(model.generate(**text, cache=prompt_cache, **kwargs).sequences, expected)

@@ -23,7 +23,6 @@ ORIGINAL sequence, onto the cached columns, and keep positions consistent with t
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -77,11 +76,15 @@ class _Forward:
     original_embeds: torch.Tensor | None = None
 
 
+CACHE_STATE_ATTRIBUTE = "_vlm_prune_state"
+
+
 @dataclass
 class _Cached:
-    """What decoding after a pruned prefill needs."""
+    """What decoding after a pruned prefill needs. It rides on the cache object itself (attribute
+    `CACHE_STATE_ATTRIBUTE`), so it follows the cache into `copy.deepcopy` (transformers' prompt-reuse
+    pattern), into several conversations through one handle, and into a later handle."""
 
-    cache_ref: weakref.ref
     original_length: int  # L0: length of the unpruned prefill
     shift: torch.Tensor  # (B,) positions removed (policy "compact"); zeros under "preserve"
     # per segment: (first layer, (B, L_seg) original columns of its cached prefill slots)
@@ -154,9 +157,6 @@ class PruneHandle:
         self._vision_attention: list[object] = []
         self._vision_calls: list[object] = []
         self._forward: _Forward | None = None
-        # per live cache (keyed by id, checked through the weak reference): what decoding on it needs, so
-        # that several conversations can go on through one handle
-        self._cached: dict[int, _Cached] = {}
         self._pending_rope: torch.Tensor | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._removed = False
@@ -209,7 +209,6 @@ class PruneHandle:
             hook.remove()
         self._hooks.clear()
         self._call = self._forward = self._pending_rope = None
-        self._cached = {}
         self._projector_inputs, self._vision_attention, self._vision_calls = [], [], []
         self._removed = True
 
@@ -315,8 +314,11 @@ class PruneHandle:
         return any(bool((input_ids == token).any()) for token in self.adapter.media_token_ids())
 
     def _live_cached(self, cache) -> _Cached | None:
-        cached = None if cache is None else self._cached.get(id(cache))
-        if cached is None or cached.cache_ref() is not cache or cache.get_seq_length() == 0:
+        cached = None if cache is None else getattr(cache, CACHE_STATE_ATTRIBUTE, None)
+        if isinstance(cached, _Cached) and cache.get_seq_length() == 0:
+            delattr(cache, CACHE_STATE_ATTRIBUTE)  # an emptied cache (reset) starts over
+            return None
+        if not isinstance(cached, _Cached):
             return None
         return cached
 
@@ -483,15 +485,14 @@ class PruneHandle:
                 seg_mask = (seg_columns >= 0).to(forward.mask.dtype)
                 original_mask = self._prefill_mask_for(seg_columns, forward)
                 prefill_masks.append(seg_mask * original_mask)
-            self._cached = {key: value for key, value in self._cached.items() if value.cache_ref() is not None}
-            self._cached[id(cache)] = _Cached(
-                cache_ref=weakref.ref(cache),
+            state = _Cached(
                 original_length=int(self._call["input_ids"].shape[1]),
                 shift=forward.shift.clone(),
                 segments=segments,
                 prefill_mask=prefill_masks,
                 tokens=self._call["input_ids"].detach().cpu(),
             )
+            setattr(cache, CACHE_STATE_ATTRIBUTE, state)
         self._forward = None
         return None
 
