@@ -142,6 +142,20 @@ def test_quantized_cache_is_refused(models):
             model.generate(**inputs, max_new_tokens=2, do_sample=False, **quantized)
 
 
+
+def test_a_pruned_cache_cropped_inside_its_prefill_is_refused(models):
+    model = models("llava")
+    inputs = make_inputs(model)
+    with vlm_prune.pruned(model, "random", keep=0.5) as handle, torch.no_grad():
+        out = model(**inputs)
+        cache = out.cache
+        kept = cache.get_seq_length()
+        assert kept < inputs["input_ids"].shape[1] and handle.stats.visual_tokens_out < handle.stats.visual_tokens_in
+        cache.crop(-2)  # drop the last two cached positions, which belong to the pruned prefill
+        with pytest.raises(vlm_prune.InputError, match="cropped inside"):
+            model(input_ids=torch.tensor([[20]]), cache=cache)
+
+
 def test_media_with_a_filled_cache_is_refused(models):
     model = models("llava")
     inputs = make_inputs(model)

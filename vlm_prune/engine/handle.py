@@ -228,26 +228,33 @@ class PruneHandle:
         self._labels = kwargs.pop("labels", None)
         self._loss_kwargs = {key: kwargs[key] for key in ("num_items_in_batch", "ignore_index") if key in kwargs}
         self._kept_this_call = None
-        cached = self._live_cached(_cache_of(kwargs))
-        resent = cached is not None and self._drop_resent_prefix(kwargs, cached, _cache_of(kwargs))
-        if cached is not None and isinstance(kwargs.get("input_ids"), torch.Tensor) and cached.tokens is not None:
-            new_tokens = kwargs["input_ids"].detach().cpu()
-            if new_tokens.shape[0] == cached.tokens.shape[0]:
-                cached.tokens = torch.cat([cached.tokens, new_tokens], dim=1)
+        cache = _cache_of(kwargs)
+        cached = self._live_cached(cache)
+        resent = cached is not None and self._follow_up(kwargs, cached, cache)
         result = self._on_model_call_inner(args, kwargs)
         return (args, kwargs) if (resent or self._labels is not None) and result is None else result
 
-    def _drop_resent_prefix(self, kwargs: dict, cached: _Cached, cache) -> bool:
-        """Cut the tokens a follow-up call re-sends although the pruned cache holds them (see `followup`)."""
-        input_ids = kwargs.get("input_ids")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or cached.tokens is None:
+    def _follow_up(self, kwargs: dict, cached: _Cached, cache) -> bool:
+        """A call on a pruned cache: cut what it re-sends (see `followup`) and record the tokens it adds.
+
+        Returns whether it cut anything. The token record stands for the cached positions only, so it is
+        first cut to them (a cache cropped after the prefill holds fewer).
+        """
+        if cached.tokens is None:
             return False
         past = cache.get_seq_length(cached.segments[0][0])
+        cached.tokens = cached.tokens[:, : cached.virtual_past(past)]
+        input_ids = kwargs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            return False
         overlap = resent_overlap(
             input_ids, cached.tokens, past, cached.virtual_past(past), kwargs.get("attention_mask")
         )
         if overlap:
             cut_leading(kwargs, overlap, input_ids.shape[1])
+        new_tokens = kwargs["input_ids"].detach().cpu()
+        if new_tokens.shape[0] == cached.tokens.shape[0]:
+            cached.tokens = torch.cat([cached.tokens, new_tokens], dim=1)
         return bool(overlap)
 
     def _on_model_call_inner(self, args, kwargs):
@@ -320,6 +327,12 @@ class PruneHandle:
             return None
         if not isinstance(cached, _Cached):
             return None
+        past = cache.get_seq_length(cached.segments[0][0])
+        if past < cached.segments[0][1].shape[1]:
+            raise InputError(
+                "this cache holds a pruned prefill and was cropped inside it, so its positions no longer map to "
+                "the original sequence; crop only after the prefill, or prefill again"
+            )
         return cached
 
     # ------------------------------------------------------------------ language model
