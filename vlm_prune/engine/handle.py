@@ -644,7 +644,8 @@ class PruneHandle:
                     f"{stage.name}.select returned {keep_mask.dtype} {tuple(keep_mask.shape)}; it must return a "
                     f"bool mask of shape ({len(visual_slots)},) (ctx.num_visual)"
                 )
-            kept_count = int(keep_mask.sum())
+            keep_mask_cpu = keep_mask.cpu()  # the one copy to the host; counts come from it
+            kept_count = int(keep_mask_cpu.sum())
             if budgets is not None and kept_count != sum(budgets):
                 raise PruneError(f"{stage.name} kept {kept_count} tokens, its budget is {sum(budgets)}")
             slot_keep = torch.ones(length, dtype=torch.bool, device=device)
@@ -656,7 +657,6 @@ class PruneHandle:
                 replacements.append((target, features))
             else:
                 replacements.append(None)
-            keep_mask_cpu = keep_mask.cpu()
             sample.visual_columns = sample.visual_columns[keep_mask_cpu]
             sample.present[sample.present.nonzero(as_tuple=True)[0][~keep_mask_cpu]] = False
             sample.layout = layout.select(keep_mask_cpu)
