@@ -767,3 +767,15 @@ def test_deep_copied_prompt_cache_serves_several_questions(family, stage):
         text = inputs_for(model, 1, "left", num_images=0)
         expected = model.generate(**text, **kwargs).sequences
         assert torch.equal(model.generate(**text, cache=prompt_cache, **kwargs).sequences, expected)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_prompt_lookup_decoding_equals_greedy(family):
+    """Assisted decoding feeds several candidate tokens and crops the cache after rejections (after the
+    pruned prefill): it must produce the greedy tokens."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 1, "left")
+    with torch.no_grad(), vlm_prune.pruned(model, pattern_method(0)):
+        greedy = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assisted = model.generate(**inputs, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(assisted, greedy)
