@@ -143,17 +143,36 @@ def test_quantized_cache_is_refused(models):
 
 
 
-def test_a_pruned_cache_cropped_inside_its_prefill_is_refused(models):
+class _FirstHalf(vlm_prune.Method):
+    """Keeps the first half of the visual tokens: the image's last tokens are pruned."""
+
+    layer = 0
+
+    def select(self, ctx):
+        keep = torch.zeros(ctx.num_visual, dtype=torch.bool)
+        keep[: ctx.num_visual // 2] = True
+        return keep
+
+
+def test_cropping_a_pruned_cache_follows_the_text_tail_and_refuses_the_pruned_part(models):
     model = models("llava")
     inputs = make_inputs(model)
-    with vlm_prune.pruned(model, "random", keep=0.5) as handle, torch.no_grad():
-        out = model(**inputs)
-        cache = out.cache
-        kept = cache.get_seq_length()
-        assert kept < inputs["input_ids"].shape[1] and handle.stats.visual_tokens_out < handle.stats.visual_tokens_in
-        cache.crop(-2)  # drop the last two cached positions, which belong to the pruned prefill
-        with pytest.raises(vlm_prune.InputError, match="cropped inside"):
-            model(input_ids=torch.tensor([[20]]), cache=cache)
+    ids = inputs["input_ids"]
+    text_after = ids.shape[1] - 1 - int((ids[0] == model.config.image_token_id).nonzero().max())
+    assert text_after >= 3
+    with torch.no_grad():
+        with vlm_prune.pruned(model, _FirstHalf()) as handle:
+            whole = model(**inputs)
+            cache = whole.cache
+            assert handle.stats.visual_tokens_out < handle.stats.visual_tokens_in
+            # the last 3 positions are text after the image: crop them and send them again
+            cache.crop(-3)
+            again = model(input_ids=ids[:, -3:], attention_mask=inputs["attention_mask"], cache=cache)
+            torch.testing.assert_close(again.logits[:, -1], whole.logits[:, -1], atol=1e-5, rtol=1e-5)
+            # one slot more than the text after the image reaches the pruned tail of the image
+            cache.crop(-(text_after + 1))
+            with pytest.raises(vlm_prune.InputError, match="cropped into its pruned part"):
+                model(input_ids=ids[:, -1:], cache=cache)
 
 
 def test_media_with_a_filled_cache_is_refused(models):

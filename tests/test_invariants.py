@@ -771,11 +771,20 @@ def test_deep_copied_prompt_cache_serves_several_questions(family, stage):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_prompt_lookup_decoding_equals_greedy(family):
-    """Assisted decoding feeds several candidate tokens and crops the cache after rejections (after the
-    pruned prefill): it must produce the greedy tokens."""
+    """Assisted decoding feeds candidate tokens with the prompt and crops the rejected ones off the cached
+    prefill (the text tail after the image): it must produce the greedy tokens."""
     model = model_for(family, "sdpa")
-    inputs = inputs_for(model, 1, "left")
-    with torch.no_grad(), vlm_prune.pruned(model, pattern_method(0)):
-        greedy = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        assisted = model.generate(**inputs, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3)
+    base = inputs_for(model, 1, "left")
+    tail = base["input_ids"][0, -6:].tolist()
+    inputs = _second_turn(base, base["input_ids"], tail[:2])  # ends with an n-gram seen earlier: candidates
+    sent = []
+    probe = model.register_forward_pre_hook(lambda m, a, k: sent.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with torch.no_grad(), vlm_prune.pruned(model, pattern_method(0)):
+            greedy = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            sent.clear()
+            assisted = model.generate(**inputs, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3)
+    finally:
+        probe.remove()
+    assert sent[0] > inputs["input_ids"].shape[1], "candidates were fed with the prompt"
     assert torch.equal(assisted, greedy)

@@ -96,6 +96,25 @@ class _Cached:
         """The unpruned length so far, for `past` cached positions in the first segment's layers."""
         return self.original_length + past - self.segments[0][1].shape[1]
 
+    def drop_prefill_tail(self, count: int) -> None:
+        """Follow a `cache.crop` that removed the last `count` slots of the prefill (assisted decoding feeds
+        candidate tokens with the prompt and crops the rejected ones).
+
+        Allowed while those slots are the last `count` ORIGINAL columns in every row and segment (text after
+        the last pruned token); a crop that reaches pruned tokens cannot be mapped and is refused.
+        """
+        tail = torch.arange(self.original_length - count, self.original_length)
+        for _, columns in self.segments:
+            if columns.shape[1] < count or not torch.equal(columns[:, -count:].cpu(), tail.expand(len(columns), -1)):
+                raise InputError(
+                    "this cache holds a pruned prefill and was cropped into its pruned part, so its positions no "
+                    "longer map to the original sequence; crop only the tokens after the last image, or prefill "
+                    "again"
+                )
+        self.segments = [(layer, columns[:, :-count]) for layer, columns in self.segments]
+        self.prefill_mask = [mask[:, :-count] for mask in self.prefill_mask]
+        self.original_length -= count
+
 
 class PruneHandle:
     """Pruning attached to one model instance. `remove()` (or leaving `pruned(...)`) restores it exactly.
@@ -270,7 +289,7 @@ class PruneHandle:
         cached = self._live_cached(cache)
         if cached is not None and call.get("position_ids") is None and call.get("input_ids") is not None:
             input_ids = call["input_ids"]
-            if not self._has_media(input_ids):
+            if not _brings_media(call):
                 virtual_past = cached.virtual_past(cache.get_seq_length(cached.segments[0][0]))
                 positions = self.adapter.decode_position_ids(call, virtual_past, input_ids.shape[1], input_ids.shape[0])
                 if positions is not None:
@@ -329,10 +348,7 @@ class PruneHandle:
             return None
         past = cache.get_seq_length(cached.segments[0][0])
         if past < cached.segments[0][1].shape[1]:
-            raise InputError(
-                "this cache holds a pruned prefill and was cropped inside it, so its positions no longer map to "
-                "the original sequence; crop only after the prefill, or prefill again"
-            )
+            cached.drop_prefill_tail(cached.segments[0][1].shape[1] - past)
         return cached
 
     # ------------------------------------------------------------------ language model
@@ -345,14 +361,18 @@ class PruneHandle:
         cache = _cache_of(kwargs)
         call = self._call or {}
         input_ids = call.get("input_ids")
-        media_inputs = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
-        if input_ids is None and any(call.get(key) is not None and len(call[key]) for key in media_inputs):
+        brings_media = _brings_media(call)
+        if input_ids is None and brings_media:
             raise InputError(
                 "vlm_prune finds the visual tokens by their token ids, and this call passes inputs_embeds "
                 "with media but no input_ids; pass the processor's input_ids instead of inputs_embeds"
             )
-        if input_ids is not None and tuple(input_ids.shape) == (batch, length) and self._has_media(input_ids):
-            if cache is not None and cache.get_seq_length() > 0:
+        filled = cache is not None and cache.get_seq_length() > 0
+        # on a filled cache, media token ids without media (e.g. prompt-lookup candidates copied from the
+        # prompt) are plain tokens to the model, as they are to the unwrapped one
+        media_here = input_ids is not None and self._has_media(input_ids) and (brings_media or not filled)
+        if media_here and tuple(input_ids.shape) == (batch, length):
+            if filled:
                 raise InputError(
                     "media tokens arrived with a non-empty cache; vlm_prune prunes whole prefills only. "
                     f"Start a new cache for a prompt with new images or video. {SPLIT_MEDIA_HINT}"
@@ -930,3 +950,11 @@ def _positions_within(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 def _counts_per_media(layout: VisualLayout) -> list[int]:
     """Visual tokens of each media item in `layout` (one host sync)."""
     return torch.bincount(layout.media_index.cpu(), minlength=layout.num_media).tolist()
+
+
+def _brings_media(call: dict) -> bool:
+    """Whether the call carries media to encode or pre-encoded media features."""
+    return any(
+        call.get(key) is not None and len(call[key])
+        for key in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+    )
