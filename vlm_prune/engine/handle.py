@@ -223,7 +223,11 @@ class PruneHandle:
                 add(self.adapter.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:
-        """Remove every hook; the model is exactly as before `apply()`."""
+        """Remove every hook; the model is exactly as before `apply()`.
+
+        A cache filled while pruning still holds the pruned sequence: continue it only while a handle is
+        applied to the model (any handle; the mapping travels with the cache), or start a new one.
+        """
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
