@@ -788,3 +788,22 @@ def test_prompt_lookup_decoding_equals_greedy(family):
         probe.remove()
     assert sent[0] > inputs["input_ids"].shape[1], "candidates were fed with the prompt"
     assert torch.equal(assisted, greedy)
+
+
+def test_a_later_handle_continues_a_cache_filled_under_an_earlier_one():
+    """The pruned-cache mapping travels with the cache: decoding under a new handle equals decoding under the
+    handle that filled it."""
+    import copy
+
+    model = model_for("llava", "sdpa")  # (a manual Qwen decode step with a mask fails in transformers itself)
+    inputs = inputs_for(model, 2, "left")
+    step = torch.tensor([[20], [21]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=inputs["attention_mask"].dtype)], dim=1)
+    with torch.no_grad():
+        with vlm_prune.pruned(model, pattern_method(0)):
+            cache = model(**inputs).cache
+            spare = copy.deepcopy(cache)
+            expected = model(input_ids=step, attention_mask=mask, cache=cache).logits
+        with vlm_prune.pruned(model, "random", keep=0.5):
+            got = model(input_ids=step, attention_mask=mask, cache=spare).logits
+    torch.testing.assert_close(got, expected, **TOL)
