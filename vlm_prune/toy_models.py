@@ -157,44 +157,28 @@ def _qwen_config(family: str, size: str):
     text["rope_parameters"] = rope
     hidden = text["hidden_size"]
     patch = 4 if tiny else 14
+    # every Qwen vision tower: 2x2 spatial merge of patches, 2 frames per temporal patch
+    patches = dict(num_heads=2 if tiny else 4, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
     if family == "qwen2_vl":
-        vision = dict(
-            depth=2 if tiny else 4,
-            embed_dim=32 if tiny else 256,
-            hidden_size=hidden,
-            mlp_ratio=2,
-            num_heads=2 if tiny else 4,
-            patch_size=patch,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        )
-    elif family == "qwen2_5_vl":
-        vision = dict(
-            depth=2 if tiny else 4,
-            hidden_size=32 if tiny else 256,
-            intermediate_size=64 if tiny else 1024,
-            num_heads=2 if tiny else 4,
-            patch_size=patch,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=hidden,
-            window_size=patch * 2 * 2,
-            fullatt_block_indexes=[1] if tiny else [1, 3],
-            tokens_per_second=2,
-        )
+        vision = dict(depth=2 if tiny else 4, embed_dim=32 if tiny else 256, hidden_size=hidden, mlp_ratio=2, **patches)
     else:
+        # Qwen2.5-VL and Qwen3-VL: a SwiGLU tower whose merger projects to the text width
         vision = dict(
-            depth=3 if tiny else 4,
-            hidden_size=32 if tiny else 256,
-            intermediate_size=64 if tiny else 1024,
-            num_heads=2 if tiny else 4,
-            patch_size=patch,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=hidden,
-            num_position_embeddings=64 if tiny else 2304,
-            deepstack_visual_indexes=[0, 1, 2] if tiny else [1, 2, 3],
+            hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 1024, out_hidden_size=hidden, **patches
         )
+        if family == "qwen2_5_vl":
+            vision.update(
+                depth=2 if tiny else 4,
+                window_size=patch * 2 * 2,
+                fullatt_block_indexes=[1] if tiny else [1, 3],
+                tokens_per_second=2,
+            )
+        else:
+            vision.update(
+                depth=3 if tiny else 4,
+                num_position_embeddings=64 if tiny else 2304,
+                deepstack_visual_indexes=[0, 1, 2] if tiny else [1, 2, 3],
+            )
     return config_cls(
         text_config=text,
         vision_config=vision,

@@ -19,6 +19,11 @@ import torch
 from vlm_prune.errors import InputError
 
 
+def row_totals(input_ids: torch.Tensor, token_id: int) -> list[int]:
+    """Media tokens of one kind (`token_id`) in each row of a (B, L) call."""
+    return (input_ids == token_id).sum(dim=1).tolist()
+
+
 def expansion_blocks(row_totals: Sequence[int], encoded_total: int) -> tuple[int, list[int]]:
     """(e, media tokens of each original row): the expansion factor and the size of each row's group.
 

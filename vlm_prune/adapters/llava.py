@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, ProjectorParts, SampleMedia, item_counts
+from vlm_prune.adapters.expansion import row_totals
 from vlm_prune.engine.context import IMAGE, VisualLayout
 from vlm_prune.errors import InputError, PruneError
 
@@ -105,11 +106,14 @@ class LlavaAdapter(Adapter):
             blocks.append(_grid_block(offset, h, w))
         return blocks
 
+    def _grid_side(self) -> int:
+        """Patches along one side of the vision tower's square input grid."""
+        return self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+
     def _tokens_per_image(self) -> int:
         """Tokens of one image's base grid: (image_size / patch_size)^2, plus the CLS token under "full"."""
-        config = self.model.config
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        return side * side + (1 if getattr(config, "vision_feature_select_strategy", "") == "full" else 0)
+        full = getattr(self.model.config, "vision_feature_select_strategy", "") == "full"
+        return self._grid_side() ** 2 + (1 if full else 0)
 
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         is_visual = input_ids == self.image_token_id
@@ -177,18 +181,17 @@ class LlavaNextAdapter(LlavaAdapter):
         generate() forwards neither pixel values nor image sizes (only the encoded features), so the
         rows are recovered from where the model's `image_newline` vector sits in `inputs_embeds`.
         """
-        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
-        base_count = self._tokens_per_image()
+        side, base_count = self._grid_side(), self._tokens_per_image()
         flat_embeds = inputs_embeds[input_ids == self.image_token_id]
         newline = getattr(self.model.model, "image_newline", None)
         counts = item_counts(call, "image")
         if counts is None:
             counts = self._counts_from_sizes(call)
-        row_totals = [total for total in (input_ids == self.image_token_id).sum(dim=1).tolist() if total]
-        if len(counts) == 1 and len(row_totals) > 1 and counts[0] == sum(row_totals):
+        with_images = [total for total in row_totals(input_ids, self.image_token_id) if total]
+        if len(counts) == 1 and len(with_images) > 1 and counts[0] == sum(with_images):
             # generate(prefill_chunk_size=N) hands a chunk all its images' features as one block; rows
             # separate images, and the row check below refuses a row that holds more than one
-            counts = row_totals
+            counts = with_images
         if sum(counts) != len(flat_embeds):
             raise InputError(
                 f"LLaVA-NeXT: {len(flat_embeds)} image tokens but the images need {sum(counts)}; "
@@ -233,7 +236,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if image_sizes is None:
             raise InputError("LLaVA-NeXT needs image_sizes (the processor returns them)")
         vision = config.vision_config
-        side = vision.image_size // vision.patch_size
+        side = self._grid_side()
         counts = []
         for size in image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes:
             num_h, num_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)

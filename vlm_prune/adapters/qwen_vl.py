@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, ProjectorParts, SampleMedia, item_counts
-from vlm_prune.adapters.expansion import expanded_item_index
+from vlm_prune.adapters.expansion import expanded_item_index, row_totals
 from vlm_prune.engine.context import IMAGE, VIDEO, VisualLayout
 from vlm_prune.errors import InputError, PruneError
 
@@ -61,18 +61,19 @@ class QwenVLAdapter(Adapter):
         counts = item_counts(call, modality)
         if counts is None:
             return None
+        totals = self._row_totals(call, modality)
         for recorded in reversed(call.get("vision_calls", [])):
             if recorded is None:
                 continue
             sizes = self._merged_sizes(recorded)
             if sizes == counts:
                 return recorded
-            if len(counts) == 1 and sum(sizes) == counts[0] and sum(self._row_totals(call, modality)) == counts[0]:
+            if len(counts) == 1 and sum(sizes) == counts[0] == sum(totals):
                 # generate(prefill_chunk_size=N) hands a chunk its features as one block: every item of the
                 # encoder call is in this chunk, so the recorded grids still describe its tokens
                 return recorded
             try:
-                expanded = [sizes[item] for item in expanded_item_index(self._row_totals(call, modality), sizes)]
+                expanded = [sizes[item] for item in expanded_item_index(totals, sizes)]
             except InputError:
                 continue
             if expanded == counts:
@@ -88,17 +89,16 @@ class QwenVLAdapter(Adapter):
         grid = self._grids(call, modality)
         if grid is None or call.get(f"{modality}_grid_thw") is not None:
             return grid
-        sizes = self._merged_sizes(grid)
-        if sum(self._row_totals(call, modality)) == sum(sizes):
+        sizes, totals = self._merged_sizes(grid), self._row_totals(call, modality)
+        if sum(totals) == sum(sizes):
             return grid
-        return grid[expanded_item_index(self._row_totals(call, modality), sizes)]
+        return grid[expanded_item_index(totals, sizes)]
 
     def _merged_sizes(self, grid_thw: torch.Tensor) -> list[int]:
         return [int(t * h * w) // (self.merge * self.merge) for t, h, w in grid_thw.tolist()]
 
     def _row_totals(self, call: dict, modality: str) -> list[int]:
-        token_id = self.image_token_id if modality == "image" else self.video_token_id
-        return (call["input_ids"] == token_id).sum(dim=1).tolist()
+        return row_totals(call["input_ids"], self.image_token_id if modality == "image" else self.video_token_id)
 
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         queues = {

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
-from vlm_prune.adapters.expansion import expanded_token_index
+from vlm_prune.adapters.expansion import expanded_token_index, row_totals
 from vlm_prune.engine.budget import tokens_to_keep
 from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
@@ -50,9 +50,13 @@ class _Sample:
 
     media: SampleMedia
     original_counts: list[int]  # visual tokens per media item before pruning
-    visual_columns: torch.Tensor  # (N,) original columns of the visual tokens still present, ascending
     present: torch.Tensor  # (N0,) bool over `media.visual_columns`: which are still present
-    layout: VisualLayout  # layout of the tokens still present (`media.layout.select(present)`)
+    layout: VisualLayout  # layout of the tokens still present (`media.layout.select(present)`, kept up to date)
+
+    @property
+    def visual_columns(self) -> torch.Tensor:
+        """(N,) original columns of the visual tokens still present, ascending."""
+        return self.media.visual_columns[self.present]
 
 
 @dataclass
@@ -254,7 +258,7 @@ class PruneHandle:
         cache = _cache_of(kwargs)
         cached = self._live_cached(cache)
         resent = cached is not None and self._follow_up(kwargs, cached, cache)
-        result = self._on_model_call_inner(args, kwargs)
+        result = self._on_model_call_inner(args, kwargs, cache, cached)
         return (args, kwargs) if (resent or self._labels is not None) and result is None else result
 
     def _follow_up(self, kwargs: dict, cached: _Cached, cache) -> bool:
@@ -266,13 +270,12 @@ class PruneHandle:
         if cached.tokens is None:
             return False
         past = cache.get_seq_length(cached.segments[0][0])
-        cached.tokens = cached.tokens[:, : cached.virtual_past(past)]
+        virtual_past = cached.virtual_past(past)
+        cached.tokens = cached.tokens[:, :virtual_past]
         input_ids = kwargs.get("input_ids")
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             return False
-        overlap = resent_overlap(
-            input_ids, cached.tokens, past, cached.virtual_past(past), kwargs.get("attention_mask")
-        )
+        overlap = resent_overlap(input_ids, cached.tokens, past, virtual_past, kwargs.get("attention_mask"))
         if overlap:
             cut_leading(kwargs, overlap, input_ids.shape[1])
         new_tokens = kwargs["input_ids"].detach().cpu()
@@ -280,7 +283,8 @@ class PruneHandle:
             cached.tokens = torch.cat([cached.tokens, new_tokens], dim=1)
         return bool(overlap)
 
-    def _on_model_call_inner(self, args, kwargs):
+    def _on_model_call_inner(self, args, kwargs, cache, cached: _Cached | None):
+        """Record the call for the language-model hook; inject decode positions on a pruned cache."""
         call = dict(kwargs)
         if args:
             call.setdefault("input_ids", args[0])
@@ -289,8 +293,6 @@ class PruneHandle:
             self._projector_inputs, self._vision_attention, self._vision_calls = [], [], []
         call["vision_calls"] = self._vision_calls
         self._call = call
-        cache = _cache_of(call)
-        cached = self._live_cached(cache)
         if cached is not None and call.get("position_ids") is None and call.get("input_ids") is not None:
             input_ids = call["input_ids"]
             if not _brings_media(call):
@@ -402,7 +404,6 @@ class PruneHandle:
             _Sample(
                 media=m,
                 original_counts=_counts_per_media(m.layout),
-                visual_columns=m.visual_columns,
                 present=torch.ones(len(m.visual_columns), dtype=torch.bool),
                 layout=m.layout,
             )
@@ -681,7 +682,6 @@ class PruneHandle:
                 replacements.append((target, features))
             else:
                 replacements.append(None)
-            sample.visual_columns = sample.visual_columns[keep_mask_cpu]
             sample.present[sample.present.nonzero(as_tuple=True)[0][~keep_mask_cpu]] = False
             sample.layout = layout.select(keep_mask_cpu)
             tokens_out.append(_counts_per_media(sample.layout))
@@ -751,11 +751,11 @@ class PruneHandle:
         """
         input_ids = self._call["input_ids"]
         for name, token_id in zip(("image", "video"), self.adapter.media_token_ids()):
-            row_totals = (input_ids == token_id).sum(dim=1).tolist()
+            totals = row_totals(input_ids, token_id)
             for per_kind in tables.values():
                 table = per_kind.get(name)
-                if table is not None and table.shape[0] != sum(row_totals):
-                    index = expanded_token_index(row_totals, table.shape[0])
+                if table is not None and table.shape[0] != sum(totals):
+                    index = expanded_token_index(totals, table.shape[0])
                     per_kind[name] = table[index.to(table.device)]
 
     def _verify_projector_rows(self, rows: dict[str, torch.Tensor], samples: list[_Sample]) -> None:
