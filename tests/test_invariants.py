@@ -622,6 +622,12 @@ def test_chunked_prefill_with_every_media_token_in_the_first_chunk(family, layou
 # ------------------------------------------------------------------------------------------------------
 
 
+def _without_media(inputs: dict) -> dict:
+    """The inputs minus the media: what a later turn on a cache that holds the media passes."""
+    media = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
+    return {key: value for key, value in inputs.items() if key not in media}
+
+
 def _second_turn(inputs: dict, first: torch.Tensor, extra: list[int]) -> dict:
     """The conversation so far plus `extra` text tokens, with the first turn's media kwargs."""
     batch, grown = first.shape[0], first.shape[1] + len(extra) - inputs["input_ids"].shape[1]
@@ -646,15 +652,15 @@ def test_second_turn_on_the_pruned_cache_equals_a_fresh_pruned_prefill(family, s
     model = model_for(family, "sdpa")
     inputs = inputs_for(model, 2, "left")
     kwargs = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
-    media_keys = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
     method = pattern_method(stage_layer(family, stage))
     options = dict(position_policy=policy, trim_cache=stage == "pre")
     with torch.no_grad(), vlm_prune.pruned(model, method, **options):
         first = model.generate(**inputs, max_new_tokens=3, **kwargs)
         follow_up = _second_turn(inputs, first.sequences, [20, 21, 22, 23])
         fresh = model.generate(**follow_up, max_new_tokens=NEW_TOKENS, **kwargs)  # another cache meanwhile
-        text_only = {key: value for key, value in follow_up.items() if key not in media_keys}
-        reused = model.generate(**text_only, cache=first.past_key_values, max_new_tokens=NEW_TOKENS, **kwargs)
+        reused = model.generate(
+            **_without_media(follow_up), cache=first.past_key_values, max_new_tokens=NEW_TOKENS, **kwargs
+        )
     assert torch.equal(reused.sequences, fresh.sequences)
     torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), **TOL)
 
@@ -752,15 +758,13 @@ def test_deep_copied_prompt_cache_serves_several_questions(family, stage):
     prompt = inputs_for(model, 1, "left")
     method = pattern_method(stage_layer(family, stage))
     kwargs = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, max_new_tokens=NEW_TOKENS)
-    media_keys = ("pixel_values", "image_grid_thw", "image_sizes")
     with torch.no_grad(), vlm_prune.pruned(model, method, trim_cache=stage == "pre"):
         prompt_cache = DynamicCache(config=model.config.get_text_config())
         model(**prompt, cache=prompt_cache)
         for question in ([20, 21, 22], [30, 31]):
             full = _second_turn(prompt, prompt["input_ids"], question)
             fresh = model.generate(**full, **kwargs)
-            text_only = {key: value for key, value in full.items() if key not in media_keys}
-            reused = model.generate(**text_only, cache=copy.deepcopy(prompt_cache), **kwargs)
+            reused = model.generate(**_without_media(full), cache=copy.deepcopy(prompt_cache), **kwargs)
             assert torch.equal(reused.sequences, fresh.sequences)
             torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), **TOL)
         prompt_cache.reset()
