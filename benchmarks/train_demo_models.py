@@ -60,6 +60,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.demo_depth import expand_state_dict, expansion_plan, mapped_layer  # noqa: E402
 from vlm_prune.data import mosaic as M  # noqa: E402
 from vlm_prune.demo import (  # noqa: E402
     _torchvision_available,
@@ -108,7 +109,9 @@ MODELS = {
 }  # fmt: skip
 
 IMAGE_PX = 192
-RETRIEVAL_LAYER, YESNO_LAYER = 2, 3  # decoder layers whose head 0 / head 1 get the attention losses
+# decoder layers (of the 4-layer recipe) whose head 0 / head 1 get the attention losses; a deeper decoder built
+# with --expand-layers keeps them on the same original layers, at their new positions (benchmarks/demo_depth.py)
+RETRIEVAL_LAYER, YESNO_LAYER = 2, 3
 LLAVA_CHAT = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -228,7 +231,8 @@ def _image_processor(name: str, **kwargs):
 
 
 # -------------------------------------------------------------------------------------------------- model
-def build_model(family: str, tokenizer):
+def build_model(family: str, tokenizer, num_layers: int | None = None):
+    """The untrained model of `family`; `num_layers` overrides the decoder depth of MODELS."""
     from transformers import GenerationConfig
 
     ids = {
@@ -236,7 +240,7 @@ def build_model(family: str, tokenizer):
         "eos": tokenizer.eos_token_id,
         "bos": tokenizer.bos_token_id if tokenizer.bos_token else None,
     }
-    cfg = MODELS[family]
+    cfg = model_config(family, num_layers)
     vocab = len(tokenizer)
     if family == "llava":
         from transformers import (
@@ -286,7 +290,31 @@ def build_model(family: str, tokenizer):
     return model
 
 
-# ------------------------------------------------------------------------------------------------ batches
+def model_config(family: str, num_layers: int | None = None) -> dict:
+    """MODELS[family] with the decoder depth set to `num_layers` (when given)."""
+    cfg = json.loads(json.dumps(MODELS[family]))
+    if num_layers is not None:
+        cfg["text"]["num_hidden_layers"] = num_layers
+    return cfg
+
+
+def load_init(path: str, family: str, device: torch.device) -> dict:
+    """What --init-from names: a work-dir checkpoint (.pt, with the auxiliary heads) or a saved model folder
+    (e.g. the shipped `vlm_prune/demo_models/<family>`, without heads). Returns model state, heads state or
+    None, the decoder depth and the expansion record the checkpoint came with (None if not expanded)."""
+    p = Path(path)
+    if p.is_dir():
+        model, proc = load_model(p, dtype=torch.float32, device=device)
+        shipped_vocab = proc.tokenizer.get_vocab()
+        if shipped_vocab != build_tokenizer(family).get_vocab():
+            raise RuntimeError(f"the tokenizer in {p} differs from the one this script builds; retrain from scratch")
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {"model": state, "heads": None, "layers": model.config.text_config.num_hidden_layers,
+                "expansion": None}  # fmt: skip
+    state = torch.load(p, map_location=device)
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in state["model"] if "language_model.layers." in k}
+    return {"model": state["model"], "heads": state["heads"], "layers": max(layers) + 1,
+            "expansion": state.get("expansion")}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -642,7 +670,23 @@ def train_one(family: str, args) -> dict:
     log = lambda msg: print(f"[{family}] {msg}", flush=True)
     tokenizer = build_tokenizer(family)
     processor = build_processor(family, tokenizer)
-    model = build_model(family, tokenizer).to(device)
+    init = load_init(args.init_from, family, device) if args.init_from else None
+    num_layers, expansion = (init["layers"], init["expansion"]) if init else (None, None)
+    if args.expand_layers and init is None:
+        raise RuntimeError("--expand-layers needs --init-from (a saved model folder or a .pt checkpoint)")
+    if args.expand_layers and args.expand_layers != init["layers"]:
+        plan = expansion_plan(init["layers"], args.expand_layers)
+        init["model"] = expand_state_dict(init["model"], plan)
+        expansion = {"from_layers": init["layers"], "to_layers": args.expand_layers, "source": args.init_from,
+                     "plan": [[src, orig] for src, orig in plan], "previous": expansion}  # fmt: skip
+        num_layers = args.expand_layers
+    retrieval_layer, yesno_layer = RETRIEVAL_LAYER, YESNO_LAYER
+    if expansion is not None:
+        plan = [(src, orig) for src, orig in expansion["plan"]]
+        retrieval_layer, yesno_layer = mapped_layer(plan, RETRIEVAL_LAYER), mapped_layer(plan, YESNO_LAYER)
+        log(f"decoder expanded {expansion['from_layers']} -> {expansion['to_layers']} layers; attention losses on "
+            f"layers 0 (key words), {retrieval_layer} (cell), {yesno_layer} (yes/no)")  # fmt: skip
+    model = build_model(family, tokenizer, num_layers).to(device)
     model.set_attn_implementation({"text_config": "eager"})  # the attention loss reads attention weights
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{n_params / 1e6:.3f}M parameters, vocab {len(tokenizer)}, device {device}")
@@ -672,11 +716,12 @@ def train_one(family: str, args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(tag: str, step: int) -> None:
-        state = {"model": model.state_dict(), "heads": heads.state_dict(), "stage": tag, "step": step}
+        state = {"model": model.state_dict(), "heads": heads.state_dict(), "stage": tag, "step": step,
+                 "expansion": expansion}  # fmt: skip
         torch.save(state, work / f"{family}_{tag}.pt")
 
-    if args.init_from:
-        state = torch.load(args.init_from, map_location=device)
+    if init is not None:
+        state = init
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
         if unexpected or any(".layers." not in k for k in missing):
             raise RuntimeError(f"checkpoint does not fit: missing {missing}, unexpected {unexpected}")
@@ -686,9 +731,25 @@ def train_one(family: str, args) -> dict:
         if missing:
             new = sorted({k.split(".layers.")[1].split(".")[0] for k in missing})
             log(f"new decoder layers start as identity: {new}")
-        heads.load_state_dict(state["heads"])
+        if state["heads"] is not None:
+            heads.load_state_dict(state["heads"])
         log(f"initialised from {args.init_from}")
     model.train()
+    h_steps = 0
+    if init is not None and init["heads"] is None and args.heads_steps:
+        # a saved model folder has no auxiliary heads: fit fresh ones on the frozen tower's features first, so
+        # that their random start does not push the trained tower around
+
+        def heads_step():
+            idx = torch.tensor([stream.draw_layout(vgrid) for _ in range(vcfg["batch"])])
+            with torch.no_grad():
+                vision_forward(model, family, stream.pixel_inputs(idx, vgrid))
+            feats = caught["feats"].view(idx.shape[0], -1, hidden)
+            loss, parts = dense_loss(heads, feats, stream.dense_targets(idx, vgrid))
+            return loss, {"dense": loss.item(), **parts}
+
+        h_steps = run_stage("heads", args.heads_steps, None, list(heads.parameters()), heads_step, vcfg, history,
+                            log)  # fmt: skip
     v_steps = run_stage("vision", args.vision_steps, args.vision_minutes,
                         vision_params + list(heads.parameters()), vision_step, vcfg, history, log)  # fmt: skip
     if v_steps:
@@ -713,7 +774,7 @@ def train_one(family: str, args) -> dict:
         att0 = out.attentions[0][rows, 0, b["qpos"], p:].float()  # (n, S)
         l_att0 = -torch.log((att0 * b["key_words"]).sum(-1) + 1e-6).mean()
         # head 0 of layer 2: the answer token looks at the asked cell
-        att = out.attentions[RETRIEVAL_LAYER][rows, 0, b["qpos"], :p].float()  # (n, P)
+        att = out.attentions[retrieval_layer][rows, 0, b["qpos"], :p].float()  # (n, P)
         is_cell = b["cell"] >= 0
         # target: the visual tokens of the asked cell that show its shape
         tok_cell = torch.full((p,), -2, device=device)
@@ -727,7 +788,7 @@ def train_one(family: str, args) -> dict:
         # the question's attribute word ("triangle", "red") when the cell shows it (yes) and to the first
         # prompt token, an attention sink, when it does not (no). The query-key product compares what was
         # read with the word; an MLP alone never learned that comparison (1450 steps at chance).
-        att1 = out.attentions[YESNO_LAYER][rows, 1, b["qpos"], :].float()  # (n, P + S)
+        att1 = out.attentions[yesno_layer][rows, 1, b["qpos"], :].float()  # (n, P + S)
         exist = torch.zeros_like(att1, dtype=torch.bool)
         exist[rows, torch.where(b["is_yes"], p + b["attr_pos"], torch.zeros_like(b["qpos"]))] = True
         l_exist = _masked_nll((att1 * exist).sum(-1), b["is_yesno"])
@@ -744,7 +805,7 @@ def train_one(family: str, args) -> dict:
 
     # the yes/no comparison lives in a small, input-dependent part of a large residual: the query/key
     # projections of that layer must grow much larger than the rest, so they get a larger learning rate
-    fast = f"layers.{YESNO_LAYER}.self_attn."
+    fast = f"layers.{yesno_layer}.self_attn."
     fast_params = [p for n, p in model.named_parameters() if "language_model" in n and fast in n and "o_proj" not in n]
     fast_ids = {id(p) for p in fast_params}
     all_params = [
@@ -791,6 +852,7 @@ def train_one(family: str, args) -> dict:
         "visual_tokens_per_mosaic": stream.n_visual,
         "checkpoint_bytes": size,
         "stages": {
+            "heads": {"steps": h_steps, "batch": vcfg["batch"], "grid": vgrid},
             "vision": {"steps": v_steps, "batch": vcfg["batch"], "grid": vgrid},
             "joint": {"steps": j_steps, "mosaics": jcfg["mosaics"], "questions_per_mosaic": jcfg["questions"]},
         },
@@ -803,8 +865,10 @@ def train_one(family: str, args) -> dict:
         "checks": checks,
         "init_from": args.init_from,
         "yesno_attention": args.yesno_attention,
+        "expansion": expansion,
+        "attention_loss_layers": {"key_words": 0, "cell": retrieval_layer, "yesno": yesno_layer},
         "train_config": json.loads(json.dumps(TRAIN)),
-        "model_config": MODELS[family],
+        "model_config": model_config(family, num_layers),
         "eval": {"split": "test", "n": args.eval_n, "seed": TRAIN["eval_seed"], **res},
         "eval_small_cell40": res_small,
         "loss_history": history,
@@ -951,7 +1015,13 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     ap.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "results" / "tmp"), help="checkpoints")
-    ap.add_argument("--init-from", default=None, help="a checkpoint of --work-dir to start from")
+    ap.add_argument("--init-from", default=None,
+                    help="start from a checkpoint of --work-dir (.pt) or a saved model folder")  # fmt: skip
+    ap.add_argument("--expand-layers", type=int, default=None,
+                    help="grow the --init-from decoder to this many layers, new ones starting as identity "
+                         "(benchmarks/demo_depth.py)")  # fmt: skip
+    ap.add_argument("--heads-steps", type=int, default=150,
+                    help="steps fitting fresh auxiliary heads if --init-from is a model folder (it has none)")  # fmt: skip
     ap.add_argument("--yesno-attention", type=float, default=1.0,
                     help="relative weight of the yes/no attention loss (0 turns it off)")  # fmt: skip
     ap.add_argument("--report-only", action="store_true", help="only rewrite demo_models.md")
