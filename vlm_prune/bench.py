@@ -353,11 +353,13 @@ def _time_once(model, inputs, handle, timer: _VisionTimer, decode_tokens: int) -
         out = model(**inputs, use_cache=True)
     _sync(device)
     prefill = time.perf_counter() - t0
+    cache = out.get("cache")  # the transformers 5 name; reading out.past_key_values warns there
+    cache = cache if cache is not None else getattr(out, "past_key_values", None)
     sample = {
         "prefill": prefill,
         "vision": timer.seconds,
         "select": handle.stats.select_seconds if handle is not None else 0.0,
-        "kv_bytes": _cache_bytes(getattr(out, "past_key_values", None)),
+        "kv_bytes": _cache_bytes(cache),
         "stats": copy.deepcopy(handle.stats) if handle is not None else None,
         "generate": None,
     }
