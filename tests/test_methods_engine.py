@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import vlm_prune
-from vlm_prune.toy_models import build_tiny, make_inputs, single_row
+from vlm_prune.methods import get_method
+from vlm_prune.toy_models import QWEN_FAMILIES, build_tiny, make_inputs, single_row
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 # Not every signal exists on every family; these combinations must refuse with a PruneError at apply().
@@ -33,6 +34,8 @@ def tiny():
 
 def _options(name: str, family: str) -> dict:
     options = dict(OPTIONS.get(name, {"keep": 0.5}))
+    if family == "qwen3_vl" and name == "prunevid":
+        options["layer"] = 3  # after Qwen3-VL's deepstack layers
     if family == "qwen3_vl" and name in ("fastv", "adaptinfer"):
         options["layer" if name == "fastv" else "layers"] = 3 if name == "fastv" else [3]
         if name == "adaptinfer":
@@ -55,6 +58,12 @@ def test_method_on_adapter(tiny, family, name):
         assert not model._forward_pre_hooks and not model.model.language_model._forward_pre_hooks
         return
     inputs = make_inputs(model, batch=2, padding="left")
+    if get_method(name).media == "video":
+        if family not in QWEN_FAMILIES:
+            pytest.skip("toy video inputs for this family come with the video adapters")
+        with vlm_prune.pruned(model, name, **options), pytest.raises(vlm_prune.errors.MediaKindError):
+            model(**inputs)  # image-only input: a clear error naming image methods
+        inputs = make_inputs(model, batch=2, padding="left", video=True, num_images=1, video_grid=(4, 8, 8))
     with torch.no_grad():
         baseline = model(**inputs).logits
     with vlm_prune.pruned(model, name, **options) as handle, torch.no_grad():

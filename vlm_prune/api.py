@@ -54,7 +54,9 @@ def _build_methods(method: str | Method | list[Method], keep, options: dict) -> 
 
 def _check_budgets(method: Method, stages: list, named: bool) -> None:
     """Built-in methods (and scorers) need a budget at every stage; a user mask may decide alone."""
-    if (named or isinstance(method, ScorerMethod)) and any(stage.keep is None for stage in stages):
+    if (named or isinstance(method, ScorerMethod)) and any(
+        stage.keep is None and not stage.counts_itself for stage in stages
+    ):
         raise BudgetError(
             f"{type(method).__name__} needs a budget: pass keep=0.25 (a fraction of the visual tokens) "
             "or keep=64 (tokens per image)"

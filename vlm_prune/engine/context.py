@@ -30,6 +30,9 @@ class VisualLayout:
             outside any grid (e.g. LLaVA-NeXT row-newline tokens).
         media_grid: one (T, H, W) grid size per media item (after any spatial merge). For media made of
             several grids (LLaVA-NeXT base image + anyres crops) this is the base grid.
+        group: (N,) long or None. A label a merging stage gave each surviving token (e.g. PruneVid's
+            static group of a segment or a frame's dynamic group), for the method's later stages; None
+            until a stage sets one (`Selection.group`).
     """
 
     media_index: torch.Tensor
@@ -37,6 +40,7 @@ class VisualLayout:
     frame: torch.Tensor
     grid_thw: torch.Tensor
     media_grid: list[tuple[int, int, int]] = field(default_factory=list)
+    group: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.media_index.numel())
@@ -49,6 +53,7 @@ class VisualLayout:
             frame=self.frame[keep],
             grid_thw=self.grid_thw[keep],
             media_grid=list(self.media_grid),
+            group=None if self.group is None else self.group[keep],
         )
 
     @property
@@ -63,10 +68,13 @@ class Selection:
     keep_mask: (N,) bool, True = the token stays, in its own position.
     features: (K, D) or None. New hidden states for the kept tokens, K = keep_mask.sum(), in sequence
         order. A merged token therefore sits at the position of the kept token it replaces.
+    group: (K,) long or None. A label per kept token that later stages of the method read back from
+        `ctx.layout.group` (the engine carries it through every later stage).
     """
 
     keep_mask: torch.Tensor
     features: torch.Tensor | None = None
+    group: torch.Tensor | None = None
 
 
 @dataclass

@@ -594,8 +594,8 @@ class PruneHandle:
         for method in self.methods:
             if getattr(method, "media", "any") == "video" and not has_video:
                 raise MediaKindError(
-                    f"{type(method).__name__} prunes video, but this input holds only images; "
-                    "pass video inputs or choose an image method"
+                    f"{type(method).__name__} prunes video, but this input holds only images; pass video inputs "
+                    "or choose an image method (e.g. 'divprune', 'zoo' or 'fastv'; see vlm_prune.methods())"
                 )
 
     def _run_stage(
@@ -659,10 +659,9 @@ class PruneHandle:
             if attention is not None:
                 ctx.attention_fn = self._attention_fn(attention, row, valid_slots)
             result = stage.select(ctx)
-            features = None
+            features = group = None
             if isinstance(result, Selection):
-                features = result.features
-                result = result.keep_mask
+                features, group, result = result.features, result.group, result.keep_mask
             keep_mask = torch.as_tensor(result, device=device)
             if keep_mask.dtype != torch.bool or keep_mask.shape != (len(visual_slots),):
                 raise PruneError(
@@ -684,6 +683,8 @@ class PruneHandle:
                 replacements.append(None)
             sample.present[sample.present.nonzero(as_tuple=True)[0][~keep_mask_cpu]] = False
             sample.layout = layout.select(keep_mask_cpu)
+            if group is not None:
+                sample.layout.group = torch.as_tensor(group).cpu().long()
             tokens_out.append(_counts_per_media(sample.layout))
             forward.shift[row] += len(visual_slots) - kept_count
             if self.position_policy == "compact":
@@ -826,7 +827,7 @@ class PruneHandle:
 
     # ------------------------------------------------------------------ decoder layers
     def _make_layer_hook(self, index: int):
-        stages_here = [stage for stage in self.stages if stage.layer == index]
+        stages_here = [stage for stage in self.stages if stage.layer == index and index > 0]  # 0 = pre-LLM
         capture_for_next = any(stage.layer == index + 1 and "attention" in stage.needs for stage in self.stages)
 
         def hook(module, args, kwargs):

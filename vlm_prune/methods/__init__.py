@@ -3,7 +3,7 @@
 Importing this package registers every built-in method; `available()` lists them.
 """
 
-from vlm_prune.methods import divprune, fastv, pool, random, zoo  # noqa: F401  (registers them)
+from vlm_prune.methods import divprune, evs, fastv, pool, prunevid, random, zoo  # noqa: F401  (registers them)
 from vlm_prune.methods.base import Method, ScorerMethod, Stage, per_media, topk_mask, topk_mask_per_media
 from vlm_prune.methods.registry import available, get_method, get_methods, parse_spec, register
 

@@ -34,6 +34,8 @@ class Stage:
         (float in (0, 1]) or a count per media item (int). None = the method's mask decides.
     needs: signals to record for this stage (subset of `KNOWN_NEEDS`).
     name: shown in `handle.stats`.
+    counts_itself: the stage decides how many tokens it keeps (EVS's count from the grid and rate,
+        PruneVid's data-dependent merge), so `keep=None` is its budget even for a named method.
     """
 
     layer: int
@@ -41,6 +43,7 @@ class Stage:
     keep: float | int | None = None
     needs: frozenset[str] = field(default_factory=frozenset)
     name: str = ""
+    counts_itself: bool = False
 
 
 class Method:
