@@ -62,12 +62,14 @@ class VideoMerge:
     features: (K, D) merged features of the kept tokens, in raster order of their representatives.
     group: (K,) long: segment s's static group is s, step t's dynamic group is num_segments + t.
     segments: the segment lengths in steps.
+    members: per kept token, the raster indices of the tokens it stands for (itself first).
     """
 
     keep_mask: torch.Tensor
     features: torch.Tensor
     group: torch.Tensor
     segments: list[int]
+    members: list[torch.Tensor]
 
 
 def static_locations(segment: torch.Tensor, tau: float) -> torch.Tensor:
@@ -149,7 +151,8 @@ def merge_video(
     keep_mask[first] = True
     features = torch.stack([outputs[i][1] for i in order.tolist()]).to(grid_features.dtype)
     group = torch.tensor([outputs[i][2] for i in order.tolist()], dtype=torch.long)
-    return VideoMerge(keep_mask, features, group, segments)
+    members = [torch.sort(outputs[i][0]).values for i in order.tolist()]
+    return VideoMerge(keep_mask, features, group, segments, members)
 
 
 def share_budget(sizes: list[int], budget: int) -> list[int]:
