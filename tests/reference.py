@@ -29,6 +29,21 @@ from vlm_prune.toy_models import IMAGE_ID, VIDEO_ID
 VISUAL_IDS = (IMAGE_ID, VIDEO_ID)
 
 
+def visual_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the placeholder tokens that are prunable visual tokens.
+
+    Every image/video placeholder, except on LLaVA-OneVision the last token of each run of video tokens:
+    the one newline the model appends per video is not part of any frame, and is never pruned (it stays a
+    text token). The toy prompts separate videos by other tokens, so a run is one video.
+    """
+    visual = torch.isin(input_ids, torch.tensor(VISUAL_IDS, device=input_ids.device))
+    if model is not None and model.config.model_type == "llava_onevision":
+        video = input_ids == VIDEO_ID
+        following = torch.cat([video[:, 1:], torch.zeros_like(video[:, :1])], dim=1)
+        visual &= ~(video & ~following)
+    return visual
+
+
 @dataclass
 class LLMInputs:
     """What the language model of an unwrapped model received in one call (whole batch).
@@ -37,6 +52,7 @@ class LLMInputs:
     positions: (B, L) or (3, B, L) M-RoPE rotary positions (text-position row of Qwen's 4-row ids dropped).
     deepstack: Qwen3-VL per-level (N_visual_total, D) features added after decoder layer i, or None.
     visual_pos_masks: (B, L) bool, where the deepstack features go (Qwen3-VL), or None.
+    visual: (B, L) bool, the prunable visual tokens (`visual_token_mask`).
     """
 
     input_ids: torch.Tensor
@@ -45,6 +61,7 @@ class LLMInputs:
     positions: torch.Tensor
     deepstack: list[torch.Tensor] | None = None
     visual_pos_masks: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
 
     @property
     def mrope(self) -> bool:
@@ -113,12 +130,13 @@ def capture(model, inputs: dict, mode: str = "forward") -> LLMInputs:
         positions=pos.clone(),
         deepstack=None if ds is None else [d.detach().clone() for d in ds],
         visual_pos_masks=None if vpm is None else vpm.clone(),
+        visual=visual_token_mask(model, inputs["input_ids"]),
     )
 
 
-def visual_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[int]:
-    """Number of visual placeholder tokens per row (padding excluded)."""
-    vis = torch.isin(input_ids, torch.tensor(VISUAL_IDS, device=input_ids.device))
+def visual_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model=None) -> list[int]:
+    """Number of prunable visual tokens per row (padding excluded; see `visual_token_mask`)."""
+    vis = visual_token_mask(model, input_ids)
     if attention_mask is not None:
         vis &= attention_mask.bool()
     return vis.sum(-1).tolist()
@@ -205,7 +223,7 @@ def reference_row(
     emb = cap.inputs_embeds[row, cols]
     pos = cap.positions[..., row, cols]
     n = cols.numel()
-    vis = torch.isin(ids, torch.tensor(VISUAL_IDS, device=ids.device))
+    vis = cap.visual[row, cols]
     n_vis = int(vis.sum())
     if keep_visual is None:
         keep_visual = torch.ones(n_vis, dtype=torch.bool)
@@ -315,7 +333,7 @@ def reference_via_language_model(model, cap: LLMInputs, row: int, keep_visual: t
     lm = language_model(model)
     cols = cap.attention_mask[row].bool().nonzero(as_tuple=True)[0]
     ids = cap.input_ids[row, cols]
-    vis = torch.isin(ids, torch.tensor(VISUAL_IDS, device=ids.device))
+    vis = cap.visual[row, cols]
     keep = ~vis
     if keep_visual is None:
         keep_visual = torch.ones(int(vis.sum()), dtype=torch.bool)

@@ -21,9 +21,16 @@ from reference import (
 )
 
 import vlm_prune
-from vlm_prune.toy_models import available_families, build_tiny, make_inputs, single_row
+from vlm_prune.toy_models import VIDEO_FAMILIES, available_families, build_tiny, make_inputs, single_row
 
 FAMILIES = available_families()
+VIDEO_CAPABLE = [family for family in FAMILIES if family in VIDEO_FAMILIES]
+# the prompts holding video: alone, after an image, before an image (vLLM bug #27859 was the mixed case)
+VIDEO_MEDIA = {
+    "video": dict(video=True, num_images=0),
+    "image+video": dict(video=True),
+    "video+image": dict(video=True, video_first=True),
+}
 ATTNS = ("eager", "sdpa")
 LAYOUTS = [(1, "left"), (2, "left"), (2, "right")]
 LAYOUT_IDS = ["b1", "b2-left", "b2-right"]
@@ -135,8 +142,8 @@ def cache_of(out):
     return cache
 
 
-def pattern_keeps(inputs) -> list[torch.Tensor]:
-    return [pattern_mask(n) for n in visual_counts(inputs["input_ids"], inputs["attention_mask"])]
+def pattern_keeps(inputs, model) -> list[torch.Tensor]:
+    return [pattern_mask(n) for n in visual_counts(inputs["input_ids"], inputs["attention_mask"], model)]
 
 
 def kept_index(handle) -> torch.Tensor:
@@ -218,7 +225,7 @@ def test_reference_self_check(family):
             torch.testing.assert_close(ref.logits, full[b, ref.kept_cols], **IDENTITY_TOL)
             refg = reference_row(model, capg, b, None, layer=layer, max_new_tokens=NEW_TOKENS)
             assert refg.tokens.tolist() == new[b].tolist()
-        keep = pattern_keeps(inputs)[b]
+        keep = pattern_keeps(inputs, model)[b]
         ref = reference_row(model, cap, b, keep)
         torch.testing.assert_close(ref.logits, reference_via_language_model(model, cap, b, keep), **TOL)
         # pruning must matter, or the reference tests would prove nothing
@@ -297,7 +304,7 @@ def test_removal_bit_identical(family, attn):
 # ------------------------------------------------------------------------------------------------------
 
 def _check_reference(model, inputs, layer, policy="preserve", gen=True, trim_cache=True):
-    keeps = pattern_keeps(inputs)
+    keeps = pattern_keeps(inputs, model)
     rows = range(len(keeps))
     cap = capture(model, inputs, "forward")
     capg = capture(model, inputs, "generate") if gen else None
@@ -358,12 +365,24 @@ def test_no_trim_keeps_full_early_caches(family):
     _check_reference(model, inputs_for(model, 2, "left"), in_llm_layer(family), trim_cache=False)
 
 
+@pytest.mark.parametrize("media", list(VIDEO_MEDIA))
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
-def test_reference_video(family, stage):
-    """Image + video in every row (Qwen3-VL: per-frame spans separated by timestamp tokens)."""
+@pytest.mark.parametrize("family", VIDEO_CAPABLE)
+def test_reference_video(family, stage, media):
+    """Invariants 3 and 4 on prompts holding a video (Qwen3-VL: per-frame spans separated by timestamp tokens;
+    OneVision: the video's newline stays text), alone or with an image on either side, prefill and decode."""
     model = model_for(family, "sdpa")
-    _check_reference(model, inputs_for(model, 2, "left", video=True), stage_layer(family, stage))
+    _check_reference(model, inputs_for(model, 2, "left", **VIDEO_MEDIA[media]), stage_layer(family, stage))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", VIDEO_CAPABLE)
+def test_reference_video_right_padding_and_eager(family, stage):
+    """Video + image prefill under right padding (sdpa) and, decode included, under eager attention."""
+    model = model_for(family, "sdpa")
+    _check_reference(model, inputs_for(model, 2, "right", video=True), stage_layer(family, stage), gen=False)
+    eager = model_for(family, "eager")
+    _check_reference(eager, inputs_for(eager, 2, "left", video=True, video_first=True), stage_layer(family, stage))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -419,7 +438,7 @@ def test_no_mask_no_cache(family, stage):
     inputs = inputs_for(model, 1, "left")
     inputs.pop("attention_mask")
     cap = capture(model, inputs, "forward")
-    n = visual_counts(inputs["input_ids"])[0]
+    n = visual_counts(inputs["input_ids"], model=model)[0]
     ref = reference_row(model, cap, 0, pattern_mask(n), layer=layer)
     with vlm_prune.pruned(model, pattern_method(layer)) as handle:
         out = forward(model, inputs, use_cache=False)
@@ -484,7 +503,7 @@ def test_two_instances_do_not_interfere(family):
     m3 = model_for(family, "eager")  # never wrapped here: must stay untouched
     k = in_llm_layer(family)
     inputs = inputs_for(m1, 2, "left")
-    keeps = pattern_keeps(inputs)
+    keeps = pattern_keeps(inputs, m1)
     cap = capture(m1, inputs, "forward")
     capg = capture(m1, inputs, "generate")
     base = forward(m3, inputs).logits
@@ -540,7 +559,9 @@ BEAMS = dict(max_new_tokens=3, do_sample=False, num_beams=3, num_return_sequence
 # methods whose selection reads vision-tower recordings (grids, projector inputs, vision attention), which
 # stay in the encoder's order while generate() expands the rows; plus a pure method as a control
 BEAM_METHODS = {"pattern": {}, "random": {"keep": 0.5}, "zoo": {"keep": 0.5}, "visionzip": {"keep": 4}}
-BEAM_UNSUPPORTED = {("zoo", "llava_next"), ("visionzip", "llava_next"), ("visionzip", "qwen3_vl")}
+_ANYRES = ("llava_next", "llava_onevision", "llava_next_video")  # no per-token projector / tower signals
+BEAM_UNSUPPORTED = {(method, family) for method in ("zoo", "visionzip") for family in _ANYRES}
+BEAM_UNSUPPORTED.add(("visionzip", "qwen3_vl"))
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -601,7 +622,7 @@ def test_chunked_prefill_with_every_media_token_in_the_first_chunk(family, layou
     after_media = int(media_columns.max()) + 2
     assert after_media < length, "the prompt must go on after the media for the test to chunk it"
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    if family == "llava_next" and layout == "two images in a row":
+    if family in ("llava_next", "llava_next_video") and layout == "two images in a row":
         with torch.no_grad(), vlm_prune.pruned(model, pattern_method(0)):
             with pytest.raises(vlm_prune.InputError, match="more than one image"):
                 model.generate(**inputs, prefill_chunk_size=after_media, **kwargs)
@@ -624,7 +645,10 @@ def test_chunked_prefill_with_every_media_token_in_the_first_chunk(family, layou
 
 def _without_media(inputs: dict) -> dict:
     """The inputs minus the media: what a later turn on a cache that holds the media passes."""
-    media = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
+    media = (
+        "pixel_values", "image_grid_thw", "image_sizes", "batch_num_images",
+        "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+    )
     return {key: value for key, value in inputs.items() if key not in media}
 
 

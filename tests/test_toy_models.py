@@ -8,6 +8,7 @@ import torch
 from vlm_prune.toy_models import (
     IMAGE_ID,
     SPECIAL_IDS,
+    VIDEO_FAMILIES,
     VIDEO_ID,
     available_families,
     build_tiny,
@@ -32,7 +33,7 @@ def _model(family: str, attn: str):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_and_generate(family, attn, batch):
     model = _model(family, attn)
-    videos = [False, True] if family.startswith("qwen") else [False]
+    videos = [False, True] if family in VIDEO_FAMILIES else [False]
     for video in videos:
         inputs = make_inputs(model, batch=batch, padding="left", video=video)
         if batch > 1:
@@ -53,7 +54,7 @@ def test_forward_and_generate(family, attn, batch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_single_row_matches_row_alone(family):
     model = _model(family, "sdpa")
-    video = family.startswith("qwen")
+    video = family in VIDEO_FAMILIES
     for padding in ("left", "right"):
         inputs = make_inputs(model, batch=2, padding=padding, video=video)
         with torch.no_grad():

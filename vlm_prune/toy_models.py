@@ -6,7 +6,8 @@ Used by the tests and the speed benchmarks; nothing here downloads anything.
     inputs = make_inputs(model, batch=2, padding="left")  # exactly what forward()/generate() take
     alone = single_row(inputs, 1)      # row 1 without padding (== make_inputs(..., rows=[1]))
 
-Families: "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl" (see `FAMILIES`).
+Families: "llava", "llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"
+(see `FAMILIES`; `VIDEO_FAMILIES` take `make_inputs(..., video=True)`).
 
 Token ids (all families): pad 0, bos 1, eos 2, image 3, video 4, vision_start 5, vision_end 6; ordinary
 text tokens are drawn from [TEXT_ID_MIN, vocab). The lm_head rows of the special ids are zeroed, so
@@ -14,10 +15,16 @@ greedy decoding of a random model never emits them (no early EOS, no stray media
 
 Placeholder counts follow the processors: LLaVA one token per patch (CLS dropped), LLaVA-NeXT anyres
 base + unpadded crops + one newline token per row, Qwen `t*h*w / merge**2` per image/video (Qwen3-VL:
-per frame, each frame wrapped in vision_start/end and preceded by timestamp text tokens).
+per frame, each frame wrapped in vision_start/end and preceded by timestamp text tokens). LLaVA-OneVision:
+images as LLaVA-NeXT (anyres_max_2 here, so that the interpolated branch runs too; base + one newline for each
+image of a multi-image prompt), video `frames * ceil(side / 2) ** 2 + 1` (the trailing newline). LLaVA-NeXT-Video:
+images as LLaVA-NeXT, video `frames * (side // spatial_pool_stride) ** 2`. LLaVA video families take one frame
+count per call (their pixel_values_videos is one (videos, frames, 3, H, W) tensor).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -27,8 +34,13 @@ SPECIAL_IDS = (PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, VIDEO_ID, VISION_START_ID, VISI
 TEXT_ID_MIN = 10
 TINY_VOCAB = 300
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+LLAVA_VIDEO_FAMILIES = ("llava_onevision", "llava_next_video")
+#: families whose toy inputs can hold video (with or without images in the same prompt)
+VIDEO_FAMILIES = LLAVA_VIDEO_FAMILIES + QWEN_FAMILIES
+#: frames per video of the LLaVA video families in the toy inputs (one count per call; see the module docstring)
+LLAVA_VIDEO_FRAMES = 3
 
 # Number of timestamp text tokens Qwen3-VL puts before every video frame ("<0.5 seconds>").
 QWEN3_TIMESTAMP_TOKENS = 3
@@ -53,6 +65,10 @@ def _classes(family: str):
         return tf.LlavaConfig, tf.LlavaForConditionalGeneration
     if family == "llava_next":
         return tf.LlavaNextConfig, tf.LlavaNextForConditionalGeneration
+    if family == "llava_onevision":
+        return tf.LlavaOnevisionConfig, tf.LlavaOnevisionForConditionalGeneration
+    if family == "llava_next_video":
+        return tf.LlavaNextVideoConfig, tf.LlavaNextVideoForConditionalGeneration
     if family == "qwen2_vl":
         return tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
     if family == "qwen2_5_vl":
@@ -103,26 +119,32 @@ def _common_text(size: str) -> dict:
 
 
 def _llava_config(family: str, size: str):
-    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig
 
     config_cls, _ = _classes(family)
     tiny = size == "tiny"
-    vision = CLIPVisionConfig(
+    onevision = family == "llava_onevision"
+    vision_dims = dict(
         hidden_size=32 if tiny else 256,
         intermediate_size=64 if tiny else 1024,
         num_hidden_layers=2 if tiny else 4,
         num_attention_heads=2 if tiny else 4,
-        image_size=32 if tiny else 336,
+        # OneVision: an odd patch grid (5x5), so that its ceil(side / 2) video pooling differs from floor
+        image_size=(40 if onevision else 32) if tiny else 336,
         patch_size=8 if tiny else 14,
-        projection_dim=32 if tiny else 256,
     )
-    text = LlamaConfig(**_common_text(size))
+    if onevision:  # SigLIP (no CLS token) and a Qwen2 LLM, as the released checkpoints
+        vision = SiglipVisionConfig(**vision_dims)
+        text = Qwen2Config(**_common_text(size))
+    else:
+        vision = CLIPVisionConfig(projection_dim=32 if tiny else 256, **vision_dims)
+        text = LlamaConfig(**_common_text(size))
     kwargs = dict(
         vision_config=vision,
         text_config=text,
         image_token_index=IMAGE_ID,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_select_strategy="full" if onevision else "default",
+        vision_feature_layer=-1 if onevision else -2,
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
@@ -133,6 +155,12 @@ def _llava_config(family: str, size: str):
         s = vision.image_size
         kwargs["image_grid_pinpoints"] = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
         kwargs["image_seq_length"] = side * side
+    if family in LLAVA_VIDEO_FAMILIES:
+        kwargs["video_token_index"] = VIDEO_ID
+    if onevision:
+        kwargs["vision_aspect_ratio"] = "anyres_max_2"  # tiny grids reach both the plain and the interpolated branch
+    if family == "llava_next_video":
+        kwargs.update(spatial_pool_mode="average", spatial_pool_stride=2, video_seq_length=(side // 2) ** 2)
     return config_cls(**kwargs)
 
 
@@ -192,7 +220,7 @@ def _qwen_config(family: str, size: str):
 
 def build_config(family: str, size: str = "tiny"):
     """The config `build_tiny` uses (no weights)."""
-    if family in ("llava", "llava_next"):
+    if family in ("llava", "llava_next", *LLAVA_VIDEO_FAMILIES):
         return _llava_config(family, size)
     if family in QWEN_FAMILIES:
         return _qwen_config(family, size)
@@ -256,6 +284,8 @@ def family_of(model) -> str:
     return {
         "llava": "llava",
         "llava_next": "llava_next",
+        "llava_onevision": "llava_onevision",
+        "llava_next_video": "llava_next_video",
         "qwen2_vl": "qwen2_vl",
         "qwen2_5_vl": "qwen2_5_vl",
         "qwen3_vl": "qwen3_vl",
@@ -267,8 +297,12 @@ def family_of(model) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _llava_next_num_tokens(config, orig_hw: tuple[int, int]) -> int:
-    """Placeholder count of one LLaVA-NeXT image, as LlavaNextProcessor computes it."""
+def _llava_next_num_tokens(config, orig_hw: tuple[int, int], multi_image: bool = False) -> int:
+    """Placeholder count of one LLaVA-NeXT (or LLaVA-OneVision) image, as the family's processor computes it.
+
+    OneVision: an image of a multi-image prompt is its base grid plus one newline; otherwise the unpadded
+    grid shrinks by `sqrt(h * w / (max_patches * side**2))` when that ratio exceeds 1.1 ("anyres_max_N").
+    """
     from transformers.image_processing_utils import select_best_resolution
 
     size = config.vision_config.image_size
@@ -285,12 +319,31 @@ def _llava_next_num_tokens(config, orig_hw: tuple[int, int]) -> int:
         new_w = int(round(orig_w * (cur_h / orig_h), 7))
         cur_w -= ((cur_w - new_w) // 2) * 2
     unpadded, newline = cur_h * cur_w, cur_h
-    base = ph * pw  # CLS dropped ("default" strategy)
+    base = ph * pw  # CLS dropped ("default" strategy); SigLIP (OneVision) has none
+    if config.model_type == "llava_onevision":
+        if multi_image:
+            return base + 1
+        max_patches = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+        ratio = math.sqrt(cur_h * cur_w / (max_patches * ph**2))
+        if ratio > 1.1:
+            unpadded, newline = int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
     return unpadded + newline + base
 
 
-def _llava_next_num_patches(config, orig_hw: tuple[int, int]) -> int:
+def _llava_video_tokens_per_frame(config) -> int:
+    """Pooled tokens of one video frame: ceil(side / 2)^2 (OneVision's bilinear halving) or
+    (side // spatial_pool_stride)^2 (NeXT-Video's pooling layer)."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    if config.model_type == "llava_onevision":
+        return math.ceil(side / 2) ** 2
+    return (side // config.spatial_pool_stride) ** 2
+
+
+def _llava_next_num_patches(config, orig_hw: tuple[int, int], multi_image: bool = False) -> int:
     from transformers.image_processing_utils import select_best_resolution
+
+    if multi_image and config.model_type == "llava_onevision":
+        return 1
 
     size = config.vision_config.image_size
     best_h, best_w = select_best_resolution(list(orig_hw), config.image_grid_pinpoints)
@@ -308,8 +361,13 @@ def _row_spec(
     size: str,
     image_grid,
     video_grid,
+    video_first: bool = False,
 ) -> dict:
-    """Deterministic content of one row, a function of (seed, row) only."""
+    """Deterministic content of one row, a function of (seed, row) only.
+
+    video_first: put the video before the images (the random draws stay in the same order, so the row holds
+    the same media and text either way).
+    """
     g = torch.Generator().manual_seed(seed * 7919 + row * 104729 + 17)
     vocab = config.text_config.vocab_size
     if prompt_length is None:
@@ -319,7 +377,7 @@ def _row_spec(
     text = torch.randint(TEXT_ID_MIN, vocab, (prompt_length,), generator=g)
     prefix, question = text[:n_prefix].tolist(), text[n_prefix:].tolist()
 
-    ids: list[int] = [BOS_ID] + prefix
+    image_ids: list[int] = []
     media: list[dict] = []
     tiny = size == "tiny"
     for k in range(num_images):
@@ -328,19 +386,20 @@ def _row_spec(
             s = config.vision_config.image_size
             pix = torch.randn(3, s, s, generator=g)
             media.append(dict(kind="image", pixel=pix))
-            ids += [IMAGE_ID] * n
-        elif family == "llava_next":
+            image_ids += [IMAGE_ID] * n
+        elif family in ("llava_next", *LLAVA_VIDEO_FAMILIES):
             s = config.vision_config.image_size
             # vary aspect ratio by row/image so anyres unpadding differs
             choices = [(s + s // 4, 2 * s - s // 4), (2 * s - s // 8, s + s // 2), (s, s), (2 * s, 2 * s)]
             if not tiny:
                 choices = [(s, s), (2 * s - s // 4, 2 * s)]
             orig = choices[(row + k) % len(choices)]
-            n = _llava_next_num_tokens(config, orig)
-            n_patches = _llava_next_num_patches(config, orig)
+            multi = num_images > 1
+            n = _llava_next_num_tokens(config, orig, multi)
+            n_patches = _llava_next_num_patches(config, orig, multi)
             pix = torch.randn(n_patches, 3, s, s, generator=g)
             media.append(dict(kind="image", pixel=pix, image_size=orig))
-            ids += [IMAGE_ID] * n
+            image_ids += [IMAGE_ID] * n
         else:
             merge = config.vision_config.spatial_merge_size
             if image_grid is not None:
@@ -354,32 +413,50 @@ def _row_spec(
             grid = (1, gh, gw)
             pix = torch.randn(gh * gw, 3 * tp * p * p, generator=g)
             media.append(dict(kind="image", pixel=pix, grid=grid))
-            ids += [VISION_START_ID] + [IMAGE_ID] * (gh * gw // merge**2) + [VISION_END_ID]
+            image_ids += [VISION_START_ID] + [IMAGE_ID] * (gh * gw // merge**2) + [VISION_END_ID]
         if k + 1 < num_images:
-            ids += torch.randint(TEXT_ID_MIN, vocab, (2,), generator=g).tolist()
+            image_ids += torch.randint(TEXT_ID_MIN, vocab, (2,), generator=g).tolist()
+    video_ids: list[int] = []
     if video:
-        if family not in QWEN_FAMILIES:
-            raise ValueError(f"toy video inputs are only built for Qwen families, not {family!r}")
-        merge = config.vision_config.spatial_merge_size
-        tp = config.vision_config.temporal_patch_size
-        p = config.vision_config.patch_size
-        if video_grid is not None:
-            t, gh, gw = video_grid
-        elif tiny:
-            t, gh, gw = 2 + (row % 2), 4, 4
-        else:
-            t, gh, gw = 4, 24, 24
-        pix = torch.randn(t * gh * gw, 3 * tp * p * p, generator=g)
-        media.append(dict(kind="video", pixel=pix, grid=(t, gh, gw), second_per_grid=1.0))
-        per_frame = gh * gw // merge**2
-        if family == "qwen3_vl":
-            for _ in range(t):
-                ids += torch.randint(TEXT_ID_MIN, vocab, (QWEN3_TIMESTAMP_TOKENS,), generator=g).tolist()
-                ids += [VISION_START_ID] + [VIDEO_ID] * per_frame + [VISION_END_ID]
-        else:
-            ids += [VISION_START_ID] + [VIDEO_ID] * (t * per_frame) + [VISION_END_ID]
-    ids += question
-    return dict(ids=ids, media=media)
+        video_ids = _video_spec(family, config, row, g, tiny, video_grid, media)
+    media_ids = video_ids + image_ids if video_first else image_ids + video_ids
+    if video_first:  # the items' order in the prompt: video, then images
+        media = [m for m in media if m["kind"] == "video"] + [m for m in media if m["kind"] == "image"]
+    return dict(ids=[BOS_ID] + prefix + media_ids + question, media=media)
+
+
+def _video_spec(family: str, config, row: int, g: torch.Generator, tiny: bool, video_grid, media: list) -> list[int]:
+    """Append one video of `family` to `media`; return its placeholder ids."""
+    vocab = config.text_config.vocab_size
+    if family in LLAVA_VIDEO_FAMILIES:
+        s = config.vision_config.image_size
+        frames = int(video_grid[0]) if video_grid is not None else LLAVA_VIDEO_FRAMES
+        pix = torch.randn(frames, 3, s, s, generator=g)
+        media.append(dict(kind="video", pixel=pix))
+        newline = 1 if family == "llava_onevision" else 0
+        return [VIDEO_ID] * (frames * _llava_video_tokens_per_frame(config) + newline)
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"toy video inputs are built for {VIDEO_FAMILIES}, not {family!r}")
+    merge = config.vision_config.spatial_merge_size
+    tp = config.vision_config.temporal_patch_size
+    p = config.vision_config.patch_size
+    if video_grid is not None:
+        t, gh, gw = video_grid
+    elif tiny:
+        t, gh, gw = 2 + (row % 2), 4, 4
+    else:
+        t, gh, gw = 4, 24, 24
+    pix = torch.randn(t * gh * gw, 3 * tp * p * p, generator=g)
+    media.append(dict(kind="video", pixel=pix, grid=(t, gh, gw), second_per_grid=1.0))
+    per_frame = gh * gw // merge**2
+    ids: list[int] = []
+    if family == "qwen3_vl":
+        for _ in range(t):
+            ids += torch.randint(TEXT_ID_MIN, vocab, (QWEN3_TIMESTAMP_TOKENS,), generator=g).tolist()
+            ids += [VISION_START_ID] + [VIDEO_ID] * per_frame + [VISION_END_ID]
+    else:
+        ids += [VISION_START_ID] + [VIDEO_ID] * (t * per_frame) + [VISION_END_ID]
+    return ids
 
 
 def make_inputs(
@@ -394,6 +471,7 @@ def make_inputs(
     rows: list[int] | None = None,
     image_grid: tuple[int, int] | None = None,
     video_grid: tuple[int, int, int] | None = None,
+    video_first: bool = False,
 ) -> dict:
     """The inputs forward()/generate() take for `batch` rows (or the given `rows` indices).
 
@@ -404,9 +482,11 @@ def make_inputs(
     prompt_lengths: text tokens per row (prefix + question), indexed by row index.
     num_images: images per row, or a list indexed by row index (e.g. [0, 1]: row 0 text-only, row 1 one
         image). num_images=0 and video=False give a text-only input (no pixel keys).
-    Returned keys: input_ids, attention_mask, and per family pixel_values (+ image_sizes for LLaVA-NeXT,
-    image_grid_thw + mm_token_type_ids for Qwen), pixel_values_videos + video_grid_thw for video
-    (+ second_per_grid_ts for Qwen2.5-VL).
+    video: one video per row, after the images (`video_first=True`: before them); `VIDEO_FAMILIES` only.
+    video_grid: (t, h, w) patch grid of every Qwen video; for the LLaVA video families only t (frames) is read.
+    Returned keys: input_ids, attention_mask, and per family pixel_values (+ image_sizes for the LLaVA-NeXT
+    families, + batch_num_images for OneVision, image_grid_thw + mm_token_type_ids for Qwen),
+    pixel_values_videos (+ video_grid_thw for Qwen, + second_per_grid_ts for Qwen2.5-VL) for video.
     """
     if padding not in ("left", "right"):
         raise ValueError("padding must be 'left' or 'right'")
@@ -420,7 +500,9 @@ def make_inputs(
     for r in row_ids:
         pl = None if prompt_lengths is None else prompt_lengths[r]
         n_img = num_images if isinstance(num_images, int) else int(num_images[r])
-        specs.append(_row_spec(family, config, r, seed, n_img, video, pl, size, image_grid, video_grid))
+        specs.append(
+            _row_spec(family, config, r, seed, n_img, video, pl, size, image_grid, video_grid, video_first)
+        )
     length = max(len(s["ids"]) for s in specs)
     input_ids = torch.full((len(specs), length), PAD_ID, dtype=torch.long)
     attention_mask = torch.zeros((len(specs), length), dtype=torch.long)
@@ -436,7 +518,7 @@ def make_inputs(
     if family == "llava":
         if images:
             out["pixel_values"] = torch.stack([m["pixel"] for m in images]).to(device, dtype)
-    elif family == "llava_next":
+    elif family in ("llava_next", *LLAVA_VIDEO_FAMILIES):
         if images:
             max_p = max(m["pixel"].shape[0] for m in images)
             pix = torch.zeros(len(images), max_p, *images[0]["pixel"].shape[1:])
@@ -444,6 +526,11 @@ def make_inputs(
                 pix[i, : m["pixel"].shape[0]] = m["pixel"]
             out["pixel_values"] = pix.to(device, dtype)
             out["image_sizes"] = torch.tensor([list(m["image_size"]) for m in images], dtype=torch.long, device=device)
+            if family == "llava_onevision":
+                per_row = [sum(m["kind"] == "image" for m in s["media"]) for s in specs]
+                out["batch_num_images"] = torch.tensor(per_row, dtype=torch.long, device=device)
+        if videos:
+            out["pixel_values_videos"] = torch.stack([m["pixel"] for m in videos]).to(device, dtype)
     else:
         if images:
             out["pixel_values"] = torch.cat([m["pixel"] for m in images]).to(device, dtype)
@@ -487,6 +574,8 @@ def single_row(inputs: dict, i: int) -> dict:
     if "mm_token_type_ids" in inputs:
         out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i][keep][None]
     images = _media_per_row(inputs, IMAGE_ID)
+    if "batch_num_images" in inputs:
+        images = inputs["batch_num_images"].tolist()  # OneVision: multi-image bases are adjacent spans
     first, count = sum(images[:i]), images[i]
     if "pixel_values" in inputs and count:
         if "image_grid_thw" in inputs:
@@ -505,7 +594,12 @@ def single_row(inputs: dict, i: int) -> dict:
                 used = pv.flatten(2).ne(0).any(-1).any(0)
                 n_used = int(used.nonzero().max()) + 1 if used.any() else pv.shape[1]
                 out["pixel_values"] = pv[:, :n_used]
-    if "pixel_values_videos" in inputs:
+            if "batch_num_images" in inputs:
+                out["batch_num_images"] = inputs["batch_num_images"][i : i + 1]
+    if "pixel_values_videos" in inputs and "video_grid_thw" not in inputs:  # LLaVA video families
+        per = inputs["pixel_values_videos"].shape[0] // batch
+        out["pixel_values_videos"] = inputs["pixel_values_videos"][i * per : (i + 1) * per]
+    elif "pixel_values_videos" in inputs:
         grid = inputs["video_grid_thw"]
         per = grid.shape[0] // batch
         sizes = grid.prod(-1).tolist()

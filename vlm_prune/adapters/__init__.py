@@ -6,6 +6,7 @@ from torch import nn
 
 from vlm_prune.adapters.base import Adapter, ProjectorParts, SampleMedia
 from vlm_prune.adapters.llava import LlavaAdapter, LlavaNextAdapter
+from vlm_prune.adapters.llava_video import LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from vlm_prune.adapters.qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter, QwenVLAdapter
 from vlm_prune.errors import UnsupportedModelError
 
@@ -13,6 +14,8 @@ from vlm_prune.errors import UnsupportedModelError
 ADAPTERS: dict[str, tuple[type[Adapter], str]] = {
     "LlavaForConditionalGeneration": (LlavaAdapter, "LLaVA-1.5 (llava-hf/llava-1.5-*-hf)"),
     "LlavaNextForConditionalGeneration": (LlavaNextAdapter, "LLaVA-NeXT / LLaVA-1.6 (anyres)"),
+    "LlavaOnevisionForConditionalGeneration": (LlavaOnevisionAdapter, "LLaVA-OneVision (images and video)"),
+    "LlavaNextVideoForConditionalGeneration": (LlavaNextVideoAdapter, "LLaVA-NeXT-Video (images and video)"),
     "Qwen2VLForConditionalGeneration": (QwenVLAdapter, "Qwen2-VL"),
     "Qwen2_5_VLForConditionalGeneration": (Qwen25VLAdapter, "Qwen2.5-VL"),
     "Qwen3VLForConditionalGeneration": (Qwen3VLAdapter, "Qwen3-VL (dense)"),

@@ -192,6 +192,7 @@ class LlavaNextAdapter(LlavaAdapter):
             # generate(prefill_chunk_size=N) hands a chunk all its images' features as one block; rows
             # separate images, and the row check below refuses a row that holds more than one
             counts = with_images
+        counts = self._split_image_runs(counts, flat_embeds, newline)
         if sum(counts) != len(flat_embeds):
             raise InputError(
                 f"LLaVA-NeXT: {len(flat_embeds)} image tokens but the images need {sum(counts)}; "
@@ -224,6 +225,12 @@ class LlavaNextAdapter(LlavaAdapter):
                     col += 1
             blocks.append(torch.cat([base, hires]))
         return blocks
+
+    def _split_image_runs(
+        self, counts: list[int], flat_embeds: torch.Tensor, newline: torch.Tensor | None
+    ) -> list[int]:
+        """Split blocks that hold several images of fixed size (none on LLaVA-NeXT: anyres images vary)."""
+        return counts
 
     def _counts_from_sizes(self, call: dict) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import (
