@@ -35,6 +35,7 @@ Schedules (`Schedule`: input layer of each stage and the budget after it):
 2. `preset=` by name (`PRESETS`) or a path to a JSON preset written by `methods.calibration.save_preset`;
 3. the bound model is LLaVA-1.5-7B/13B and `keep` is 128/64/48 tokens (int, or a fraction within half a
    token of it at 576 tokens), or Qwen2-VL (28 layers) and `keep` is 0.1/0.3/0.5: the authors' preset;
+   an embedded demo model and a budget it ships a calibrated preset for (`calibration.demo_preset`);
 4. otherwise the documented rule `derive_schedule`: stages on the input of layers
    round(L·[1/16, 1/3, 2/3]) (at least 1, strictly increasing, below L: [2, 11, 21] for L = 32), and one
    geometric per-stage ratio r (cumulative keeps r, r², r³) solved by bisection so that the equivalent
@@ -316,6 +317,11 @@ class AdaptInfer(Method):
         matched = match_preset(self._info, self.keep)
         if matched is not None:
             return PRESETS[matched]
+        from vlm_prune.methods.calibration import demo_preset, load_preset
+
+        shipped = demo_preset(self._info, self.keep)  # the embedded demo models' calibrated presets
+        if shipped is not None:
+            return load_preset(shipped)
         if self.keep is None:
             raise BudgetError("AdaptInfer needs a budget: pass keep=... (equivalent average fraction) or a preset")
         if isinstance(self.keep, int) and not isinstance(self.keep, bool):

@@ -34,6 +34,12 @@ from vlm_prune.methods.adaptinfer import Schedule, cumulative, solve_geometric_r
 
 PRESET_VERSION = 1
 
+#: Folder, inside an embedded demo model's directory (`vlm_prune/demo_models/<name>/`), holding its calibrated
+#: AdaptInfer presets: one `vlm-prune calibrate` JSON per budget (regenerate: benchmarks/calibrate_demo_models.sh).
+DEMO_PRESET_FOLDER = "adaptinfer_presets"
+#: Visual tokens per image of both embedded demo models (a 192x192 mosaic -> 24 x 24 tokens).
+DEMO_VISUAL_TOKENS = 576
+
 
 def cross_modal_share(rows: torch.Tensor, visual_pos: torch.Tensor, text_pos: torch.Tensor) -> float:
     """Share of content attention that goes to visual tokens, for one layer.
@@ -125,3 +131,30 @@ def load_preset(path: str | Path) -> Schedule:
         raise BudgetError(f"{path} is not a vlm_prune schedule preset (version {PRESET_VERSION})")
     keep = tuple(k if isinstance(k, int) else float(k) for k in data["stage_keep"])
     return Schedule(tuple(int(k) for k in data["layers"]), keep, data.get("source") or str(path))
+
+
+def demo_preset(info: Any, keep: float | int | None) -> Path | None:
+    """The calibrated preset shipped with an embedded demo model for budget `keep`, or None.
+
+    info: the bound model (`.name_or_path`, `.num_layers`); only the folders under `vlm_prune/demo_models/`
+        count. keep: an int token count per image, or a fraction; a preset matches when its budget is
+        within half a token of it (at 576 visual tokens), as the authors' LLaVA presets match. A preset
+        written for another depth (a stale file) never matches.
+    """
+    if info is None or keep is None or isinstance(keep, bool):
+        return None
+    name = str(getattr(info, "name_or_path", "") or "")
+    if not name:
+        return None
+    demo_dir = (Path(__file__).resolve().parents[1] / "demo_models").resolve()
+    folder = Path(name).resolve() / DEMO_PRESET_FOLDER
+    if folder.parent.parent != demo_dir or not folder.is_dir():
+        return None
+    tokens = keep if isinstance(keep, int) else float(keep) * DEMO_VISUAL_TOKENS
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("num_layers") != getattr(info, "num_layers", None) or data.get("keep") is None:
+            continue
+        if abs(float(data["keep"]) * DEMO_VISUAL_TOKENS - tokens) < 0.5:
+            return path
+    return None
