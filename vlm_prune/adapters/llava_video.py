@@ -155,6 +155,12 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 pieces.append((int(item[0]), VIDEO, item[:count], _video_block(*grid), grid))
                 start += len(item)
             samples.append(SampleMedia(*_merge_pieces(pieces)))
+        if next_image != len(image_blocks) or next_video != len(video_grids):
+            raise InputError(
+                f"{self.family}: the call brings {len(image_blocks)} images and {len(video_grids)} videos but the "
+                f"placeholders hold {next_image} and {next_video}; pass the processor's input_ids with the media "
+                f"it was built for. {SPLIT_MEDIA_HINT}"
+            )
         return samples
 
 

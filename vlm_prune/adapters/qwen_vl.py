@@ -62,9 +62,7 @@ class QwenVLAdapter(Adapter):
         if counts is None:
             return None
         totals = self._row_totals(call, modality)
-        for recorded in reversed(call.get("vision_calls", [])):
-            if recorded is None:
-                continue
+        for recorded in self._recorded_candidates(call, modality):
             sizes = self._merged_sizes(recorded)
             if sizes == counts:
                 return recorded
@@ -82,6 +80,22 @@ class QwenVLAdapter(Adapter):
             f"cannot find the {modality} grids; pass {modality}_grid_thw as the processor returns it. "
             f"{SPLIT_MEDIA_HINT}"
         )
+
+    @staticmethod
+    def _recorded_candidates(call: dict, modality: str) -> list[torch.Tensor]:
+        """Recorded vision-tower grids that may be this modality's, newest first.
+
+        The model (and generate()'s pre-encoding) runs the tower on the images first, then on the videos, so
+        when the call brings both kinds the newest pair is (image grids, video grids): the candidates for a kind
+        are taken at its place in each such group. Checking sizes alone is not enough, as image and video items
+        can have the same token totals.
+        """
+        recorded = [grid for grid in call.get("vision_calls", []) if grid is not None]
+        present = [name for name in ("image", "video") if item_counts(call, name) is not None]
+        if modality not in present or len(recorded) < len(present):
+            return recorded[::-1]
+        group, slot = len(present), present.index(modality)
+        return recorded[len(recorded) - group + slot :: -group]
 
     def _call_grids(self, call: dict, modality: str) -> torch.Tensor | None:
         """Grids of the call's media items in call order: the encoder's grids, expanded as generate() expanded
@@ -123,9 +137,11 @@ class QwenVLAdapter(Adapter):
                     count = t * h * w
                     item_columns = columns[start : start + count]
                     if len(item_columns) != count:
+                        name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
                         raise InputError(
-                            f"a media item of grid {(t, h, w)} needs {count} tokens, found {len(item_columns)}. "
-                            f"{SPLIT_MEDIA_HINT}"
+                            f"a media item of grid {(t, h, w)} (merged) needs {count} tokens, but its sample holds "
+                            f"{len(item_columns)} more; the {name} does not match the placeholders. Pass the "
+                            f"processor's input_ids with the {name} it returned. {SPLIT_MEDIA_HINT}"
                         )
                     pieces.append((int(item_columns[0]), kind, item_columns, _item_grid(t, h, w), (t, h, w)))
                     start += count
@@ -147,6 +163,14 @@ class QwenVLAdapter(Adapter):
                 media_grid=[p[4] for p in pieces],
             )
             samples.append(SampleMedia(columns[order], layout))
+        for kind, (_, grids) in queues.items():
+            if next_item[kind] != len(grids):
+                name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
+                raise InputError(
+                    f"{name} holds {len(grids)} items but the placeholders hold only {next_item[kind]}; the grid "
+                    f"does not match the placeholders. Pass the processor's input_ids with the {name} it returned. "
+                    f"{SPLIT_MEDIA_HINT}"
+                )
         return samples
 
     def lm_position_ids(self, contiguous: torch.Tensor) -> torch.Tensor:

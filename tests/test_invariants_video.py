@@ -1,0 +1,162 @@
+"""DESIGN.md invariants on prompts holding video, on every video-capable toy family.
+
+The image-prompt matrix lives in `test_invariants.py` (which also holds the video reference equivalence at
+layer 0 and layer k, `test_reference_video`); this file adds the video variants of identity, batch rows,
+a second turn, beams and chunked prefill. Every prompt kind is covered: a video alone, an image then a
+video, a video then an image (vLLM's bug #27859 was the mixed case). To keep CI time in check each test
+runs sdpa at batch 2; eager attention and right padding are covered by
+`test_invariants.py::test_reference_video_right_padding_and_eager`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_invariants import (
+    BEAMS,
+    IDENTITY_TOL,
+    NEW_TOKENS,
+    STAGES,
+    TOL,
+    VIDEO_CAPABLE,
+    VIDEO_MEDIA,
+    _second_turn,
+    _without_media,
+    forward,
+    generate,
+    inputs_for,
+    keep_all_method,
+    kept_index,
+    model_for,
+    pattern_method,
+    real_slots,
+    stage_layer,
+)
+
+import vlm_prune
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("media", list(VIDEO_MEDIA))
+@pytest.mark.parametrize("family", VIDEO_CAPABLE)
+def test_video_identity_keep_all(family, media):
+    """Keep-all at both stages: the unwrapped logits and greedy tokens."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left", **VIDEO_MEDIA[media])
+    base = forward(model, inputs).logits
+    base_new, base_steps = generate(model, inputs)
+    mask = inputs["attention_mask"].bool()
+    for stage in STAGES:
+        with vlm_prune.pruned(model, keep_all_method(stage_layer(family, stage))) as handle:
+            got = forward(model, inputs).logits
+            assert handle.stats.visual_tokens_in > 0, "the video tokens were found"
+            new, steps = generate(model, inputs)
+        torch.testing.assert_close(got[mask], base[mask], **IDENTITY_TOL)
+        assert new.tolist() == base_new.tolist(), stage
+        torch.testing.assert_close(steps, base_steps, **IDENTITY_TOL)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("family", VIDEO_CAPABLE)
+def test_video_batch_row_equals_row_alone(family, stage, padding):
+    """Invariant 6 with an image and a video in every row (video first under left padding)."""
+    from vlm_prune.toy_models import single_row
+
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, padding, video=True, video_first=padding == "left")
+    with vlm_prune.pruned(model, pattern_method(stage_layer(family, stage))) as handle:
+        logits = forward(model, inputs).logits
+        index = kept_index(handle).clone()
+        new = generate(model, inputs)[0] if padding == "left" else None
+        for row in range(2):
+            alone = single_row(inputs, row)
+            alone_logits = forward(model, alone).logits[0]
+            alone_index = kept_index(handle)[0]
+            offset = int((~inputs["attention_mask"][row].bool()).sum()) if padding == "left" else 0
+            valid = real_slots(index, inputs["attention_mask"])[row]
+            assert torch.equal(index[row][valid] - offset, alone_index[alone_index >= 0])
+            torch.testing.assert_close(logits[row][valid], alone_logits[alone_index >= 0], **TOL)
+            if new is not None:
+                assert generate(model, alone)[0][0].tolist() == new[row].tolist()
+
+
+# Known engine bug (pre-existing, images too): on Qwen, generate() builds a follow-up's M-RoPE positions in
+# `_prepare_position_ids_for_generation` from the PHYSICAL cache length. When pruning removed more tokens than the
+# prompt has after its last media token, `mm_token_type_ids[:, past:]` reaches media placeholders, so transformers
+# takes them for new media, finds no grids and zeroes `rope_deltas`: every later position loses its M-RoPE offset.
+# Reproduced image-only with "random" keep=0.1 and a short question. The fix belongs in the engine's follow-up
+# path (keep each row's prefill rope_deltas with the cache state and rebuild the positions from them).
+QWEN_FOLLOW_UP_BUG = pytest.mark.xfail(
+    strict=True, reason="Qwen follow-up positions lose rope_deltas when pruning exceeds the text tail (engine)"
+)
+
+
+@pytest.mark.parametrize(
+    ("family", "stage"),
+    [
+        # in-LLM stages run untrimmed here, so the first layers' cache keeps its full length: no bug
+        pytest.param(f, s, marks=QWEN_FOLLOW_UP_BUG) if f.startswith("qwen") and s == "pre" else (f, s)
+        for f in VIDEO_CAPABLE
+        for s in STAGES
+    ],
+)
+def test_video_second_turn_on_the_pruned_cache(family, stage):
+    """A second turn on the cache of a pruned video + image prompt equals a fresh pruned prefill."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left", video=True)
+    kwargs = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), vlm_prune.pruned(model, pattern_method(stage_layer(family, stage)), trim_cache=False):
+        first = model.generate(**inputs, max_new_tokens=3, **kwargs)
+        follow_up = _second_turn(inputs, first.sequences, [20, 21, 22, 23])
+        fresh = model.generate(**follow_up, max_new_tokens=NEW_TOKENS, **kwargs)
+        reused = model.generate(
+            **_without_media(follow_up), cache=first.past_key_values, max_new_tokens=NEW_TOKENS, **kwargs
+        )
+    assert torch.equal(reused.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), **TOL)
+
+
+@pytest.mark.parametrize("family", VIDEO_CAPABLE)
+def test_video_beams(family):
+    """generate() expands each row's encoded video and image for beams: keep-all is the unwrapped beam search,
+    and each beam keeps exactly the tokens greedy decoding of its row keeps."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left", video=True, video_first=True)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **BEAMS)
+        with vlm_prune.pruned(model, keep_all_method(0)):
+            assert torch.equal(model.generate(**inputs, **BEAMS), expected)
+        with vlm_prune.pruned(model, pattern_method(0)) as handle:
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            greedy_kept = handle.last_kept_index.clone()
+            model.generate(**inputs, **BEAMS)
+            beam_kept = handle.last_kept_index.clone()
+    assert (greedy_kept >= 0).sum() < inputs["attention_mask"].sum(), "something was pruned"
+    for row in range(2):
+        for beam in range(BEAMS["num_beams"]):
+            assert torch.equal(beam_kept[row * BEAMS["num_beams"] + beam], greedy_kept[row])
+
+
+@pytest.mark.parametrize("family", VIDEO_CAPABLE)
+def test_video_chunked_prefill(family):
+    """generate(prefill_chunk_size=N) with every media token in the first chunk: the same media items and the
+    same tokens as one prefill; a chunk boundary inside the media is refused."""
+    from reference import VISUAL_IDS
+
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left", video=True)
+    media_columns = torch.isin(inputs["input_ids"], torch.tensor(VISUAL_IDS)).nonzero()[:, 1]
+    after_media = int(media_columns.max()) + 2
+    assert after_media < inputs["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), vlm_prune.pruned(model, pattern_method(0)) as handle:
+        whole = model.generate(**inputs, **kwargs)
+        items_whole = handle.stats.stages[0].tokens_in
+        chunked = model.generate(**inputs, prefill_chunk_size=after_media, **kwargs)
+        assert handle.stats.stages[0].tokens_in == items_whole, "the same media items, not one merged block"
+        with pytest.raises(vlm_prune.InputError, match="prefill_chunk_size"):
+            model.generate(**inputs, prefill_chunk_size=int(media_columns.min()) + 1, **kwargs)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), **TOL)
