@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..data.mosaic import COLORS, SHAPES, Cell, DataError, load_cell_pixels, load_cells, position_name
+from ..data.mosaic import COLORS, SHAPES, Cell, DataError, _pixels, load_cells, position_name
 
 QTYPES: tuple[str, ...] = ("appeared_last", "moved", "recolored", "start", "end")
 EVENT_KINDS: tuple[str, ...] = ("appear", "move", "recolor")
@@ -145,15 +145,13 @@ class VideoSample:
 
 
 # ------------------------------------------------------------------------------------------------ rendering
-@functools.cache
-def _split_arrays(split: str) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
-    """(pixels (N, 64, 64, 3) uint8, shape masks (N, 64, 64) bool, image id -> row) of `load_cells(split)`."""
-    px = load_cell_pixels(split)
-    corners = np.stack([px[:, 0, 0], px[:, 0, -1], px[:, -1, 0], px[:, -1, -1]], 1).astype(np.int16)
-    bg = np.median(corners, axis=1).astype(np.int16)  # (N, 3) each image's own background
-    mask = (np.abs(px.astype(np.int16) - bg[:, None, None, :]).max(-1)) > FG_THRESHOLD
-    rows = {c.image_id: i for i, c in enumerate(load_cells(split))}
-    return px, mask, rows
+@functools.lru_cache(maxsize=8192)
+def _image_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (64, 64, 3) uint8, shape mask (64, 64) bool) of one easy-VQA image."""
+    px = _pixels(path)
+    corners = np.stack([px[0, 0], px[0, -1], px[-1, 0], px[-1, -1]]).astype(np.int16)
+    bg = np.median(corners, axis=0).astype(np.int16)  # the image's own background
+    return px, np.abs(px.astype(np.int16) - bg).max(-1) > FG_THRESHOLD
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -164,15 +162,14 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _cell_pixels(split: str, image_id: int, background: tuple[int, int, int], cell_px: int) -> np.ndarray:
-    px, mask, rows = _split_arrays(split)
-    r = rows[image_id]
+def _cell_pixels(path: str, background: tuple[int, int, int], cell_px: int) -> np.ndarray:
+    px, mask = _image_arrays(path)
     bg = np.asarray(background, dtype=np.uint8)
     pad = SOURCE_PX
     canvas = np.empty((3 * SOURCE_PX, 3 * SOURCE_PX, 3), dtype=np.uint8)
     canvas[:] = bg
-    canvas[pad : pad + SOURCE_PX, pad : pad + SOURCE_PX] = np.where(mask[r][..., None], px[r], bg)
-    y0, y1, x0, x1 = _bbox(mask[r])
+    canvas[pad : pad + SOURCE_PX, pad : pad + SOURCE_PX] = np.where(mask[..., None], px, bg)
+    y0, y1, x0, x1 = _bbox(mask)
     half = max(1, int(np.ceil(max(y1 - y0, x1 - x0) / SHAPE_FILL / 2)))
     cy, cx = pad + (y0 + y1) // 2, pad + (x0 + x1) // 2
     crop = canvas[cy - half : cy + half, cx - half : cx + half]
@@ -191,7 +188,7 @@ def render_cell(image: Cell | None, background: Sequence[int], split: str, cell_
         out = np.empty((cell_px, cell_px, 3), dtype=np.uint8)
         out[:] = np.asarray(background, dtype=np.uint8)
         return out
-    return _cell_pixels(split, image.image_id, tuple(int(v) for v in background), cell_px)
+    return _cell_pixels(image.path, tuple(int(v) for v in background), cell_px)
 
 
 def render_state(
@@ -252,8 +249,7 @@ def sample_clip(
         board[ev.cell] = ev.image
         events.append(ev)
     bg_cell = pool[next(images)]
-    px, _, rows = _split_arrays(split)
-    background = tuple(int(v) for v in px[rows[bg_cell.image_id], 0, 0])
+    background = tuple(int(v) for v in _pixels(bg_cell.path)[0, 0])
     return VideoClip(start, tuple(events), background, split, grid, cell_px, frames_per_step)
 
 
@@ -358,7 +354,16 @@ def task_words() -> list[str]:
     return sorted(words | set(SHAPES) | set(COLORS) | {NOTHING})
 
 
-from .video_processing import evaluate, generate_answers, preprocess_video, score, video_inputs  # noqa: E402
+from .video_processing import (  # noqa: E402
+    VideoSettings,
+    build_video_prompt,
+    evaluate,
+    generate_answers,
+    preprocess_video,
+    score,
+    video_inputs,
+    video_settings,
+)
 
 __all__ = [
     "EVENT_KINDS",
@@ -367,10 +372,12 @@ __all__ = [
     "STEPS",
     "TEMPLATES",
     "Event",
+    "VideoSettings",
     "VideoClip",
     "VideoSample",
     "answer",
     "answerable",
+    "build_video_prompt",
     "eval_samples",
     "evaluate",
     "generate_answers",
@@ -381,4 +388,5 @@ __all__ = [
     "score",
     "task_words",
     "video_inputs",
+    "video_settings",
 ]
