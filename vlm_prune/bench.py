@@ -30,13 +30,10 @@ Outputs (when `out_dir` is given): `bench_<model>.md` (the table), `bench_<model
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -47,14 +44,27 @@ from typing import Any
 
 import torch
 
+from .bench_models import ModelSpecError, _short_name, load_bench_model  # noqa: F401  (re-exported)
+from .bench_report import (  # noqa: F401  (re-exported: the report API lives in bench_report)
+    SCHEMA_PATH,
+    UNPRUNED,
+    _keep_label,
+    _machine_line,
+    _validate,
+    load_schema,
+    plot,
+    to_markdown,
+    validate,
+    write_outputs,
+)
+from .bench_tasks import TASKS as _BENCH_TASKS
+from .bench_tasks import BenchTask, get_task
+from .bench_timing import _device_of, _latency_round_robin, _time_once, _vision_module, _VisionTimer
 from .errors import BudgetError, PruneError
 
 SCHEMA_VERSION = 1
-SCHEMA_PATH = Path(__file__).resolve().parent / "bench_schema.json"
-TASKS: dict[str, str] = {
-    "mosaic": "3x3 mosaics of easy-VQA shapes (192x192 px, held-out test split); questions about one cell "
-    "(color, shape, yes/no) or the whole image (count)",
-}
+#: task name -> description (the tasks themselves: `vlm_prune.bench_tasks.TASKS`)
+TASKS: dict[str, str] = {name: task.description for name, task in _BENCH_TASKS.items()}
 DEFAULT_KEEPS: tuple[float | int, ...] = (1.0, 192, 128, 64)
 DEFAULTS: dict[str, Any] = {
     "n_samples": 400,
@@ -73,108 +83,10 @@ QUICK: dict[str, Any] = {
     "keeps": (1.0, 192, 64),
     "decode_tokens": 4,
 }
-UNPRUNED = "unpruned"
 
 
 class BenchError(PruneError, ValueError):
     """Bad arguments to the bench (unknown task, budget, ...)."""
-
-
-class ModelSpecError(PruneError, ValueError):
-    """A model spec that is neither an embedded demo model, a loadable local folder, nor a reachable hub id."""
-
-
-# --------------------------------------------------------------------------------------------- model loading
-def _model_spec_help() -> str:
-    from .demo import DEMO_MODELS
-
-    return (
-        f"pass an embedded demo model ({' or '.join(repr(m) for m in DEMO_MODELS)}), a local folder written by "
-        "model.save_pretrained + processor.save_pretrained (it holds config.json and *.safetensors), or a "
-        "Hugging Face hub id such as 'llava-hf/llava-1.5-7b-hf' (needs network access or a cached copy)"
-    )
-
-
-def _looks_like_path(spec: str) -> bool:
-    """A spec that can only be a filesystem path (a hub id is "name" or "owner/name")."""
-    if spec.startswith((".", "/", "~")) or "\\" in spec or re.match(r"^[A-Za-z]:", spec):
-        return True
-    return spec.count("/") > 1 or spec.endswith("/")
-
-
-def load_bench_model(model_spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, processor, info) for an embedded demo name, a local folder or a hub id.
-
-    Raises `ModelSpecError` saying what to pass when the spec cannot be loaded.
-    """
-    from .demo import DEMO_MODELS, DemoModelError, demo_model, load_model
-
-    spec = str(model_spec).strip()
-    if not spec:
-        raise ModelSpecError(f"no model given: {_model_spec_help()}")
-    key = spec.lower().replace("-", "_")
-    if key in DEMO_MODELS or key in ("qwen2vl", "qwen", "llava_1.5"):
-        try:
-            model, processor = demo_model(spec, dtype=dtype, device=device)
-        except DemoModelError as e:
-            raise ModelSpecError(f"{e}; or {_model_spec_help()}") from e
-        return model, processor, {"spec": spec, "source": "embedded"}
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelSpecError(f"model path {spec!r} is a file, not a model folder: {_model_spec_help()}")
-        try:
-            model, processor = load_model(path, dtype=dtype, device=device)
-        except DemoModelError as e:
-            raise ModelSpecError(f"cannot load a model from {spec!r}: {e}; {_model_spec_help()}") from e
-        return model, processor, {"spec": spec, "source": "local"}
-    if _looks_like_path(spec):
-        raise ModelSpecError(f"model path {spec!r} does not exist: {_model_spec_help()}")
-    local_only = _probe_hub(spec)
-    try:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(spec, local_files_only=local_only)
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, local_files_only=local_only)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSpecError(f"could not load hub model {spec!r} ({first}): {_model_spec_help()}") from e
-    return model.to(device).eval(), processor, {"spec": spec, "source": "hub"}
-
-
-def _probe_hub(spec: str) -> bool:
-    """Whether `spec` must load from the local hub cache (True) or may download (False).
-
-    Fails fast with `ModelSpecError` when the id is neither cached nor reachable, instead of letting
-    transformers retry every file download for minutes.
-    """
-    try:
-        import huggingface_hub as hub
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return False
-    try:
-        cached = hub.try_to_load_from_cache(spec, "config.json")
-    except (ValueError, TypeError) as e:  # not a valid repo id
-        raise ModelSpecError(f"{spec!r} is not a local folder nor a valid hub id ({e}): {_model_spec_help()}") from e
-    if isinstance(cached, str):
-        return True
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise ModelSpecError(
-            f"{spec!r} is not a local folder and not in the hub cache, and HF_HUB_OFFLINE is set: {_model_spec_help()}"
-        )
-    try:
-        hub.model_info(spec, timeout=10)
-    except Exception as e:  # noqa: BLE001 - repository missing, gated, or no network: one clear message
-        raise ModelSpecError(
-            f"{spec!r} is not a local folder, not in the hub cache, and the hub lookup failed "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}): {_model_spec_help()}"
-        ) from e
-    return False
-
-
-def _short_name(model_spec: str) -> str:
-    name = Path(str(model_spec).rstrip("/")).name or str(model_spec)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -216,25 +128,7 @@ def _load_average() -> list[float] | None:
     except (AttributeError, OSError):
         return None
 
-
-def _machine_line(machine: dict) -> str:
-    where = machine["gpu"] or f"CPU {machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} threads)"
-    load = machine.get("load_average")
-    if load and not machine["gpu"]:
-        where += f", load average {load[0]:.1f} at start"
-    versions = f"Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}"
-    return f"{where}; {machine['platform']}; {versions}"
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-def _keep_label(keep: float | int) -> str:
-    if isinstance(keep, float) and keep >= 1.0:
-        return "1.0 (unpruned)"
-    if isinstance(keep, int):
-        return f"{keep} tok"
-    return f"{keep:g}"
-
-
 def _parse_keeps(keeps: Sequence[Any]) -> list[float | int]:
     out: list[float | int] = []
     for k in keeps:
@@ -258,24 +152,6 @@ def _is_reference(keep: float | int) -> bool:
     return isinstance(keep, float) and keep >= 1.0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _prepare(processor, model, images, questions) -> Any:
-    from .demo import prepare_inputs
-
-    return prepare_inputs(model, processor, images, questions)
-
-
 def _media_ids(model) -> list[int]:
     from .calibrate_runner import media_token_ids
 
@@ -287,137 +163,19 @@ def _count_visual(inputs, media: list[int]) -> int:
     return int(torch.isin(ids, torch.tensor(media, device=ids.device)).sum())
 
 
-def _cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []) or []:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-def _median_ms(times: list[float]) -> float:
-    return statistics.median(times) * 1e3 if times else float("nan")
-
-
-class _VisionTimer:
-    """Forward hooks on the vision tower that time its calls (synchronised on CUDA)."""
-
-    def __init__(self, module, device: torch.device):
-        self.device, self.seconds, self._start = device, 0.0, None
-        self._handles = []
-        if module is not None:
-            self._handles = [
-                module.register_forward_pre_hook(self._pre),
-                module.register_forward_hook(self._post),
-            ]
-
-    def _pre(self, *_):
-        _sync(self.device)
-        self._start = time.perf_counter()
-
-    def _post(self, *_):
-        _sync(self.device)
-        if self._start is not None:
-            self.seconds += time.perf_counter() - self._start
-            self._start = None
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-
-
-def _vision_module(model):
-    """The vision tower (LLaVA `vision_tower`, Qwen-VL `visual`), or None."""
-    try:
-        from .adapters import adapter_for
-
-        module = adapter_for(model).vision_module()
-    except PruneError:
-        module = None
-    inner = getattr(model, "model", model)
-    return module or getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
-
-
 @torch.no_grad()
-def _time_once(model, inputs, handle, timer: _VisionTimer, decode_tokens: int) -> dict[str, Any]:
-    """One batch-1 measurement: prefill (TTFT) with the vision tower's share and the selection time, then
-    one generate of 1 + decode_tokens tokens."""
-    device = _device_of(model)
-    timer.seconds = 0.0
-    _sync(device)
-    t0 = time.perf_counter()
-    try:
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
-    except TypeError:
-        out = model(**inputs, use_cache=True)
-    _sync(device)
-    prefill = time.perf_counter() - t0
-    cache = out.get("cache")  # the transformers 5 name; reading out.past_key_values warns there
-    cache = cache if cache is not None else getattr(out, "past_key_values", None)
-    sample = {
-        "prefill": prefill,
-        "vision": timer.seconds,
-        "select": handle.stats.select_seconds if handle is not None else 0.0,
-        "kv_bytes": _cache_bytes(cache),
-        "stats": copy.deepcopy(handle.stats) if handle is not None else None,
-        "generate": None,
-    }
-    del out
-    if decode_tokens > 0:
-        n = decode_tokens + 1
-        _sync(device)
-        t0 = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=_pad_id(model))
-        _sync(device)
-        sample["generate"] = time.perf_counter() - t0
-    return sample
-
-
-def _summarize_latency(runs: list[dict[str, Any]], decode_tokens: int) -> dict[str, Any]:
-    prefill = [r["prefill"] for r in runs]
-    generate = [r["generate"] for r in runs if r["generate"] is not None]
-    prefill_ms = _median_ms(prefill)
-    vision_ms = _median_ms([r["vision"] for r in runs])
-    # generate(1 + D tokens) = prefill + D decode steps (+ generate's own small per-call overhead)
-    decode = (
-        max(0.0, (statistics.median(generate) - statistics.median(prefill)) / decode_tokens) * 1e3
-        if generate and decode_tokens > 0
-        else None
-    )
-    return {
-        "prefill_ms": prefill_ms,
-        "prefill_ms_runs": [t * 1e3 for t in prefill],
-        "prefill_ms_min": min(prefill) * 1e3 if prefill else None,
-        "vision_ms": vision_ms,
-        "llm_prefill_ms": prefill_ms - vision_ms,
-        "select_ms": _median_ms([r["select"] for r in runs]),
-        "decode_ms_per_token": decode,
-    }
-
-
-def _pad_id(model) -> int | None:
-    gc = getattr(model, "generation_config", None)
-    pad = getattr(gc, "pad_token_id", None) if gc is not None else None
-    if pad is None and gc is not None:
-        eos = getattr(gc, "eos_token_id", None)
-        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-    return pad
-
-
-@torch.no_grad()
-def _evaluate(model, processor, samples, handle, *, batch_size: int, max_new_tokens: int, bar) -> dict[str, Any]:
+def _evaluate(
+    model, processor, samples, handle, task: BenchTask, *, batch_size: int, max_new_tokens: int, bar
+) -> dict[str, Any]:
     """Accuracy overall / per question type, and per-sample means of the pruning stats over all batches."""
-    from .demo import generate_answers, normalize_answer
+    from .demo import normalize_answer
 
     preds: list[str] = []
     tokens_in = tokens_out = 0
     equivalent = 0.0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        answers = generate_answers(
-            model, processor, [s.image for s in chunk], [s.question for s in chunk], max_new_tokens
-        )
+        answers = task.answers(model, processor, chunk, max_new_tokens)
         preds.extend(normalize_answer(a) for a in answers)
         if handle is not None:
             st = handle.stats
@@ -433,11 +191,11 @@ def _evaluate(model, processor, samples, handle, *, batch_size: int, max_new_tok
         return {"accuracy": correct / len(idx) if idx else None, "n": len(idx), "correct": correct}
 
     idx = list(range(n))
-    cell_types = {"color", "shape", "yesno"}
+    focus = task.focus_qtypes
     per = {q: score([j for j in idx if samples[j].qtype == q]) for q in dict.fromkeys(s.qtype for s in samples)}
     out = {
         **score(idx),
-        "cell_accuracy": score([j for j in idx if samples[j].qtype in cell_types])["accuracy"],
+        "cell_accuracy": score([j for j in idx if focus is None or samples[j].qtype in focus])["accuracy"],
         "per_qtype": per,
         "predictions": preds,
     }
@@ -462,10 +220,10 @@ def _finite(x):
 
 # ------------------------------------------------------------------------------------------------ main
 def run_bench(
-    model_spec: str = "llava",
+    model_spec: str | None = None,
     task: str = "mosaic",
     methods: Sequence[str] | None = None,
-    keeps: Sequence[float | int] = DEFAULT_KEEPS,
+    keeps: Sequence[float | int] | None = None,
     n_samples: int | None = None,
     repeats: int | None = None,
     quick: bool = False,
@@ -488,10 +246,12 @@ def run_bench(
     """Benchmark pruning methods on one model and task; returns the result dict (see bench_schema.json).
 
     Args:
-        model_spec: "llava" / "qwen2_vl" (embedded demo models), a local model folder, or a hub id.
-        task: "mosaic" (the embedded task; see `TASKS`).
-        methods: method names or "a+b" compositions; None = every registered method.
-        keeps: budgets; an int is visual tokens kept per image, a float a fraction; 1.0 = the unpruned reference.
+        model_spec: "llava" / "qwen2_vl" / "qwen2_vl_video" (embedded demo models), a local model folder, or a
+            hub id; None = the task's embedded model.
+        task: "mosaic" (images) or "video" (see `TASKS` and `vlm_prune.bench_tasks`).
+        methods: method names or "a+b" compositions; None = the task's methods (mosaic: every registered one).
+        keeps: budgets; an int is visual tokens kept per image (video), a float a fraction; 1.0 = the unpruned
+            reference. None = the task's budgets (mosaic 1.0/192/128/64, video 1.0/0.5/0.25/0.1).
         n_samples: test samples evaluated per method and budget (default 400; quick: 96).
         repeats: timed repeats per latency (median reported; default 7; quick: 5), after `warmup` runs.
         quick: small sizes (`QUICK`): fewer samples and repeats, budgets 1.0/192/64 (unless `keeps` is
@@ -544,11 +304,11 @@ def _run_bench(
     import vlm_prune
 
     t_start = time.perf_counter()
-    if task not in TASKS:
-        raise BenchError(f"unknown task {task!r}; available tasks: {', '.join(TASKS)}")
-    keeps_given = tuple(keeps) if keeps is not None else DEFAULT_KEEPS
-    if quick and keeps_given == DEFAULT_KEEPS:
-        keeps_given = QUICK["keeps"]
+    bench_task = get_task(task)
+    model_spec = model_spec or bench_task.default_model
+    keeps_given = tuple(keeps) if keeps is not None else bench_task.default_keeps
+    if quick and keeps_given == bench_task.default_keeps:
+        keeps_given = bench_task.quick_keeps
     keep_list = _parse_keeps(keeps_given)
     if not any(_is_reference(k) for k in keep_list):
         keep_list.insert(0, 1.0)  # the reference is always measured: everything is relative to it
@@ -570,7 +330,7 @@ def _run_bench(
 
     registered = vlm_prune.methods()
     if methods is None:
-        method_list = list(registered)
+        method_list = list(bench_task.default_methods or registered)
     else:
         method_list = [m.strip() for m in methods if m and m.strip()]
         from .methods.registry import parse_spec
@@ -592,12 +352,10 @@ def _run_bench(
     adapter = adapter_for(model)  # UnsupportedModelError before any work
     name = name or _short_name(model_spec)
     if samples is None:
-        from .data.mosaic import make_mosaics
-
-        samples = make_mosaics("test", n_samples, seed=seed)
+        samples = bench_task.samples(n_samples, seed)
     samples = list(samples)[:n_samples]
     media = _media_ids(model)
-    fixed = _prepare(processor, model, [samples[0].image], [samples[0].question])
+    fixed = bench_task.prepare(model, processor, samples[:1])
     visual_per_image = _count_visual(fixed, media)
     params = sum(p.numel() for p in model.parameters())
     model_info.update(
@@ -619,6 +377,7 @@ def _run_bench(
 
     runs = [(UNPRUNED, k) for k in keep_list if _is_reference(k)][:1]
     runs += [(m, k) for m in method_list for k in keep_list if not _is_reference(k)]
+    runs += [(m, None) for m in method_list if m in bench_task.own_budget]  # the method's own count
     outer = tqdm(total=len(runs), desc=f"bench {name}", unit="run", disable=not progress)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -648,8 +407,9 @@ def _run_bench(
                     note = f"refused keep={keep} ({e}); run with keep={keep_passed:.4f} = {keep}/{visual_per_image}"
                     handle = vlm_prune.apply(model, method, keep=keep_passed, seed=seed)
             ev = _evaluate(
-                model, processor, samples, handle, batch_size=batch_size, max_new_tokens=max_new_tokens, bar=inner
-            )
+                model, processor, samples, handle, bench_task,
+                batch_size=batch_size, max_new_tokens=max_new_tokens, bar=inner,
+            )  # fmt: skip
             probe = _time_once(model, fixed, handle, timer, 0)  # stats of the fixed sample at batch 1
             row = _row(ev, probe, fixed, shape, visual_per_image, len(adapter.layers))
             configs.append((method, keep_passed, row))
@@ -710,7 +470,9 @@ def _run_bench(
         "model": model_info,
         "task": {
             "name": task,
-            "description": TASKS[task],
+            "description": bench_task.description,
+            "media": bench_task.media,
+            "focus": bench_task.focus_name,
             "split": "test",
             "n_samples": len(samples),
             "seed": seed,
@@ -779,33 +541,6 @@ def _row(ev: dict, probe: dict, fixed, shape, visual_per_image: int, num_layers:
     }
 
 
-def _latency_round_robin(model, fixed, configs, timer, *, seed, repeats, warmup, decode_tokens, progress, name):
-    """Time every configuration in turn, `warmup + repeats` rounds, so that drifting load on the machine hits
-    all of them alike. Each turn applies the method afresh, runs one untimed prefill, then the timed prefill
-    and generate (`_time_once`), and removes the method."""
-    from tqdm.auto import tqdm
-
-    import vlm_prune
-
-    runs: list[list[dict[str, Any]]] = [[] for _ in configs]
-    bar = tqdm(total=(warmup + repeats) * len(configs), desc=f"latency {name}", unit="run", disable=not progress)
-    for round_index in range(warmup + repeats):
-        for i, (method, keep_passed, _) in enumerate(configs):
-            handle = None if method == UNPRUNED else vlm_prune.apply(model, method, keep=keep_passed, seed=seed)
-            try:
-                _time_once(model, fixed, handle, timer, 0)  # untimed: first call after apply
-                sample = _time_once(model, fixed, handle, timer, decode_tokens)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            if round_index >= warmup:
-                runs[i].append(sample)
-            bar.update(1)
-    bar.close()
-    for (_, _, row), samples in zip(configs, runs):
-        row["latency"] = _summarize_latency(samples, decode_tokens)
-
-
 def _clean(obj):
     """JSON-safe: NaN/inf -> None, tuples -> lists."""
     if isinstance(obj, dict):
@@ -813,229 +548,3 @@ def _clean(obj):
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return _finite(obj)
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _num(x, fmt="{:.1f}") -> str:
-    return "–" if x is None else fmt.format(x)
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-    """The bench as markdown: settings, the main table, the selection overhead, skipped methods."""
-    m, t, s = result["model"], result["task"], result["settings"]
-    qtypes = list(t["qtypes"])
-    lines = [
-        f"## vlm-prune bench: {m['name']} ({m['class']}, {m['parameters'] / 1e6:.2f}M parameters, "
-        f"{m['num_layers']} decoder layers, {m['visual_tokens_per_image']} visual tokens per image)",
-        "",
-        f"- task: {t['name']} ({t['description']}); {t['n_samples']} test samples (seed {t['seed']}): "
-        + ", ".join(f"{q} {n}" for q, n in t["qtypes"].items()),
-        f"- machine: {_machine_line(result['machine'])}",
-        f"- accuracy: exact match of the greedy answer (batch {s['batch_size']}, left padding); relative = ÷ unpruned",
-        f"- latency: batch 1 on one fixed sample, median of {s['repeats']} runs after {s['warmup']} warm-up; "
-        "prefill = time to first token (vision encoder + LLM prefill, scoring included); "
-        "speedup = unpruned prefill ÷ pruned prefill",
-        "- tokens: visual tokens kept per image (mean); eq. avg = equivalent average visual tokens over decoder "
-        "layers (in-LLM schedules); FLOPs: LLM prefill (formula in vlm_prune/engine/stats.py); KV: cache after prefill",
-        "",
-    ]
-    head = ["method", "keep", "tokens kept", "eq. avg tokens", "accuracy %", "rel. acc %"]
-    head += [f"{q} %" for q in qtypes]
-    head += ["prefill GFLOPs", "FLOPs %", "KV MiB", "prefill ms", "speedup", "select ms", "decode ms/tok"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
-    for r in result["results"]:
-        lat = r["latency"]
-        keep = r["keep_label"] + (" *" if r.get("note") else "")
-        cells = [
-            r["method"], keep, _num(r["visual_tokens_kept"]), _num(r["equivalent_average_tokens"]),
-            _pct(r["accuracy"]), _pct(r["relative_accuracy"]),
-        ]  # fmt: skip
-        cells += [_pct(r["per_qtype"].get(q, {}).get("accuracy")) for q in qtypes]
-        cells += [
-            _num(r["prefill_flops"] / 1e9, "{:.3f}"), _pct(r["flops_ratio"]),
-            _num(r["kv_cache_bytes"] / 2**20 if r["kv_cache_bytes"] is not None else None, "{:.2f}"),
-            _num(lat["prefill_ms"], "{:.2f}"), _num(r["speedup"], "{:.2f}x"),
-            _num(lat["select_ms"], "{:.2f}"), _num(lat["decode_ms_per_token"], "{:.2f}"),
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    ref = result.get("reference")
-    if ref:
-        lat = ref["latency"]
-        lines.append(
-            f"Unpruned timing split: vision encoder {_num(lat['vision_ms'], '{:.2f}')} ms + LLM prefill "
-            f"{_num(lat['llm_prefill_ms'], '{:.2f}')} ms = {_num(lat['prefill_ms'], '{:.2f}')} ms to first token; "
-            f"decode {_num(lat['decode_ms_per_token'], '{:.2f}')} ms per token."
-        )
-        lines.append("")
-    pruned = [r for r in result["results"] if r["method"] != UNPRUNED]
-    if pruned:
-        lines.append("Selection overhead (scoring time inside the prefill above, median, ms), and the LLM-only part:")
-        lines.append("")
-        lines.append("| method | keep | select ms | select % of prefill | LLM prefill ms | LLM speedup |")
-        lines.append("|---|---|---:|---:|---:|---:|")
-        for r in pruned:
-            lat = r["latency"]
-            share = lat["select_ms"] / lat["prefill_ms"] if lat["prefill_ms"] else None
-            lines.append(
-                f"| {r['method']} | {r['keep_label']} | {_num(lat['select_ms'], '{:.2f}')} | {_pct(share)} | "
-                f"{_num(lat['llm_prefill_ms'], '{:.2f}')} | {_num(r['llm_prefill_speedup'], '{:.2f}x')} |"
-            )
-        lines.append("")
-    notes = [r for r in result["results"] if r.get("note")]
-    for r in notes:
-        lines.append(f"\\* {r['method']} @ {r['keep_label']}: {r['note']}")
-    if notes:
-        lines.append("")
-    if result["skipped"]:
-        lines.append("Skipped:")
-        lines.append("")
-        for sk in result["skipped"]:
-            lines.append(f"- {sk['method']} @ {_keep_label(sk['keep'])} ({sk['status']}): {sk['reason']}")
-        lines.append("")
-    lines.append(f"Total bench time {result['elapsed_seconds']:.0f} s.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict[str, Any], path: str | Path) -> Path:
-    """PNG with accuracy against visual tokens and speedup against visual tokens, one line per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = [r for r in result["results"] if r["method"] != UNPRUNED]
-    ref = result.get("reference")
-    fig = Figure(figsize=(12, 4.8))
-    FigureCanvasAgg(fig)
-    ax_acc, ax_speed = fig.subplots(1, 2)
-    by_method: dict[str, list[dict]] = {}
-    for r in rows:
-        by_method.setdefault(r["method"], []).append(r)
-    for method, rs in by_method.items():
-        rs = sorted(rs, key=lambda r: r["equivalent_average_tokens"] or 0)
-        x = [r["equivalent_average_tokens"] for r in rs]
-        ax_acc.plot(x, [100 * (r["accuracy"] or 0) for r in rs], marker="o", label=method)
-        ax_speed.plot(x, [r["speedup"] or 0 for r in rs], marker="o", label=method)
-    if ref:
-        ax_acc.axhline(100 * (ref["accuracy"] or 0), color="k", ls="--", lw=1, label="unpruned")
-        ax_acc.plot([ref["visual_tokens_kept"]], [100 * (ref["accuracy"] or 0)], "k*", ms=10)
-        ax_speed.axhline(1.0, color="k", ls="--", lw=1, label="unpruned")
-        ax_speed.plot([ref["visual_tokens_kept"]], [1.0], "k*", ms=10)
-    m = result["model"]
-    for ax, ylabel in ((ax_acc, "accuracy (%)"), (ax_speed, "prefill speedup (x, batch 1)")):
-        ax.set_xlabel("visual tokens (equivalent average over decoder layers)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    ax_acc.set_title(
-        f"{m['name']}: accuracy vs tokens ({result['task']['n_samples']} {result['task']['name']} samples)"
-    )
-    ax_speed.set_title(f"{m['name']}: speedup vs tokens ({result['machine']['gpu'] or 'CPU'})")
-    ax_acc.set_ylim(0, 105)
-    ax_speed.set_ylim(bottom=0)
-    ax_acc.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """Write bench_<name>.md/.json/.png into out_dir; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{result['model']['name']}"
-    paths = {"markdown": out / f"{stem}.md", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}
-    paths["markdown"].write_text(result["markdown"])
-    data = {k: v for k, v in result.items() if k not in ("markdown", "files")}
-    paths["json"].write_text(json.dumps(data, indent=1) + "\n")
-    plot(result, paths["png"])
-    return {k: str(v) for k, v in paths.items()}
-
-
-# ------------------------------------------------------------------------------------------------ schema
-def load_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
-def validate(data: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
-    """Validate a bench JSON against `bench_schema.json` (jsonschema when installed, else a small validator
-    of the subset the schema uses). Raises ValueError listing the first problem."""
-    schema = schema or load_schema()
-    try:
-        import jsonschema
-    except ImportError:
-        _validate(data, schema, schema, "$")
-        return
-    try:
-        jsonschema.validate(data, schema)
-    except jsonschema.ValidationError as e:
-        raise ValueError(f"bench JSON does not follow the schema at {list(e.absolute_path)}: {e.message}") from e
-
-
-_TYPES = {
-    "object": dict, "array": (list, tuple), "string": str, "boolean": bool, "null": type(None),
-}  # fmt: skip
-
-
-def _type_ok(value, name: str) -> bool:
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, _TYPES[name])
-
-
-def _validate(value, schema: dict, root: dict, where: str) -> None:
-    if "$ref" in schema:
-        ref = schema["$ref"]
-        node = root
-        for part in ref.lstrip("#/").split("/"):
-            node = node[part]
-        schema = node
-    if "anyOf" in schema:
-        errors = []
-        for option in schema["anyOf"]:
-            try:
-                _validate(value, option, root, where)
-                break
-            except ValueError as e:
-                errors.append(str(e))
-        else:
-            raise ValueError(f"{where}: matches none of the allowed forms ({'; '.join(errors)})")
-    types = schema.get("type")
-    if types is not None:
-        types = [types] if isinstance(types, str) else types
-        if not any(_type_ok(value, t) for t in types):
-            raise ValueError(f"{where}: expected {' or '.join(types)}, got {type(value).__name__}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise ValueError(f"{where}: {value!r} is not one of {schema['enum']}")
-    if "const" in schema and value != schema["const"]:
-        raise ValueError(f"{where}: expected {schema['const']!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            raise ValueError(f"{where}: {value} < minimum {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            raise ValueError(f"{where}: {value} > maximum {schema['maximum']}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                raise ValueError(f"{where}: missing required key {key!r}")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for key, v in value.items():
-            if key in props:
-                _validate(v, props[key], root, f"{where}.{key}")
-            elif extra is False:
-                raise ValueError(f"{where}: unexpected key {key!r}")
-            elif isinstance(extra, dict):
-                _validate(v, extra, root, f"{where}.{key}")
-    if isinstance(value, (list, tuple)):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            raise ValueError(f"{where}: fewer than {schema['minItems']} items")
-        if "items" in schema:
-            for i, v in enumerate(value):
-                _validate(v, schema["items"], root, f"{where}[{i}]")

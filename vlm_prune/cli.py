@@ -56,14 +56,15 @@ TOP_EPILOG = _dedent(
 )
 
 MODEL_HELP = (
-    "the model: 'llava' or 'qwen2_vl' (embedded demo models, offline), a local folder saved with "
+    "the model: 'llava', 'qwen2_vl' or 'qwen2_vl_video' (embedded demo models, offline), a local folder saved with "
     "save_pretrained, or a Hugging Face hub id"
 )
 
 
 # ------------------------------------------------------------------------------------------------ parser
-def _add_model_args(p: argparse.ArgumentParser, default_model: str = "llava") -> None:
-    p.add_argument("--model", default=default_model, help=MODEL_HELP)
+def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "llava") -> None:
+    by_task = " (default: llava for --task mosaic, qwen2_vl_video for --task video)"
+    p.add_argument("--model", default=default_model, help=MODEL_HELP + ("" if default_model else by_task))
     p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
     p.add_argument(
@@ -79,7 +80,12 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "llava") ->
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     from vlm_prune.bench import DEFAULTS, QUICK, TASKS
 
-    p.add_argument("--task", default="mosaic", choices=sorted(TASKS), help="evaluation task")
+    p.add_argument(
+        "--task",
+        default="mosaic",
+        choices=sorted(TASKS),
+        help="evaluation task: mosaic (images; default model llava) or video (clips; default model qwen2_vl_video)",
+    )
     p.add_argument(
         "--methods",
         default=None,
@@ -89,8 +95,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
         "--keeps",
         nargs="+",
         default=None,
-        help="budgets: ints = visual tokens kept per image, floats = fractions; 1.0 = the unpruned reference "
-        "(always run). Default 1.0 192 128 64 (with --quick: " + " ".join(map(str, QUICK["keeps"])) + ")",
+        help="budgets: ints = visual tokens kept per image (video), floats = fractions; 1.0 = the unpruned "
+        "reference (always run). Default mosaic 1.0 192 128 64 (with --quick: "
+        + " ".join(map(str, QUICK["keeps"]))
+        + "), video 1.0 0.5 0.25 0.1 (PruneVid also at its own budget)",
     )
     p.add_argument(
         "--n-samples",
@@ -204,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_Formatter,
     )
-    _add_model_args(bench)
+    _add_model_args(bench, default_model=None)
     _add_bench_args(bench)
 
     methods = sub.add_parser(
@@ -439,18 +447,17 @@ def cmd_models(args) -> int:
 def cmd_calibrate(args) -> int:
     import torch
 
-    from vlm_prune.bench import TASKS, BenchError, _prepare, _short_name, load_bench_model
+    from vlm_prune.bench import _short_name, load_bench_model
+    from vlm_prune.bench_tasks import get_task
     from vlm_prune.calibrate_runner import calibrate
-    from vlm_prune.data.mosaic import make_mosaics
     from vlm_prune.methods.adaptinfer import Schedule
     from vlm_prune.methods.calibration import save_preset
 
-    if args.task not in TASKS:
-        raise BenchError(f"unknown task {args.task!r}; available tasks: {', '.join(TASKS)}")
+    task = get_task(args.task)
     _set_threads(args.threads, None)
     model, processor, _ = load_bench_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    samples = make_mosaics("test", args.n_samples, seed=args.seed)
-    inputs = [_prepare(processor, model, [s.image], [s.question]) for s in samples]
+    samples = task.samples(args.n_samples, args.seed)
+    inputs = [task.prepare(model, processor, [s]) for s in samples]
     with torch.no_grad():
         found = calibrate(model, inputs, keep=args.keep, n_stages=args.n_stages, min_gap=args.min_gap)
     sched = found["schedule"]

@@ -1,0 +1,122 @@
+"""The tasks `vlm-prune bench` runs: what a sample is, how it becomes model inputs, how answers are scored.
+
+A `BenchTask` is data plus three functions, so `bench.run_bench` stays generic over tasks:
+
+- `samples(n, seed)`: held-out test samples (objects with `.question`, `.answer`, `.qtype`);
+- `prepare(model, processor, samples)`: the left-padded batch of model inputs for them;
+- `answers(model, processor, samples, max_new_tokens)`: the greedy answers (strings).
+
+Tasks: "mosaic" (images, `vlm_prune.data.mosaic`) and "video" (`vlm_prune.tasks.video`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """One bench task.
+
+    media: "image" or "video": what an int budget counts ("tokens per image / per video").
+    focus_qtypes: the question types behind `focus_accuracy` (the mosaic's cell questions; None = all).
+    focus_name: how the report names them.
+    default_model: the embedded model the task is meant for.
+    default_keeps / quick_keeps: the budgets run by default (1.0 = the unpruned reference).
+    own_budget: methods also run once with keep=None (their own data-dependent count, e.g. PruneVid).
+    """
+
+    name: str
+    description: str
+    media: str
+    default_model: str
+    samples: Callable[[int, int], list]
+    prepare: Callable[[Any, Any, Sequence[Any]], Any]
+    answers: Callable[[Any, Any, Sequence[Any], int], list[str]]
+    default_keeps: tuple[float | int, ...]
+    quick_keeps: tuple[float | int, ...]
+    focus_qtypes: frozenset[str] | None = None
+    focus_name: str = "all questions"
+    default_methods: tuple[str, ...] | None = None
+    own_budget: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------------------------------- mosaic
+def _mosaic_samples(n: int, seed: int) -> list:
+    from vlm_prune.data.mosaic import make_mosaics
+
+    return make_mosaics("test", n, seed=seed)
+
+
+def _mosaic_prepare(model, processor, samples):
+    from vlm_prune.demo import prepare_inputs
+
+    return prepare_inputs(model, processor, [s.image for s in samples], [s.question for s in samples])
+
+
+def _mosaic_answers(model, processor, samples, max_new_tokens: int) -> list[str]:
+    from vlm_prune.demo import generate_answers
+
+    return generate_answers(model, processor, [s.image for s in samples], [s.question for s in samples], max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------- video
+def _video_samples(n: int, seed: int) -> list:
+    from vlm_prune.tasks.video import eval_samples
+
+    return eval_samples(n, seed=seed)
+
+
+def _video_prepare(model, processor, samples):
+    from vlm_prune.tasks.video import video_inputs
+
+    parameter = next(model.parameters())
+    return video_inputs(processor, samples, device=parameter.device, dtype=parameter.dtype)
+
+
+def _video_answers(model, processor, samples, max_new_tokens: int) -> list[str]:
+    from vlm_prune.tasks.video import generate_answers
+
+    return generate_answers(model, processor, samples, batch_size=len(samples), max_new_tokens=max_new_tokens)
+
+
+TASKS: dict[str, BenchTask] = {
+    "mosaic": BenchTask(
+        name="mosaic",
+        description="3x3 mosaics of easy-VQA shapes (192x192 px, held-out test split); questions about one cell "
+        "(color, shape, yes/no) or the whole image (count)",
+        media="image",
+        default_model="llava",
+        samples=_mosaic_samples,
+        prepare=_mosaic_prepare,
+        answers=_mosaic_answers,
+        default_keeps=(1.0, 192, 128, 64),
+        quick_keeps=(1.0, 192, 64),
+        focus_qtypes=frozenset({"color", "shape", "yesno"}),
+        focus_name="cell questions",
+    ),
+    "video": BenchTask(
+        name="video",
+        description="8-frame clips of easy-VQA shapes that appear, move and change colour on a 2x2 board "
+        "(held-out test split); questions that need time (what appeared last, what moved, start / end)",
+        media="video",
+        default_model="qwen2_vl_video",
+        samples=_video_samples,
+        prepare=_video_prepare,
+        answers=_video_answers,
+        default_keeps=(1.0, 0.5, 0.25, 0.1),
+        quick_keeps=(1.0, 0.5, 0.25, 0.1),
+        default_methods=("random", "pool", "divprune", "zoo", "fastv", "evs", "prunevid", "evs+divprune"),
+        own_budget=("prunevid",),
+    ),
+}
+
+
+def get_task(name: str) -> BenchTask:
+    from vlm_prune.bench import BenchError
+
+    if name not in TASKS:
+        raise BenchError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}")
+    return TASKS[name]
