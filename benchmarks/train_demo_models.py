@@ -757,6 +757,7 @@ def train_one(family: str, args) -> dict:
 
     # stage 2: everything, several questions per mosaic on a shared prefix
     jcfg = dict(TRAIN["joint"])
+    jcfg["lr"] *= args.lr_scale
     checks["shared_prefix_max_logit_diff"] = check_shared_prefix(model, stream)
     log(f"checks: {checks}")
     if checks["shared_prefix_max_logit_diff"] > 1e-3:
@@ -866,6 +867,7 @@ def train_one(family: str, args) -> dict:
         "init_from": args.init_from,
         "yesno_attention": args.yesno_attention,
         "expansion": expansion,
+        "lr_scale": args.lr_scale,
         "attention_loss_layers": {"key_words": 0, "cell": retrieval_layer, "yesno": yesno_layer},
         "train_config": json.loads(json.dumps(TRAIN)),
         "model_config": model_config(family, num_layers),
@@ -1021,7 +1023,9 @@ def main(argv=None) -> int:
                     help="grow the --init-from decoder to this many layers, new ones starting as identity "
                          "(benchmarks/demo_depth.py)")  # fmt: skip
     ap.add_argument("--heads-steps", type=int, default=150,
-                    help="steps fitting fresh auxiliary heads if --init-from is a model folder (it has none)")  # fmt: skip
+                    help="steps fitting new auxiliary heads if --init-from is a model folder")  # fmt: skip
+    ap.add_argument("--lr-scale", type=float, default=1.0,
+                    help="multiplies the joint stage's learning rates (fine-tuning an initialised model)")  # fmt: skip
     ap.add_argument("--yesno-attention", type=float, default=1.0,
                     help="relative weight of the yes/no attention loss (0 turns it off)")  # fmt: skip
     ap.add_argument("--report-only", action="store_true", help="only rewrite demo_models.md")
