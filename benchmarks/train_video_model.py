@@ -40,6 +40,7 @@ continues from it. The config, the step count and the loss history go to `demo_v
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import random
@@ -66,6 +67,7 @@ from train_demo_models import (  # noqa: E402
     lr_at,
     make_heads,
 )
+from video_train_report import markdown, plot_loss  # noqa: E402
 
 from vlm_prune.data import mosaic as M  # noqa: E402
 from vlm_prune.demo import demo_model_path, image_only_qwen2vl_processor, load_model  # noqa: E402
@@ -87,6 +89,7 @@ TRAIN = {
     "eval_seed": 1234,
     "log_every": 10,
 }
+INIT_COMMIT = "89c05e1"  # the commit whose vlm_prune/demo_models/qwen2_vl the shipped video model started from
 LAYER_SOURCES = [None, None, 0, 1, 2, 3, None, None]  # decoder layer i <- image model layer (None: new, identity)
 PREV_LAYER, EVENT_LAYER, WORDS_LAYER, RETRIEVAL_LAYER = 0, 1, 2, 4
 EVENTS = ("none", "appear", "move", "recolor", "vacated")
@@ -124,10 +127,10 @@ def build_tokenizer(image_dir: Path):
     return hf, new
 
 
-def build_processor(tokenizer, frame_px: int):
+def build_processor(tokenizer, frame_px: int, image_dir: Path):
     import transformers
 
-    cfg = json.loads((demo_model_path("qwen2_vl") / "processor_config.json").read_text())["image_processor"]
+    cfg = json.loads((image_dir / "processor_config.json").read_text())["image_processor"]
     kw = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class", "size")}
     kw["size"] = {"shortest_edge": frame_px * frame_px, "longest_edge": frame_px * frame_px}
     ip = transformers.Qwen2VLImageProcessorPil(**kw)
@@ -135,11 +138,11 @@ def build_processor(tokenizer, frame_px: int):
 
 
 # -------------------------------------------------------------------------------------------------- model
-def build_model(tokenizer, new_words: list[str], log):
+def build_model(tokenizer, new_words: list[str], image_dir: Path, log):
     """8-layer Qwen2-VL initialised from the image demo model (see the module docstring)."""
     from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    image, _ = load_model(demo_model_path("qwen2_vl"))
+    image, _ = load_model(image_dir)
     cfg = Qwen2VLConfig.from_dict(image.config.to_dict())
     cfg.text_config.num_hidden_layers = len(LAYER_SOURCES)
     cfg.text_config.layer_types = ["full_attention"] * len(LAYER_SOURCES)
@@ -435,9 +438,11 @@ def train(args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     log = lambda msg: print(f"[video] {time.strftime('%H:%M:%S')} {msg}", flush=True)  # noqa: E731
-    tokenizer, new_words = build_tokenizer(demo_model_path("qwen2_vl"))
-    processor = build_processor(tokenizer, 2 * TRAIN["cell_px"])
-    model = build_model(tokenizer, new_words, log)
+    image_dir = Path(args.init_dir)
+    tokenizer, new_words = build_tokenizer(image_dir)
+    processor = build_processor(tokenizer, 2 * TRAIN["cell_px"], image_dir)
+    model = build_model(tokenizer, new_words, image_dir, log)
+    init_sha = hashlib.sha256((image_dir / "model.safetensors").read_bytes()).hexdigest()
     model.set_attn_implementation({"text_config": "eager"})  # the attention losses read attention weights
     n_params = sum(p.numel() for p in model.parameters())
     stream = Stream(processor, args.seed, TRAIN["cell_px"])
@@ -453,7 +458,7 @@ def train(args) -> dict:
     ckpt = work / "video_train.pt"
     history: list[dict] = []
     step, elapsed = 0, 0.0
-    checks = {"n_visual_tokens": len(stream.visual_pos), "prefix_tokens": len(stream.prefix)}
+    checks = {"n_visual_tokens": len(stream.visual_pos), "prefix_tokens": len(stream.prefix), "init_sha256": init_sha}
     if ckpt.is_file() and not args.fresh:
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
@@ -463,6 +468,8 @@ def train(args) -> dict:
         torch.set_rng_state(state["torch_rng"])
         history, step, elapsed, checks = state["history"], state["step"], state["elapsed"], state["checks"]
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+        if checks.setdefault("init_sha256", init_sha) != init_sha:
+            raise RuntimeError(f"{image_dir} is not the image model this run started from: {checks}")
     else:
         checks["shared_prefix_max_logit_diff"] = check_shared_prefix(model, stream)
         if checks["shared_prefix_max_logit_diff"] > 1e-3:
@@ -554,7 +561,12 @@ def finish(model, processor, tokenizer, n_params, step, elapsed, history, checks
             "transformers": transformers.__version__,
             "python": platform.python_version(),
         },  # fmt: skip
-        "lineage": {"init_from": "vlm_prune/demo_models/qwen2_vl", "layer_sources": LAYER_SOURCES},
+        "lineage": {
+            "init_from": str(args.init_dir),
+            "init_sha256": checks["init_sha256"],
+            "init_commit": INIT_COMMIT,
+            "layer_sources": LAYER_SOURCES,
+        },  # fmt: skip
         "checks": checks,
         "train_config": json.loads(json.dumps(TRAIN)),
         "eval": {"split": "test", "n": args.eval_n, "seed": TRAIN["eval_seed"], **res},
@@ -566,31 +578,8 @@ def finish(model, processor, tokenizer, n_params, step, elapsed, history, checks
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_video_train.json").write_text(json.dumps(report, indent=1))
     plot_loss(history, out / "demo_video_loss.png")
+    (out / "demo_video_model.md").write_text(markdown(report))
     return report
-
-
-def plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    steps = [h["step"] for h in history]
-    for key in ("answer", "dense", "prev", "events", "words", "retrieval"):
-        axes[0].plot(steps, [max(h[key], 1e-5) for h in history], lw=1, label=key)
-    axes[0].set_yscale("log")
-    axes[0].set_title("qwen2_vl_video: losses")
-    for q in V.QTYPES:
-        axes[1].plot(steps, [h.get(f"acc_{q}", float("nan")) for h in history], lw=1, label=q)
-    axes[1].set_title("running train accuracy (answer position, argmax)")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -604,6 +593,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "results" / "tmp_video"))
     ap.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --work-dir")
+    ap.add_argument("--init-dir", default=str(demo_model_path("qwen2_vl")),
+                    help=f"the image demo model to start from (the shipped run used commit {INIT_COMMIT})")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGUSR1, _on_signal)

@@ -1,0 +1,66 @@
+"""Report of `train_video_model.py`: the loss plot and `benchmarks/results/demo_video_model.md`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlm_prune.tasks import video as V
+
+
+def markdown(r: dict) -> str:
+    """benchmarks/results/demo_video_model.md from the training report."""
+    e = r["eval"]
+    per = " | ".join(f"{e['per_qtype'][q]['accuracy']:.3f}" for q in V.QTYPES)
+    return "\n".join(
+        [
+            "# Embedded video demo model",
+            "",
+            '`vlm_prune.demo_model("qwen2_vl_video")`: a tiny `Qwen2VLForConditionalGeneration` trained by',
+            "`benchmarks/train_video_model.py` on the video task (`docs/video_task.md`), shipped in fp16 under",
+            "`vlm_prune/demo_models/qwen2_vl_video/`. Accuracy: greedy `generate`, exact match, unpruned, on held-out",
+            f"test clips (easy-VQA test images only), `eval_samples({e['n']}, seed={e['seed']})`, after reloading the",
+            "saved fp16 checkpoint in float32.",
+            "",
+            "| params | decoder layers | visual tokens per clip | checkpoint | steps | train time | machine |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| {r['parameters'] / 1e6:.2f} M | {r['decoder_layers']} | {r['visual_tokens_per_clip']} "
+            f"| {r['checkpoint_bytes'] / 2**20:.2f} MiB | {r['steps']} x {r['clips_per_step']} clips x "
+            f"{r['questions_per_clip']} questions | {r['train_seconds'] / 60:.0f} min | {r['device']}, torch "
+            f"{r['versions']['torch']}, transformers {r['versions']['transformers']} |",
+            "",
+            "| n | " + " | ".join(V.QTYPES) + " | all |",
+            "| --- | " + " | ".join("---" for _ in V.QTYPES) + " | --- |",
+            f"| {e['n']} | {per} | {e['accuracy']:.3f} |",
+            "",
+            f"Lineage: initialised from the image demo model `vlm_prune/demo_models/qwen2_vl` of commit "
+            f"{r['lineage']['init_commit']} (sha256 of its model.safetensors {r['lineage']['init_sha256'][:16]}...);",
+            f"decoder layer i <- image layer {r['lineage']['layer_sources']} (None: new, starting as identity).",
+            "Loss curve and running train accuracy: `demo_video_loss.png`; config and loss history:",
+            "`demo_video_train.json`.",
+            "",
+        ]
+    )
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    steps = [h["step"] for h in history]
+    for key in ("answer", "dense", "prev", "events", "words", "retrieval"):
+        axes[0].plot(steps, [max(h[key], 1e-5) for h in history], lw=1, label=key)
+    axes[0].set_yscale("log")
+    axes[0].set_title("qwen2_vl_video: losses")
+    for q in V.QTYPES:
+        axes[1].plot(steps, [h.get(f"acc_{q}", float("nan")) for h in history], lw=1, label=q)
+    axes[1].set_title("running train accuracy (answer position, argmax)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
