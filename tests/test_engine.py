@@ -418,3 +418,31 @@ def test_attention_rows_from_cached_keys_equal_recomputed_and_eager(models, fami
     rows_cached = ctx_cached.attention_rows(queries)
     torch.testing.assert_close(rows_cached, ctx_recomputed.attention_rows(queries), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rows_cached, eager[:, queries].float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_second_turn_after_pruning_past_the_text_tail(family):
+    """Pruning more tokens than the prompt has after its image: generate() takes the first turn's placeholders in
+    `mm_token_type_ids[:, physical length:]` for new media and zeroes rope_deltas; the engine rebuilds the M-RoPE
+    rows from the prefill's deltas, so the second turn equals a fresh pruned prefill of the whole conversation."""
+    from vlm_prune.toy_models import build_tiny, make_inputs
+
+    model = build_tiny(family)
+    inputs = make_inputs(model, batch=2, padding="left", image_grid=(8, 8), prompt_lengths=[3, 4])
+    kwargs = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), vlm_prune.pruned(model, "random", keep=0.1) as handle:
+        first = model.generate(**inputs, max_new_tokens=3, **kwargs)
+        text_tail = int(inputs["input_ids"].shape[1] - (inputs["input_ids"] == 3).nonzero()[:, 1].max() - 1)
+        assert handle.stats.visual_tokens_in - handle.stats.visual_tokens_out > 2 * text_tail  # past the tail
+        batch, extra = first.sequences.shape[0], torch.tensor([[20, 21, 22]] * 2)
+        grown = first.sequences.shape[1] + 3 - inputs["input_ids"].shape[1]
+        follow_up = dict(inputs)
+        follow_up["input_ids"] = torch.cat([first.sequences, extra], dim=1)
+        follow_up["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(batch, grown).long()], dim=1)
+        zeros = torch.zeros(batch, grown, dtype=inputs["mm_token_type_ids"].dtype)
+        follow_up["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], zeros], dim=1)
+        fresh = model.generate(**follow_up, max_new_tokens=4, **kwargs)
+        text_only = {k: v for k, v in follow_up.items() if k not in ("pixel_values", "image_grid_thw")}
+        reused = model.generate(**text_only, cache=first.past_key_values, max_new_tokens=4, **kwargs)
+    assert torch.equal(reused.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)

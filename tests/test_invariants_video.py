@@ -82,25 +82,15 @@ def test_video_batch_row_equals_row_alone(family, stage, padding):
                 assert generate(model, alone)[0][0].tolist() == new[row].tolist()
 
 
-# Known engine bug (pre-existing, images too): on Qwen, generate() builds a follow-up's M-RoPE positions in
-# `_prepare_position_ids_for_generation` from the PHYSICAL cache length. When pruning removed more tokens than the
-# prompt has after its last media token, `mm_token_type_ids[:, past:]` reaches media placeholders, so transformers
-# takes them for new media, finds no grids and zeroes `rope_deltas`: every later position loses its M-RoPE offset.
-# Reproduced image-only with "random" keep=0.1 and a short question. The fix belongs in the engine's follow-up
-# path (keep each row's prefill rope_deltas with the cache state and rebuild the positions from them).
-QWEN_FOLLOW_UP_BUG = pytest.mark.xfail(
-    strict=True, reason="Qwen follow-up positions lose rope_deltas when pruning exceeds the text tail (engine)"
-)
+# On Qwen, generate() builds a follow-up's M-RoPE positions from `mm_token_type_ids[:, physical cache length:]`;
+# when pruning removed more tokens than the prompt has after its last media token that slice reaches media
+# placeholders and transformers zeroes `rope_deltas`. The engine rebuilds the positions from the prefill's deltas
+# (`Adapter.follow_up_position_ids`); the "pre" cases below prune past the text tail and cover it.
 
 
 @pytest.mark.parametrize(
     ("family", "stage"),
-    [
-        # in-LLM stages run untrimmed here, so the first layers' cache keeps its full length: no bug
-        pytest.param(f, s, marks=QWEN_FOLLOW_UP_BUG) if f.startswith("qwen") and s == "pre" else (f, s)
-        for f in VIDEO_CAPABLE
-        for s in STAGES
-    ],
+    [(f, s) for f in VIDEO_CAPABLE for s in STAGES],
 )
 def test_video_second_turn_on_the_pruned_cache(family, stage):
     """A second turn on the cache of a pruned video + image prompt equals a fresh pruned prefill."""

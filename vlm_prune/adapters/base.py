@@ -103,11 +103,23 @@ class Adapter:
         """
         return contiguous
 
-    def decode_position_ids(self, call: dict, virtual_past: int, q_len: int, batch: int) -> torch.Tensor | None:
+    def decode_position_ids(
+        self, call: dict, virtual_past: int, q_len: int, batch: int, state: object = None
+    ) -> torch.Tensor | None:
         """Top-level position_ids to inject when the caller passed none after a pruned prefill.
 
-        The unpruned model would derive them from the cache length, which pruning shortened.
+        The unpruned model would derive them from the cache length, which pruning shortened. `state` is what
+        `position_state()` returned after the prefill.
         """
+        return None
+
+    def position_state(self) -> object:
+        """What positions of later calls on a pruned cache depend on, read right after its prefill (kept with
+        the cache). Default: nothing."""
+        return None
+
+    def follow_up_position_ids(self, position_ids: torch.Tensor, state: object) -> torch.Tensor | None:
+        """Corrected top-level position_ids of a text-only call on a pruned cache (None = keep the caller's)."""
         return None
 
     # ---- vision signals ------------------------------------------------------------------------

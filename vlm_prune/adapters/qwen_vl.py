@@ -176,15 +176,36 @@ class QwenVLAdapter(Adapter):
     def lm_position_ids(self, contiguous: torch.Tensor) -> torch.Tensor:
         return contiguous.unsqueeze(0).expand(self.rope_rows + 1, -1, -1)
 
-    def decode_position_ids(self, call: dict, virtual_past: int, q_len: int, batch: int) -> torch.Tensor | None:
+    def decode_position_ids(
+        self, call: dict, virtual_past: int, q_len: int, batch: int, state: object = None
+    ) -> torch.Tensor | None:
         if call.get("attention_mask") is not None:
             return None  # the model derives positions from the full-length mask: already right
-        rope_deltas = getattr(self.model.model, "rope_deltas", None)
+        rope_deltas = state if state is not None else getattr(self.model.model, "rope_deltas", None)
         positions = torch.arange(virtual_past, virtual_past + q_len).view(1, 1, -1).expand(3, batch, -1)
         if rope_deltas is not None:
             delta = rope_deltas.repeat_interleave(batch // rope_deltas.shape[0], dim=0).cpu()
             positions = positions + delta.view(1, batch, 1)
         return positions
+
+    def position_state(self) -> torch.Tensor | None:
+        """The prefill's `rope_deltas` (B, 1): M-RoPE position minus column of every text token after the media."""
+        deltas = getattr(self.model.model, "rope_deltas", None)
+        return None if deltas is None else deltas.detach().clone()
+
+    def follow_up_position_ids(self, position_ids: torch.Tensor, state: object) -> torch.Tensor | None:
+        """Text after the media sits at (text position + rope_delta) on every M-RoPE row.
+
+        generate() builds a later turn's M-RoPE rows from `mm_token_type_ids[:, physical cache length:]`; on a pruned
+        cache that slice reaches the first turn's media placeholders, so it takes them for new media, finds no grids
+        and zeroes the deltas. The text row (row 0, from the full-length mask) is right; rebuild the others from it.
+        """
+        if state is None or position_ids.ndim != 3 or position_ids.shape[0] != self.rope_rows + 1:
+            return None
+        batch = position_ids.shape[1]
+        delta = state.repeat_interleave(batch // state.shape[0], dim=0).to(position_ids.device).view(1, batch, 1)
+        rows = position_ids[:1].expand(self.rope_rows, -1, -1) + delta
+        return torch.cat([position_ids[:1], rows.to(position_ids.dtype)], dim=0)
 
     # ---- projector (merger) --------------------------------------------------------------------
     def projector_module(self) -> nn.Module:

@@ -95,6 +95,7 @@ class _Cached:
     segments: list[tuple[int, torch.Tensor]]
     prefill_mask: list[torch.Tensor]  # per segment: (B, L_seg) mask of its cached prefill slots
     tokens: torch.Tensor | None = None  # (B, virtual past) the ORIGINAL token ids the cache stands for
+    position_state: object = None  # the adapter's `position_state()` after the prefill (Qwen: rope_deltas)
 
     def virtual_past(self, past: int) -> int:
         """The unpruned length so far, for `past` cached positions in the first segment's layers."""
@@ -293,15 +294,18 @@ class PruneHandle:
             self._projector_inputs, self._vision_attention, self._vision_calls = [], [], []
         call["vision_calls"] = self._vision_calls
         self._call = call
-        if cached is not None and call.get("position_ids") is None and call.get("input_ids") is not None:
-            input_ids = call["input_ids"]
-            if not _brings_media(call):
-                virtual_past = cached.virtual_past(cache.get_seq_length(cached.segments[0][0]))
-                positions = self.adapter.decode_position_ids(call, virtual_past, input_ids.shape[1], input_ids.shape[0])
-                if positions is not None:
-                    kwargs["position_ids"] = positions.to(input_ids.device)
-                    return args, kwargs
-        return None
+        if cached is None or call.get("input_ids") is None or _brings_media(call):
+            return None
+        input_ids, state = call["input_ids"], cached.position_state
+        if call.get("position_ids") is not None:
+            positions = self.adapter.follow_up_position_ids(call["position_ids"], state)
+        else:
+            virtual_past = cached.virtual_past(cache.get_seq_length(cached.segments[0][0]))
+            positions = self.adapter.decode_position_ids(call, virtual_past, *input_ids.shape[::-1], state)
+        if positions is None:
+            return None
+        kwargs["position_ids"] = positions.to(input_ids.device)
+        return args, kwargs
 
     def _on_model_return(self, module, args, output):
         labels, self._labels = self._labels, None
@@ -529,6 +533,7 @@ class PruneHandle:
                 segments=segments,
                 prefill_mask=prefill_masks,
                 tokens=self._call["input_ids"].detach().cpu(),
+                position_state=self.adapter.position_state(),
             )
             setattr(cache, CACHE_STATE_ATTRIBUTE, state)
         self._forward = None
