@@ -126,15 +126,15 @@ def evs_keep_mask(
     pixels: (n, P) per-token pixels for the pixel-space variant, else None.
     Returns (n,) bool with exactly `retained_count(grid, rate)` True.
     """
-    flat = video_grid_order(grid_thw.cpu(), grid).to(features.device)
+    flat = video_grid_order(grid_thw.cpu(), grid)
     t, h, w = grid
     source = features if pixels is None else pixels
-    arranged = torch.empty((t * h * w, source.shape[-1]), dtype=source.dtype, device=source.device)
-    arranged[flat.to(source.device)] = source
-    arranged = arranged.view(t, h, w, -1)
+    raster = bool(torch.equal(flat, torch.arange(flat.numel())))  # the usual case: tokens already in raster order
+    arranged = source if raster else source[torch.argsort(flat).to(source.device)]
+    arranged = arranged.reshape(t, h, w, -1)
     dissimilarity = temporal_dissimilarity(arranged) if pixels is None else pixel_dissimilarity(arranged)
     keep_raster = retention_mask(dissimilarity, retained_count(grid, rate))
-    return keep_raster[flat.to(keep_raster.device)]
+    return keep_raster if raster else keep_raster[flat.to(keep_raster.device)]
 
 
 @dataclass

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from vlm_prune.engine.context import VIDEO, Selection, SelectionContext
 from vlm_prune.errors import MethodOptionError
 from vlm_prune.methods.base import Method, Stage, topk_mask
-from vlm_prune.methods.dpc_knn import cluster_means, contiguous_segments, dpc_knn
+from vlm_prune.methods.dpc_knn import contiguous_segments, dpc_knn
 from vlm_prune.methods.evs import video_grid_order
 from vlm_prune.methods.registry import register
 
@@ -62,14 +62,19 @@ class VideoMerge:
     features: (K, D) merged features of the kept tokens, in raster order of their representatives.
     group: (K,) long: segment s's static group is s, step t's dynamic group is num_segments + t.
     segments: the segment lengths in steps.
-    members: per kept token, the raster indices of the tokens it stands for (itself first).
+    output_of: (n,) long, for every raster token the kept token (0..K-1, raster order) it merges into.
     """
 
     keep_mask: torch.Tensor
     features: torch.Tensor
     group: torch.Tensor
     segments: list[int]
-    members: list[torch.Tensor]
+    output_of: torch.Tensor
+
+    @property
+    def members(self) -> list[torch.Tensor]:
+        """Per kept token, the raster indices of the tokens it stands for (ascending, itself first)."""
+        return [(self.output_of == i).nonzero(as_tuple=True)[0] for i in range(len(self.features))]
 
 
 def static_locations(segment: torch.Tensor, tau: float) -> torch.Tensor:
@@ -82,26 +87,14 @@ def static_locations(segment: torch.Tensor, tau: float) -> torch.Tensor:
     return (pair_sum - steps) / (steps * (steps - 1)) > tau
 
 
-def _merge_group(
-    features: torch.Tensor, members: list[torch.Tensor], cluster_ratio: float, k: int, min_size: int, generator
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Spatially merge one group. features: (S, D), one row per unit; members[i]: raster indices of unit i.
-
-    Returns (member raster indices, merged feature (D,)) per output token: the units themselves when
-    S <= min_size, else the DPC-kNN cluster means of int(S * cluster_ratio) clusters.
-    """
+def _cluster_units(features: torch.Tensor, cluster_ratio: float, k: int, min_size: int, generator) -> torch.Tensor:
+    """Spatial merge of one group of S units (S, D) -> (S,) output label per unit: the units themselves when
+    S <= min_size, else their DPC-kNN cluster among int(S * cluster_ratio)."""
     count = features.shape[0]
     if count <= min_size:
-        return list(zip(members, features))
-    num_clusters = int(count * cluster_ratio)
-    labels, _ = dpc_knn(features, num_clusters, k=k, generator=generator)
-    means = cluster_means(features, labels, max(1, min(num_clusters, count)))
-    out = []
-    for cluster in range(means.shape[0]):
-        units = (labels == cluster).nonzero(as_tuple=True)[0].tolist()
-        if units:
-            out.append((torch.cat([members[u] for u in units]), means[cluster]))
-    return out
+        return torch.arange(count)
+    labels, _ = dpc_knn(features, int(count * cluster_ratio), k=k, generator=generator)
+    return labels.cpu()
 
 
 def merge_video(
@@ -114,7 +107,13 @@ def merge_video(
     min_size: int = 14,
     generator: torch.Generator | None = None,
 ) -> VideoMerge:
-    """PruneVid's pre-LLM merge of one video. grid_features: (T, H, W, D) projected tokens."""
+    """PruneVid's pre-LLM merge of one video. grid_features: (T, H, W, D) projected tokens.
+
+    Every raster token gets the output token it merges into (`output_of`); an output token's feature is the
+    mean of its members (for a static unit, the mean over the segment's steps, so a cluster of static units
+    averages the units' time means exactly as the reference's cluster mean of them) and it sits at its first
+    member. Vectorised over tokens: no per-cluster Python loop.
+    """
     steps, height, width, dim = grid_features.shape
     locations = height * width
     tokens = grid_features.reshape(steps, locations, dim)
@@ -124,35 +123,48 @@ def merge_video(
         segments = contiguous_segments(labels.tolist())
     else:
         segments = [steps]
-    raster = torch.arange(steps * locations).view(steps, locations)
-    outputs: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (members, feature, group)
-    start = 0
+    output_of = torch.empty((steps, locations), dtype=torch.long)
+    group_of_output: list[torch.Tensor] = []
+    next_output, start = 0, 0
     for index, length in enumerate(segments):
         segment = tokens[start : start + length]
         static = static_locations(segment, tau).cpu()
-        static_index = static.nonzero(as_tuple=True)[0]
+        static_index, dynamic_index = static.nonzero(as_tuple=True)[0], (~static).nonzero(as_tuple=True)[0]
         if len(static_index):
-            static_features = segment[:, static_index.to(segment.device)].float().mean(dim=0)
-            static_members = [raster[start : start + length, s] for s in static_index.tolist()]
-            merged = _merge_group(static_features, static_members, cluster_ratio, k, min_size, generator)
-            outputs.extend((members, feature, index) for members, feature in merged)
-        dynamic_index = (~static).nonzero(as_tuple=True)[0]
+            units = segment[:, static_index.to(segment.device)].float().mean(dim=0)
+            unit_output = _cluster_units(units, cluster_ratio, k, min_size, generator)
+            output_of[start : start + length, static_index] = next_output + unit_output
+            outputs = int(unit_output.max()) + 1
+            group_of_output.append(torch.full((outputs,), index, dtype=torch.long))
+            next_output += outputs
         for step in range(start, start + length):
             if not len(dynamic_index):
                 continue
-            step_features = tokens[step, dynamic_index.to(tokens.device)].float()
-            step_members = [raster[step, s : s + 1] for s in dynamic_index.tolist()]
-            for members, feature in _merge_group(step_features, step_members, cluster_ratio, k, min_size, generator):
-                outputs.append((members, feature, len(segments) + step))
+            units = tokens[step, dynamic_index.to(tokens.device)].float()
+            unit_output = _cluster_units(units, cluster_ratio, k, min_size, generator)
+            output_of[step, dynamic_index] = next_output + unit_output
+            outputs = int(unit_output.max()) + 1
+            group_of_output.append(torch.full((outputs,), len(segments) + step, dtype=torch.long))
+            next_output += outputs
         start += length
-    first = torch.tensor([int(members.min()) for members, _, _ in outputs])
-    order = torch.argsort(first)
+    output_of = output_of.reshape(-1)
+    # DPC-kNN may leave a cluster label unused: renumber the outputs densely
+    used, output_of = torch.unique(output_of, return_inverse=True)
+    group_of_output = torch.cat(group_of_output)[used]
+    count = len(used)
+    raster = torch.arange(steps * locations)
+    first = torch.full((count,), steps * locations, dtype=torch.long).scatter_reduce(0, output_of, raster, "amin")
+    order = torch.argsort(first)  # output tokens in raster order of their first member
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(count)
+    flat = tokens.reshape(-1, dim)
+    x = flat if flat.dtype == torch.float64 else flat.float()
+    sums = torch.zeros((count, dim), dtype=x.dtype, device=x.device).index_add_(0, output_of.to(x.device), x)
+    sizes = torch.bincount(output_of, minlength=count).to(x.device, x.dtype)
+    features = (sums / sizes[:, None])[order.to(x.device)].to(grid_features.dtype)
     keep_mask = torch.zeros(steps * locations, dtype=torch.bool)
     keep_mask[first] = True
-    features = torch.stack([outputs[i][1] for i in order.tolist()]).to(grid_features.dtype)
-    group = torch.tensor([outputs[i][2] for i in order.tolist()], dtype=torch.long)
-    members = [torch.sort(outputs[i][0]).values for i in order.tolist()]
-    return VideoMerge(keep_mask, features, group, segments, members)
+    return VideoMerge(keep_mask, features, group_of_output[order], segments, rank[output_of])
 
 
 def share_budget(sizes: list[int], budget: int) -> list[int]:
