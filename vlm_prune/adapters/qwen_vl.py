@@ -199,8 +199,12 @@ class QwenVLAdapter(Adapter):
         generate() builds a later turn's M-RoPE rows from `mm_token_type_ids[:, physical cache length:]`; on a pruned
         cache that slice reaches the first turn's media placeholders, so it takes them for new media, finds no grids
         and zeroes the deltas. The text row (row 0, from the full-length mask) is right; rebuild the others from it.
+        Only ids of that shape (M-RoPE rows equal to the text row) are rebuilt: real M-RoPE rows are the model's
+        own (e.g. generate()'s decode positions after right padding) and stay as the unwrapped model has them.
         """
         if state is None or position_ids.ndim != 3 or position_ids.shape[0] != self.rope_rows + 1:
+            return None
+        if not torch.equal(position_ids[1:], position_ids[:1].expand(self.rope_rows, -1, -1)):
             return None
         batch = position_ids.shape[1]
         delta = state.repeat_interleave(batch // state.shape[0], dim=0).to(position_ids.device).view(1, batch, 1)
