@@ -186,3 +186,34 @@ def test_batch_row_equals_row_alone(qwen):
             out = qwen.generate(**alone, max_new_tokens=4, do_sample=False)
             assert torch.equal(out[0, -4:], batch_out[row, -4:])
     assert handle.stats.stages[0].name == "evs"
+
+
+def test_pixel_space_keeps_the_tokens_whose_pixels_changed(qwen):
+    """space='pixel': the mean L1 change of each merged token's pixels since the previous step, from the vision
+    tower's own input. A video whose pixels change only in chosen cells keeps exactly those cells (plus step 0)."""
+    from vlm_prune.methods.evs import pixel_dissimilarity
+
+    inputs = make_inputs(qwen, batch=1, video=True, num_images=0, video_grid=(4, 8, 8))
+    merge = 2
+    t, h, w = 4, 4, 4  # merged grid
+    rows = inputs["pixel_values_videos"].reshape(t, h, w, -1)  # processor order: merge groups in raster order
+    static = rows[:1].expand(t, -1, -1, -1).clone()  # every step equal to step 0 ...
+    changed = [(1, 0, 3), (2, 2, 2), (3, 1, 1), (3, 3, 0)]  # ... except these (step, row, col)
+    for step, r, c in changed:
+        static[step, r, c] += 1.0 + step
+    inputs["pixel_values_videos"] = static.reshape(-1, rows.shape[-1] // (merge * merge))
+    dissimilarity = pixel_dissimilarity(static)
+    assert (dissimilarity[0] == 255).all() and int((dissimilarity[1:] > 0).sum()) == 6  # changes, and 2 undone
+    with vlm_prune.pruned(qwen, "evs", rate=0.6, space="pixel") as handle:
+        qwen(**inputs)
+    count = retained_count((t, h, w), 0.6)  # 25: step 0 (16) + the 9 largest of the rest
+    (video_out,), = handle.stats.stages[0].tokens_out
+    assert video_out == count
+    kept = handle.last_kept_index[0]
+    video_cols = (inputs["input_ids"][0] == VIDEO_ID).nonzero(as_tuple=True)[0]
+    kept_video = torch.isin(video_cols, kept).view(t, h, w)
+    assert kept_video[0].all()
+    for step, r, c in changed:
+        assert kept_video[step, r, c]
+    expected = vllm_reference_mask(torch.zeros(t * h * w, 1), (t, h, w), 1, 0.6)  # only for its count
+    assert int(kept_video.sum()) == int(expected.sum())

@@ -142,6 +142,10 @@ class Adapter:
         """Compute (received attention, keys) from one call of `vision_attention_layer()`."""
         raise NotImplementedError
 
+    def pixel_rows(self, recorded: list, call: dict) -> dict[str, torch.Tensor]:
+        """Recorded vision-tower inputs [(pixels, grid)] -> per-kind (N, P) pixels behind each media token."""
+        raise NotImplementedError
+
     def vision_attention_rows(
         self, recorded: list, call: dict
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -30,7 +30,7 @@ def _item_grid(t: int, h: int, w: int) -> torch.Tensor:
 class QwenVLAdapter(Adapter):
     family = "qwen2_vl"
     rope_rows = 3
-    signals = frozenset({"projector", "vision_attention"})
+    signals = frozenset({"projector", "vision_attention", "pixels"})
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -257,6 +257,20 @@ class QwenVLAdapter(Adapter):
             received_tables[name], key_tables[name] = received, keys
         return received_tables, key_tables
 
+    def pixel_rows(self, recorded: list, call: dict) -> dict[str, torch.Tensor]:
+        """The tower's input rows are patches in merge-group order (the processor's layout), so the m*m rows of
+        one merged token are consecutive: (N_patches, P) -> (N_tokens, m*m*P), per kind by its grids."""
+        rows: dict[str, torch.Tensor] = {}
+        for name in ("image", "video"):
+            grid = self._grids(call, name)
+            if grid is None:
+                continue
+            match = next((p for p, g in reversed(recorded) if g is not None and torch.equal(g, grid.cpu())), None)
+            if match is None:
+                raise PruneError(f"the vision tower's {name} pixels were not recorded in this call; pass pixel values")
+            rows[name] = match.reshape(-1, self.merge * self.merge * match.shape[-1])
+        return rows
+
     def projector_rows(self, captured: list[torch.Tensor], call: dict) -> dict[str, torch.Tensor]:
         rows: dict[str, torch.Tensor] = {}
         present = sum(self._grids(call, name) is not None for name in ("image", "video"))
@@ -292,7 +306,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     """Qwen3-VL: also compacts the deepstack inputs (`visual_pos_masks`, `deepstack_visual_embeds`)."""
 
     family = "qwen3_vl"
-    signals = frozenset({"projector"})
+    signals = frozenset({"projector", "pixels"})
 
     def vision_attention_layer(self) -> nn.Module | None:
         return None  # not validated against Qwen3-VL's vision blocks yet

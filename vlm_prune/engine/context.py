@@ -104,6 +104,8 @@ class SelectionContext:
             projector(x) == projector_tail(x @ weight.T + bias). Lets ZOO-Prune share W1 x across perturbations.
         vision_attention: (N,) attention each token received from the vision tower's CLS query (or the
             documented fallback), and vision_keys: (N, d_k) keys of that layer ("vision_attention").
+        pixels: (N, P) the vision tower's pixel input behind each token (Qwen: the m x m patches of its merge
+            group, each C x temporal_patch x p x p normalised values), on request ("pixels").
         extras: method-specific signals (segment bookkeeping etc.).
     """
 
@@ -124,6 +126,7 @@ class SelectionContext:
     projector_tail: Callable[[torch.Tensor], torch.Tensor] | None = None
     vision_attention: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
-from vlm_prune.adapters.expansion import expanded_token_index, row_totals
 from vlm_prune.engine.budget import tokens_to_keep
-from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext, VisualLayout
+from vlm_prune.engine.context import VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
 from vlm_prune.engine.labels import kept_labels, with_loss
+from vlm_prune.engine.signals import SignalRecorder
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
 from vlm_prune.kernels import gather_tokens
@@ -177,8 +177,7 @@ class PruneHandle:
         self.stats = PruneStats()
         self.last_kept_index: torch.Tensor | None = None
         self._call: dict | None = None
-        self._projector_inputs: list[torch.Tensor] = []
-        self._vision_attention: list[object] = []
+        self._signals = SignalRecorder(adapter)
         self._vision_calls: list[object] = []
         self._forward: _Forward | None = None
         self._pending_rope: torch.Tensor | None = None
@@ -205,19 +204,7 @@ class PruneHandle:
         vision = self.adapter.vision_module()
         if vision is not None:
             add(vision.register_forward_pre_hook(self._on_vision_call, with_kwargs=True))
-        if any("projector" in stage.needs for stage in self.stages):
-            module = self.adapter.projector_module()
-            if module is None:
-                raise PruneError(f"{self.adapter.family}: no projector to record; this method cannot run here")
-            add(module.register_forward_hook(self._on_projector))
-        if any("vision_attention" in stage.needs for stage in self.stages):
-            module = self.adapter.vision_attention_layer()
-            if module is None:
-                raise PruneError(
-                    f"{self.adapter.family}: vision-tower attention is not available on this family; "
-                    "choose a method that does not need it"
-                )
-            add(module.register_forward_pre_hook(self._on_vision_layer, with_kwargs=True))
+        self._signals.install(set().union(*(stage.needs for stage in self.stages)), add)
         in_llm = [stage.layer for stage in self.stages if stage.layer > 0]
         if in_llm:
             first = min(in_llm)
@@ -237,7 +224,8 @@ class PruneHandle:
             hook.remove()
         self._hooks.clear()
         self._call = self._forward = self._pending_rope = None
-        self._projector_inputs, self._vision_attention, self._vision_calls = [], [], []
+        self._signals.clear()
+        self._vision_calls = []
         self._removed = True
 
     def __enter__(self) -> PruneHandle:
@@ -291,7 +279,8 @@ class PruneHandle:
             call.setdefault("input_ids", args[0])
         if any(call.get(key) is not None for key in ("pixel_values", "pixel_values_videos")):
             # media is encoded inside this call: older recordings are stale
-            self._projector_inputs, self._vision_attention, self._vision_calls = [], [], []
+            self._signals.clear()
+            self._vision_calls = []
         call["vision_calls"] = self._vision_calls
         self._call = call
         if cached is None or call.get("input_ids") is None or _brings_media(call):
@@ -314,7 +303,7 @@ class PruneHandle:
         self._call = None
         # generate(use_cache=False) re-runs the prefill from pre-encoded features without calling the
         # vision tower again, so the latest recordings are kept (bounded) rather than cleared.
-        del self._projector_inputs[:-_KEEP_RECORDINGS], self._vision_attention[:-_KEEP_RECORDINGS]
+        self._signals.trim()
         del self._vision_calls[:-_KEEP_RECORDINGS]
         self._forward = None
         self._pending_rope = None
@@ -338,13 +327,6 @@ class PruneHandle:
 
     def _on_vision_call(self, module, args, kwargs):
         self._vision_calls.append(self.adapter.record_vision_call(args, kwargs))
-
-    def _on_vision_layer(self, module, args, kwargs):
-        with torch.no_grad():
-            self._vision_attention.append(self.adapter.vision_attention_signal(module, args, kwargs))
-
-    def _on_projector(self, module, args, output):
-        self._projector_inputs.append(args[0].detach())
 
     def _has_media(self, input_ids: torch.Tensor) -> bool:
         return any(bool((input_ids == token).any()) for token in self.adapter.media_token_ids())
@@ -430,7 +412,8 @@ class PruneHandle:
 
         pre_llm = [stage for stage in self.stages if stage.layer == 0]
         for stage in pre_llm:
-            signals = self._signals(stage, samples)
+            layouts = [sample.media.layout for sample in samples]
+            signals = self._signals.tables(stage.needs, self._call or {}, layouts, forward.original_embeds)
             embeds = self._run_stage(stage, embeds, signals=signals)
         kwargs["inputs_embeds"] = embeds
         if pre_llm:
@@ -660,7 +643,7 @@ class PruneHandle:
                 seed=self.seed,
             )
             if signals is not None:
-                self._fill_signals(ctx, signals, row)
+                self._signals.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
             if attention is not None:
                 ctx.attention_fn = self._attention_fn(attention, row, valid_slots)
             result = stage.select(ctx)
@@ -718,91 +701,6 @@ class PruneHandle:
         input_ids = self._call["input_ids"]
         columns = self._forward.columns[row, valid_slots].to(input_ids.device)
         return input_ids[row, columns.clamp(min=0)]
-
-    # ---- vision-side signals (projector inputs, vision-tower attention)
-    def _signals(self, stage: Stage, samples: list[_Sample]) -> dict | None:
-        """Per-kind tables of recorded signals, aligned with the media tokens, and each sample's rows in them."""
-        tables: dict[str, dict[str, torch.Tensor]] = {}
-        call = self._call or {}
-        if "projector" in stage.needs:
-            if not self._projector_inputs:
-                raise PruneError("the projector input was not recorded (were image features passed precomputed?)")
-            tables["projector_inputs"] = self.adapter.projector_rows(self._projector_inputs, call)
-        if "vision_attention" in stage.needs:
-            if not self._vision_attention:
-                raise PruneError("the vision-tower attention was not recorded (were image features precomputed?)")
-            received, keys = self.adapter.vision_attention_rows(self._vision_attention, call)
-            tables["vision_attention"], tables["vision_keys"] = received, keys
-        if not tables:
-            return None
-        self._expand_tables(tables)
-        if "projector_inputs" in tables:
-            self._verify_projector_rows(tables["projector_inputs"], samples)
-        per_sample, offsets = [], {"image": 0, "video": 0}
-        for sample in samples:
-            kinds = sample.media.layout.kind
-            table_rows = torch.empty(len(kinds), dtype=torch.long)
-            for name, code in (("image", IMAGE), ("video", VIDEO)):
-                members = (kinds == code).nonzero(as_tuple=True)[0]
-                table_rows[members] = torch.arange(offsets[name], offsets[name] + len(members))
-                offsets[name] += len(members)
-            per_sample.append(table_rows)
-        return {"tables": tables, "per_sample": per_sample}
-
-    def _expand_tables(self, tables: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Repeat encoder-order table rows to follow generate()'s row expansion (beams, several sequences).
-
-        A table holds one row per media token the vision tower encoded; after the expansion the call holds
-        each original row's tokens `e` times (see `adapters.expansion`). No-op when the counts already match.
-        """
-        input_ids = self._call["input_ids"]
-        for name, token_id in zip(("image", "video"), self.adapter.media_token_ids()):
-            totals = row_totals(input_ids, token_id)
-            for per_kind in tables.values():
-                table = per_kind.get(name)
-                if table is not None and table.shape[0] != sum(totals):
-                    index = expanded_token_index(totals, table.shape[0])
-                    per_kind[name] = table[index.to(table.device)]
-
-    def _verify_projector_rows(self, rows: dict[str, torch.Tensor], samples: list[_Sample]) -> None:
-        """The recorded projector inputs must project onto the media embeddings (guards stale recordings)."""
-        embeds = self._forward.original_embeds
-        input_ids = self._call["input_ids"]
-        parts = self.adapter.projector_parts()
-        for name, token_id in zip(("image", "video"), self.adapter.media_token_ids()):
-            if name not in rows:
-                continue
-            expected = embeds[input_ids == token_id]
-            with torch.no_grad():
-                projected = parts(rows[name].to(parts.weight.dtype))
-            scale = expected.abs().max().clamp(min=1e-6)
-            if projected.shape != expected.shape or (projected - expected).abs().max() > 1e-2 * scale:
-                raise PruneError(
-                    "the recorded projector inputs do not match this input's media embeddings (features "
-                    "computed outside the model?); pass pixel_values so the vision tower runs in the call"
-                )
-
-    def _fill_signals(self, ctx: SelectionContext, signals: dict, row: int) -> None:
-        sample = self._forward.samples[row]
-        present = sample.present
-        table_rows = signals["per_sample"][row][present]
-        kinds = sample.media.layout.kind[present]
-        for field_name, per_kind in signals["tables"].items():
-            values = None
-            for name, code in (("image", IMAGE), ("video", VIDEO)):
-                members = (kinds == code).nonzero(as_tuple=True)[0]
-                if len(members) == 0:
-                    continue
-                table = per_kind[name]
-                if values is None:
-                    values = table.new_empty((len(kinds), *table.shape[1:]))
-                values[members.to(table.device)] = table[table_rows[members].to(table.device)]
-            setattr(ctx, field_name, values)
-        if "projector_inputs" in signals["tables"]:
-            parts = self.adapter.projector_parts()
-            ctx.projector = parts
-            ctx.projector_first = (parts.weight, parts.bias)
-            ctx.projector_tail = parts.tail
 
     # ---- attention rows
     def _attention_fn(self, attention: tuple, row: int, valid_slots: torch.Tensor):

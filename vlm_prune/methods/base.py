@@ -21,7 +21,7 @@ from vlm_prune.errors import BudgetError, PruneError
 SelectFn = Callable[[SelectionContext], "torch.Tensor | Selection"]
 
 #: Signals a stage may ask the engine to record.
-KNOWN_NEEDS = frozenset({"attention", "projector", "vision_attention"})
+KNOWN_NEEDS = frozenset({"attention", "projector", "vision_attention", "pixels"})
 
 
 @dataclass

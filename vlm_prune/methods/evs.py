@@ -198,9 +198,9 @@ class EVS(Method):
                 continue
             pixels = None
             if self.space == "pixel":
-                if ctx.extras.get("pixels") is None:
+                if ctx.pixels is None:
                     raise PruneError("EVS space='pixel' needs the vision tower's pixel input, which was not recorded")
-                pixels = ctx.extras["pixels"][members.to(ctx.extras["pixels"].device)]
+                pixels = ctx.pixels[members.to(ctx.pixels.device)]
             member_index = members.to(keep_mask.device)
             keep_mask[member_index] = evs_keep_mask(
                 ctx.visual_features[member_index], layout.grid_thw[members], tuple(grid), rate, pixels
