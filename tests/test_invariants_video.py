@@ -2,10 +2,11 @@
 
 The image-prompt matrix lives in `test_invariants.py` (which also holds the video reference equivalence at
 layer 0 and layer k, `test_reference_video`); this file adds the video variants of identity, batch rows,
-a second turn, beams and chunked prefill. Every prompt kind is covered: a video alone, an image then a
-video, a video then an image (vLLM's bug #27859 was the mixed case). To keep CI time in check each test
-runs sdpa at batch 2; eager attention and right padding are covered by
-`test_invariants.py::test_reference_video_right_padding_and_eager`.
+a second turn, beams (also with methods that read the vision tower's recordings) and chunked prefill.
+Identity and reference equivalence run on every prompt kind (a video alone, an image then a video, a video
+then an image; vLLM's bug #27859 was the mixed case); the other tests use the mixed prompts, where the
+bookkeeping of two media kinds can go wrong. To keep CI time in check each test runs sdpa at batch 2;
+eager attention and right padding are covered by `test_invariants.py::test_reference_video_right_padding_and_eager`.
 """
 
 from __future__ import annotations
@@ -150,3 +151,30 @@ def test_video_chunked_prefill(family):
             model.generate(**inputs, prefill_chunk_size=int(media_columns.min()) + 1, **kwargs)
     assert torch.equal(chunked.sequences, whole.sequences)
     torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [
+        (f, m)
+        for f in VIDEO_CAPABLE
+        if f.startswith("qwen")
+        for m in ("zoo", "visionzip")
+        if (m, f) != ("visionzip", "qwen3_vl")  # Qwen3-VL: no vision-tower attention signal
+    ],
+)
+def test_video_beams_with_vision_recordings(family, method):
+    """Methods reading the vision tower's recordings (projector inputs, tower attention), which stay in the
+    encoder's order (images, then videos) while generate() expands the rows: each beam keeps its row's tokens."""
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(model, 2, "left", video=True, video_first=True)
+    options = {"keep": 0.5} if method == "zoo" else {"keep": 4}
+    with torch.no_grad(), vlm_prune.pruned(model, method, **options) as handle:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        greedy_kept = handle.last_kept_index.clone()
+        model.generate(**inputs, **BEAMS)
+        beam_kept = handle.last_kept_index.clone()
+    assert (greedy_kept >= 0).sum() < inputs["attention_mask"].sum(), "something was pruned"
+    for row in range(2):
+        for beam in range(BEAMS["num_beams"]):
+            assert torch.equal(beam_kept[row * BEAMS["num_beams"] + beam], greedy_kept[row])
