@@ -359,3 +359,37 @@ def test_supported_models_lists_the_video_families():
     names = vlm_prune.supported_models()
     assert "LlavaOnevisionForConditionalGeneration" in names
     assert "LlavaNextVideoForConditionalGeneration" in names
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_llava_two_videos_in_one_prompt_whole_and_chunked(family):
+    """Two videos of one prompt are two media items, frames counted per video; a generate() chunk that hands
+    both videos' features as one block splits them at the text between them (runs of video tokens)."""
+    model = model_of(family)
+    config = model.config
+    size, side = config.vision_config.image_size, config.vision_config.image_size // config.vision_config.patch_size
+    pooled = math.ceil(side / 2) if family == "llava_onevision" else side // config.spatial_pool_stride
+    newline = 1 if family == "llava_onevision" else 0
+    prompt, expected = Prompt(), Expected()
+    for _ in range(2):
+        columns = prompt.span(2 * pooled * pooled, VIDEO_ID)
+        coords = raster(2, pooled, pooled)
+        expected.add(columns, VIDEO, [c[0] for c in coords], coords, (2, pooled, pooled))
+        prompt.span(newline, VIDEO_ID)
+        prompt.text(25, 26)
+    input_ids = prompt.tensor()
+    g = torch.Generator().manual_seed(3)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values_videos": torch.randn(2, 2, 3, size, size, generator=g),
+    }
+    expected.check(*recorded_layout(model, inputs))
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), vlm_prune.pruned(model, DropVisual()) as handle:
+        whole = model.generate(**inputs, **kwargs)
+        per_item = handle.stats.stages[0].tokens_in
+        chunked = model.generate(**inputs, prefill_chunk_size=len(prompt.ids) - 1, **kwargs)
+        assert handle.stats.stages[0].tokens_in == per_item == [[2 * pooled * pooled] * 2]
+    assert torch.equal(chunked.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), atol=2e-5, rtol=1e-4)
