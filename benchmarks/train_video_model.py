@@ -452,7 +452,8 @@ def train(args) -> dict:
     caught: dict = {}
     hook = model.model.visual.merger.register_forward_hook(lambda m, i, o: caught.__setitem__("feats", o))
     params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=TRAIN["betas"], weight_decay=TRAIN["weight_decay"])
+    lr_base = args.lr if args.lr is not None else TRAIN["lr"]
+    opt = torch.optim.AdamW(params, lr=lr_base, betas=TRAIN["betas"], weight_decay=TRAIN["weight_decay"])
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "video_train.pt"
@@ -470,6 +471,16 @@ def train(args) -> dict:
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
         if checks.setdefault("init_sha256", init_sha) != init_sha:
             raise RuntimeError(f"{image_dir} is not the image model this run started from: {checks}")
+    elif args.init_from:  # a new phase: weights, heads and records of an earlier run; new optimiser and schedule
+        state = torch.load(args.init_from, weights_only=False)
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        history, elapsed, checks = state["history"], state["elapsed"], state["checks"]
+        phases = checks.setdefault("phases", [{"steps": state["step"], "lr": TRAIN["lr"]}])
+        phases.append({"steps": None, "lr": lr_base, "init_from": str(args.init_from)})
+        checks.pop("total_steps", None)
+        stream.rng = random.Random(f"video-train-stream/{args.seed}/phase{len(phases)}")
+        log(f"phase {len(phases)} from {args.init_from} ({elapsed / 60:.1f} min trained before)")
     else:
         checks["shared_prefix_max_logit_diff"] = check_shared_prefix(model, stream)
         if checks["shared_prefix_max_logit_diff"] > 1e-3:
@@ -496,7 +507,7 @@ def train(args) -> dict:
             calibrate = False
             log(f"{per:.2f} s/step -> {total} steps in {args.minutes} min")
         checks["total_steps"] = total
-        lr = lr_at(step, total or 10**6, TRAIN["lr"], TRAIN["warmup"])
+        lr = lr_at(step, total or 10**6, lr_base, TRAIN["warmup"])
         for g in opt.param_groups:
             g["lr"] = lr
         b = stream.batch(TRAIN["clips"], TRAIN["questions"])
@@ -510,11 +521,15 @@ def train(args) -> dict:
         elapsed += now - t_last
         t_last = now
         if step % TRAIN["log_every"] == 0 or step == 1:
-            history.append({"stage": "joint", "step": step, "t": round(elapsed, 1), "lr": lr, **parts})
+            phase = len(checks.get("phases", [None]))
+            offset = sum(ph["steps"] for ph in checks.get("phases", [])[:-1])
+            history.append({"stage": f"phase{phase}", "step": offset + step, "t": round(elapsed, 1), "lr": lr, **parts})
         if step % 50 == 0 or step == 1:
             log(f"{step}/{total} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f" ({elapsed:.0f}s)")
         if step % 50 == 0:
             save_checkpoint()
+    if "phases" in checks:
+        checks["phases"][-1]["steps"] = step
     save_checkpoint()
     hook.remove()
     if step < total:
@@ -550,7 +565,8 @@ def finish(model, processor, tokenizer, n_params, step, elapsed, history, checks
         "vocab_size": len(tokenizer),
         "visual_tokens_per_clip": checks["n_visual_tokens"],
         "checkpoint_bytes": size,
-        "steps": step,
+        "steps": sum(ph["steps"] for ph in checks["phases"]) if "phases" in checks else step,
+        "phases": checks.get("phases", [{"steps": step, "lr": TRAIN["lr"]}]),
         "clips_per_step": TRAIN["clips"],
         "questions_per_clip": TRAIN["questions"],
         "train_seconds": round(elapsed, 1),
@@ -593,6 +609,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "results" / "tmp_video"))
     ap.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --work-dir")
+    ap.add_argument("--init-from", default=None, help="start a new phase from another run's video_train.pt")
+    ap.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TRAIN['lr']})")
     ap.add_argument("--init-dir", default=str(demo_model_path("qwen2_vl")),
                     help=f"the image demo model to start from (the shipped run used commit {INIT_COMMIT})")  # fmt: skip
     args = ap.parse_args(argv)

@@ -35,6 +35,9 @@ def markdown(r: dict) -> str:
             f"Lineage: initialised from the image demo model `vlm_prune/demo_models/qwen2_vl` of commit "
             f"{r['lineage']['init_commit']} (sha256 of its model.safetensors {r['lineage']['init_sha256'][:16]}...);",
             f"decoder layer i <- image layer {r['lineage']['layer_sources']} (None: new, starting as identity).",
+            "Training phases (each a new AdamW + warmup/cosine schedule from the previous phase's weights): "
+            + "; ".join(f"{ph['steps']} steps at peak lr {ph['lr']:g}" for ph in r["phases"])
+            + ".",
             "Loss curve and running train accuracy: `demo_video_loss.png`; config and loss history:",
             "`demo_video_train.json`.",
             "",

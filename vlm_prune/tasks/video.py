@@ -120,7 +120,7 @@ class VideoClip:
 
     def video(self) -> np.ndarray:
         """uint8 array (num_frames, H, W, 3), H = W = grid * cell_px."""
-        frames = [render_state(s, self.background, self.split, self.grid, self.cell_px) for s in self.states()]
+        frames = [render_state(s, self.background, self.grid, self.cell_px) for s in self.states()]
         return np.repeat(np.stack(frames), self.frames_per_step, axis=0)
 
 
@@ -178,7 +178,7 @@ def _cell_pixels(path: str, background: tuple[int, int, int], cell_px: int) -> n
     return out
 
 
-def render_cell(image: Cell | None, background: Sequence[int], split: str, cell_px: int) -> np.ndarray:
+def render_cell(image: Cell | None, background: Sequence[int], cell_px: int) -> np.ndarray:
     """(cell_px, cell_px, 3) uint8: the shape of `image` on `background` (just background when None).
 
     The shape is cut out of its easy-VQA image (pixels off that image's background), centred on the middle of
@@ -191,11 +191,9 @@ def render_cell(image: Cell | None, background: Sequence[int], split: str, cell_
     return _cell_pixels(image.path, tuple(int(v) for v in background), cell_px)
 
 
-def render_state(
-    board: Sequence[Cell | None], background: Sequence[int], split: str, grid: int, cell_px: int
-) -> np.ndarray:
+def render_state(board: Sequence[Cell | None], background: Sequence[int], grid: int, cell_px: int) -> np.ndarray:
     """(grid*cell_px, grid*cell_px, 3) uint8 frame of one board state."""
-    tiles = np.stack([render_cell(c, background, split, cell_px) for c in board])
+    tiles = np.stack([render_cell(c, background, cell_px) for c in board])
     return (
         tiles.reshape(grid, grid, cell_px, cell_px, 3)
         .transpose(0, 2, 1, 3, 4)
