@@ -217,3 +217,12 @@ def test_pixel_space_keeps_the_tokens_whose_pixels_changed(qwen):
         assert kept_video[step, r, c]
     expected = vllm_reference_mask(torch.zeros(t * h * w, 1), (t, h, w), 1, 0.6)  # only for its count
     assert int(kept_video.sum()) == int(expected.sum())
+
+
+def test_frames_that_disagree_with_the_grid_are_refused(qwen):
+    inputs = make_inputs(qwen, batch=1, video=True, num_images=0, video_grid=(4, 8, 8))
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"][:-64]  # one temporal step of patches missing
+    with vlm_prune.pruned(qwen, "evs", keep=0.5), pytest.raises(vlm_prune.errors.InputError, match="video_grid_thw"):
+        qwen(**inputs)
+    with vlm_prune.pruned(qwen, "evs", keep=0.5), pytest.raises(vlm_prune.errors.InputError, match="grid"):
+        qwen.generate(**inputs, max_new_tokens=2)  # generate() encodes the video before the forward

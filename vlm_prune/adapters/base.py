@@ -64,6 +64,9 @@ class Adapter:
     def media_token_ids(self) -> list[int]:
         raise NotImplementedError
 
+    def check_media_inputs(self, call: dict) -> None:
+        """Raise an InputError when the call's media inputs disagree with their metadata (default: no check)."""
+
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         """Per sample of the batch, the visual columns and their layout.
 

@@ -114,6 +114,22 @@ class QwenVLAdapter(Adapter):
     def _row_totals(self, call: dict, modality: str) -> list[int]:
         return row_totals(call["input_ids"], self.image_token_id if modality == "image" else self.video_token_id)
 
+    def check_media_inputs(self, call: dict) -> None:
+        """Pixel rows must match the grids: t*h*w patch rows per item (else the tower fails with a shape error)."""
+        for pixels_key, grid_key, what in (
+            ("pixel_values", "image_grid_thw", "images"),
+            ("pixel_values_videos", "video_grid_thw", "videos (frames / temporal_patch_size steps)"),
+        ):
+            pixels, grid = call.get(pixels_key), call.get(grid_key)
+            if pixels is None or grid is None:
+                continue
+            expected = int(grid.prod(dim=-1).sum())
+            if int(pixels.shape[0]) != expected:
+                raise InputError(
+                    f"{pixels_key} has {pixels.shape[0]} patch rows but {grid_key} {grid.tolist()} needs {expected} "
+                    f"for its {what}; pass the processor's {pixels_key} and {grid_key} together, unchanged"
+                )
+
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         queues = {
             IMAGE: (self.image_token_id, self._items(self._call_grids(call, "image"))),
@@ -248,6 +264,13 @@ class QwenVLAdapter(Adapter):
     def record_vision_call(self, args: tuple, kwargs: dict) -> object:
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         self._vision_calls_grid = None if grid is None else grid.detach().cpu()
+        pixels = args[0] if args else kwargs.get("hidden_states")
+        if grid is not None and isinstance(pixels, torch.Tensor) and pixels.shape[0] != int(grid.prod(-1).sum()):
+            raise InputError(
+                f"the vision tower got {pixels.shape[0]} patch rows for grids {grid.tolist()} (they need "
+                f"{int(grid.prod(-1).sum())}); pass pixel_values(_videos) and image/video_grid_thw as the processor "
+                "returns them"
+            )
         return self._vision_calls_grid
 
     def vision_attention_rows(self, recorded: list, call: dict):

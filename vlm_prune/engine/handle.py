@@ -283,6 +283,8 @@ class PruneHandle:
             self._vision_calls = []
         call["vision_calls"] = self._vision_calls
         self._call = call
+        if _brings_media(call):
+            self.adapter.check_media_inputs(call)
         if cached is None or call.get("input_ids") is None or _brings_media(call):
             return None
         input_ids, state = call["input_ids"], cached.position_state
