@@ -393,3 +393,18 @@ def test_llava_two_videos_in_one_prompt_whole_and_chunked(family):
         assert handle.stats.stages[0].tokens_in == per_item == [[2 * pooled * pooled] * 2]
     assert torch.equal(chunked.sequences, whole.sequences)
     torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_llava_frames_or_image_sizes_that_disagree_with_the_placeholders(family):
+    """`check_media_inputs` (run by the engine before the model's own shape error) refuses video frames and
+    image sizes that do not match the placeholders, and accepts the processor's inputs."""
+    model = model_of(family)
+    adapter = adapter_for(model)
+    size = model.config.vision_config.image_size
+    inputs, _, _ = llava_video_inputs(model, frames=3, image_first=True)
+    adapter.check_media_inputs(inputs)
+    with pytest.raises(vlm_prune.InputError, match="does not match the placeholders"):
+        adapter.check_media_inputs({**inputs, "pixel_values_videos": torch.zeros(1, 4, 3, size, size)})
+    with pytest.raises(vlm_prune.InputError, match="image_sizes asks for"):
+        adapter.check_media_inputs({**inputs, "image_sizes": torch.tensor([[size, size]])})

@@ -226,6 +226,20 @@ class LlavaNextAdapter(LlavaAdapter):
             blocks.append(torch.cat([base, hires]))
         return blocks
 
+    def check_media_inputs(self, call: dict) -> None:
+        """The image placeholders must be what `image_sizes` asks for (before the model's own shape error)."""
+        input_ids = call.get("input_ids")
+        if call.get("pixel_values") is None or call.get("image_sizes") is None:
+            return
+        if not isinstance(input_ids, torch.Tensor):
+            return
+        needed, found = sum(self._counts_from_sizes(call)), int((input_ids == self.image_token_id).sum())
+        if needed != found:
+            raise InputError(
+                f"{self.family}: the prompt holds {found} image tokens but image_sizes asks for {needed}; the images "
+                "do not match the placeholders. Pass the processor's input_ids, pixel_values and image_sizes together"
+            )
+
     def _split_image_runs(
         self, counts: list[int], flat_embeds: torch.Tensor, newline: torch.Tensor | None
     ) -> list[int]:

@@ -115,6 +115,13 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             grids.append((frames, rows, cols))
         return grids
 
+    def check_media_inputs(self, call: dict) -> None:
+        """Images as on LLaVA-NeXT; the video placeholders must be what the videos' frames need."""
+        super().check_media_inputs(call)
+        input_ids = call.get("input_ids")
+        if call.get("pixel_values_videos") is not None and isinstance(input_ids, torch.Tensor):
+            self.video_grids(input_ids, call)  # raises InputError when frames and placeholders disagree
+
     # ---- samples -------------------------------------------------------------------------------
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         has_images = bool((input_ids == self.image_token_id).any())
