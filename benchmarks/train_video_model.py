@@ -183,14 +183,16 @@ def build_model(tokenizer, new_words: list[str], image_dir: Path, log):
 class Stream:
     """Train clips with several questions each, built as tensors for the shared-prefix forward."""
 
-    def __init__(self, processor, seed: int, cell_px: int):
+    def __init__(self, processor, seed: int, cell_px: int, frames_per_step: int = 2):
         self.processor, self.tok = processor, processor.tokenizer
-        self.cell_px = cell_px
-        self.rng = random.Random(f"video-train-stream/{seed}")
+        self.cell_px, self.fps = cell_px, frames_per_step
+        self.rng = random.Random(
+            f"video-train-stream/{seed}" + ("" if frames_per_step == 2 else f"/fps{frames_per_step}")
+        )
         self.settings = V.video_settings(processor)
         self.video_id = self.tok.convert_tokens_to_ids("<|video_pad|>")
         self.eos = self.tok.eos_token_id
-        probe = V.make_clips("train", 3, seed=0, cell_px=cell_px)
+        probe = V.make_clips("train", 3, seed=0, cell_px=cell_px, frames_per_step=frames_per_step)
         enc = V.video_inputs(processor, probe)
         full = [enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist() for i in range(3)]
         n = 0
@@ -205,6 +207,8 @@ class Stream:
         self.side = gh // m  # merged tokens per row of a step
         self.per_step = self.side * self.side
         assert len(self.visual_pos) == t * self.per_step
+        self.steps_per_state = t // V.STEPS  # temporal grid steps per state (1 for 8 frames, 2 for 16)
+        assert self.steps_per_state * V.STEPS == t
         r = torch.arange(self.per_step) // self.side
         c = torch.arange(self.per_step) % self.side
         per_cell = cell_px // TOKEN_PX
@@ -232,10 +236,11 @@ class Stream:
         return qs[:k]
 
     def token_labels(self, clip: V.VideoClip, video: np.ndarray) -> dict:
-        """Per visual token (steps x per_step): fg, shape/colour of its cell, event class."""
+        """Per visual token (temporal steps x per_step): fg, shape/colour of its cell, event class (on the
+        first temporal step of the state an event leads to)."""
         steps = clip.states()
         fps = clip.frames_per_step
-        frames = video[::fps].astype(np.int16)  # (T, H, W, 3) one frame per state
+        frames = video[::fps].astype(np.int16)  # (states, H, W, 3) one frame per state
         bg = np.asarray(clip.background, dtype=np.int16)
         fgpx = np.abs(frames - bg).max(-1) > V.FG_THRESHOLD
         T, H, W = fgpx.shape
@@ -255,11 +260,17 @@ class Stream:
             event[ev.step][here] = EVENTS.index(ev.kind)
             if ev.kind == "move":
                 event[ev.step][(cell[ev.step] == ev.source) & fg[ev.step - 1]] = EVENTS.index("vacated")
+        k = self.steps_per_state
+        if k > 1:  # per temporal step: a state spans k steps; its event shows on the first one only
+            fg, shape, color = (x.repeat_interleave(k, dim=0) for x in (fg, shape, color))
+            event = torch.cat([event.unsqueeze(1), torch.zeros((T, k - 1, self.per_step), dtype=torch.long)], 1)
+            event = event.flatten(0, 1)
         return {"fg": fg, "shape": shape, "color": color, "event": event}
 
     def target_tokens(self, clip: V.VideoClip, labels: dict, qtype: str, cell: int) -> torch.Tensor:
         """(T * per_step,) bool: the visual tokens holding the answer to (qtype, cell)."""
-        T = len(clip.states())
+        k = self.steps_per_state
+        T = len(clip.states()) * k
         tgt = torch.zeros((T, self.per_step), dtype=torch.bool)
         if qtype in ("start", "end"):
             t = 0 if qtype == "start" else T - 1
@@ -269,12 +280,14 @@ class Stream:
         else:
             ev = [e for e in clip.events if e.kind == V.NEEDS_EVENT[qtype]][-1]
             in_cell = self.token_cell == ev.cell
-            fg = labels["fg"][ev.step] & in_cell
-            tgt[ev.step] = fg if bool(fg.any()) else in_cell
+            fg = labels["fg"][ev.step * k] & in_cell
+            tgt[ev.step * k] = fg if bool(fg.any()) else in_cell
         return tgt.flatten()
 
     def batch(self, n_clips: int, k: int) -> dict:
-        clips = [V.sample_clip(self.rng, "train", cell_px=self.cell_px) for _ in range(n_clips)]
+        clips = [
+            V.sample_clip(self.rng, "train", cell_px=self.cell_px, frames_per_step=self.fps) for _ in range(n_clips)
+        ]
         videos = [c.video() for c in clips]
         pix = [V.preprocess_video(v, self.settings)[0] for v in videos]
         labels = [self.token_labels(c, v) for c, v in zip(clips, videos, strict=True)]
@@ -445,7 +458,8 @@ def train(args) -> dict:
     init_sha = hashlib.sha256((image_dir / "model.safetensors").read_bytes()).hexdigest()
     model.set_attn_implementation({"text_config": "eager"})  # the attention losses read attention weights
     n_params = sum(p.numel() for p in model.parameters())
-    stream = Stream(processor, args.seed, TRAIN["cell_px"])
+    streams = [Stream(processor, args.seed, TRAIN["cell_px"], f) for f in args.frames_per_step]
+    stream = streams[0]
     hidden = model.config.text_config.hidden_size
     heads = make_heads(hidden, "qwen2_vl", "cpu")
     heads["event"] = make_event_head(hidden)
@@ -465,7 +479,9 @@ def train(args) -> dict:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
-        stream.rng.setstate(state["stream_rng"])
+        rngs = state["stream_rng"] if isinstance(state["stream_rng"], list) else [state["stream_rng"]]
+        for st, r in zip(streams, rngs, strict=True):
+            st.rng.setstate(r)
         torch.set_rng_state(state["torch_rng"])
         history, step, elapsed, checks = state["history"], state["step"], state["elapsed"], state["checks"]
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
@@ -479,7 +495,9 @@ def train(args) -> dict:
         phases = checks.setdefault("phases", [{"steps": state["step"], "lr": TRAIN["lr"]}])
         phases.append({"steps": None, "lr": lr_base, "init_from": str(args.init_from)})
         checks.pop("total_steps", None)
-        stream.rng = random.Random(f"video-train-stream/{args.seed}/phase{len(phases)}")
+        for st in streams:
+            st.rng = random.Random(f"video-train-stream/{args.seed}/phase{len(phases)}/fps{st.fps}")
+        phases[-1]["frames_per_step"] = list(args.frames_per_step)
         log(f"phase {len(phases)} from {args.init_from} ({elapsed / 60:.1f} min trained before)")
     else:
         checks["shared_prefix_max_logit_diff"] = check_shared_prefix(model, stream)
@@ -489,14 +507,14 @@ def train(args) -> dict:
 
     def save_checkpoint() -> None:
         state = {"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                 "stream_rng": stream.rng.getstate(), "torch_rng": torch.get_rng_state(), "history": history,
-                 "step": step, "elapsed": elapsed, "checks": checks}  # fmt: skip
+                 "stream_rng": [st.rng.getstate() for st in streams], "torch_rng": torch.get_rng_state(),
+                 "history": history, "step": step, "elapsed": elapsed, "checks": checks}  # fmt: skip
         torch.save(state, work / "video_train.tmp")
         (work / "video_train.tmp").replace(ckpt)
 
     total = args.steps if args.steps is not None else checks.get("total_steps")
     calibrate = total is None
-    running: dict = {}
+    running: dict = {f: {} for f in args.frames_per_step}
     model.train()
     t_last = time.time()
     calib_from = (step, time.time())
@@ -510,8 +528,11 @@ def train(args) -> dict:
         lr = lr_at(step, total or 10**6, lr_base, TRAIN["warmup"])
         for g in opt.param_groups:
             g["lr"] = lr
-        b = stream.batch(TRAIN["clips"], TRAIN["questions"])
-        loss, parts = step_losses(model, stream, heads, caught, b, running)
+        st = streams[step % len(streams)]  # several frame counts: they take turns
+        b = st.batch(TRAIN["clips"], TRAIN["questions"])
+        loss, parts = step_losses(model, st, heads, caught, b, running[st.fps])
+        if st.fps != 2:  # running accuracies of 16-frame clips are logged apart
+            parts = {(k.replace("acc_", f"acc{st.fps}_") if k.startswith("acc_") else k): v for k, v in parts.items()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, TRAIN["grad_clip"])
@@ -557,6 +578,12 @@ def finish(model, processor, tokenizer, n_params, step, elapsed, history, checks
     res = V.evaluate(model, proc2, samples, batch_size=25)
     eval_s = time.time() - t1
     res.pop("predictions")
+    extra = {}
+    for fps in (f for f in args.frames_per_step if f != 2):  # also trained on longer clips: evaluate those too
+        more = V.eval_samples(args.eval_n, seed=TRAIN["eval_seed"], cell_px=TRAIN["cell_px"], frames_per_step=fps)
+        key = f"eval_frames_per_step_{fps}"
+        extra[key] = {"n": args.eval_n, "frames": fps * V.STEPS, **V.evaluate(model, proc2, more, batch_size=25)}
+        extra[key].pop("predictions")
     report = {
         "model": "qwen2_vl_video",
         "class": type(model).__name__,
@@ -586,6 +613,7 @@ def finish(model, processor, tokenizer, n_params, step, elapsed, history, checks
         "checks": checks,
         "train_config": json.loads(json.dumps(TRAIN)),
         "eval": {"split": "test", "n": args.eval_n, "seed": TRAIN["eval_seed"], **res},
+        **extra,
         "loss_history": history,
     }
     log(f"{args.eval_n} test clips: " + ", ".join(f"{q} {v['accuracy']:.3f}" for q, v in res["per_qtype"].items())
@@ -610,6 +638,13 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "results" / "tmp_video"))
     ap.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --work-dir")
     ap.add_argument("--init-from", default=None, help="start a new phase from another run's video_train.pt")
+    ap.add_argument(
+        "--frames-per-step",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="frames per clip state in training (2: 8-frame clips; '2 4' alternates 8 and 16 frames)",
+    )
     ap.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TRAIN['lr']})")
     ap.add_argument("--init-dir", default=str(demo_model_path("qwen2_vl")),
                     help=f"the image demo model to start from (the shipped run used commit {INIT_COMMIT})")  # fmt: skip

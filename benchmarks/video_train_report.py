@@ -28,9 +28,16 @@ def markdown(r: dict) -> str:
             f"{r['questions_per_clip']} questions | {r['train_seconds'] / 60:.0f} min | {r['device']}, torch "
             f"{r['versions']['torch']}, transformers {r['versions']['transformers']} |",
             "",
-            "| n | " + " | ".join(V.QTYPES) + " | all |",
-            "| --- | " + " | ".join("---" for _ in V.QTYPES) + " | --- |",
-            f"| {e['n']} | {per} | {e['accuracy']:.3f} |",
+            "| frames | n | " + " | ".join(V.QTYPES) + " | all |",
+            "| --- | --- | " + " | ".join("---" for _ in V.QTYPES) + " | --- |",
+            f"| 8 | {e['n']} | {per} | {e['accuracy']:.3f} |",
+            *(
+                f"| {x['frames']} | {x['n']} | "
+                + " | ".join(f"{x['per_qtype'][q]['accuracy']:.3f}" for q in V.QTYPES)
+                + f" | {x['accuracy']:.3f} |"
+                for k, x in r.items()
+                if k.startswith("eval_frames_per_step_")
+            ),
             "",
             f"Lineage: initialised from the image demo model `vlm_prune/demo_models/qwen2_vl` of commit "
             f"{r['lineage']['init_commit']} (sha256 of its model.safetensors {r['lineage']['init_sha256'][:16]}...);",
