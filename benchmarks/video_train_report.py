@@ -6,6 +6,33 @@ from pathlib import Path
 
 from vlm_prune.tasks import video as V
 
+NOTES = """## Recipe
+
+One loss per mechanism the answer needs (the lesson of `demo_models.md`: tiny models trained on the answer
+alone stay on the answer prior), all from the event record of each train clip:
+
+* answer: cross-entropy on the answer word and the end-of-turn token, 4 clips x 6 questions per step on a
+  shared prefix (the prompt up to the end of the video runs once per clip; checked equal to a plain forward);
+* dense (vision tower): per-token shape-or-background and colour, per-cell shape from the mean of its shape
+  tokens, on the merger output of every temporal step (the image model saw 64 px cells, the video 32 px);
+* previous step: layer 0 head 1 of each visual token attends to the same place one temporal step earlier;
+* events: a linear head on the output of layer 1 tells per visual token whether its cell had a shape appear,
+  move in or change colour at this step, or was left by a moving shape;
+* key words: layer 2 head 0 of the answer position attends to the question's key words;
+* retrieval: layer 4 head 0 of the answer position attends to the tokens holding the answer (the asked cell
+  at the first / last step, or the shape tokens at the step of the asked event).
+
+The auxiliary heads are not saved; the shipped model is the plain HF model.
+
+## For pruning benchmarks
+
+A clip has only 4 temporal steps of 64 tokens at 8 frames. EVS keeps at least one step's worth of tokens
+(`max(tokens_per_frame, int(T * tokens_per_frame * (1 - q)))`) and forces the first step in, so at 25 % of
+the tokens it keeps exactly the first step and nothing of the events. With 16 frames
+(`frames_per_step=4`) every state spans two temporal steps, so half the steps repeat the one before and EVS
+can drop them.
+"""
+
 
 def markdown(r: dict) -> str:
     """benchmarks/results/demo_video_model.md from the training report."""
@@ -43,11 +70,17 @@ def markdown(r: dict) -> str:
             f"{r['lineage']['init_commit']} (sha256 of its model.safetensors {r['lineage']['init_sha256'][:16]}...);",
             f"decoder layer i <- image layer {r['lineage']['layer_sources']} (None: new, starting as identity).",
             "Training phases (each a new AdamW + warmup/cosine schedule from the previous phase's weights): "
-            + "; ".join(f"{ph['steps']} steps at peak lr {ph['lr']:g}" for ph in r["phases"])
+            + "; ".join(
+                f"{ph['steps']} steps at peak lr {ph['lr']:g} on "
+                + "/".join(str(4 * f) for f in ph.get("frames_per_step", [2]))
+                + "-frame clips"
+                for ph in r["phases"]
+            )
             + ".",
             "Loss curve and running train accuracy: `demo_video_loss.png`; config and loss history:",
             "`demo_video_train.json`.",
             "",
+            NOTES,
         ]
     )
 
