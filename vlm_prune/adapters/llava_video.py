@@ -225,7 +225,11 @@ class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
         return out
 
     def _counts_from_sizes(self, call: dict) -> list[int]:
-        """Tokens of each image from `image_sizes` and `batch_num_images`, as `pack_image_features` packs them."""
+        """Tokens of each image from `image_sizes` and `batch_num_images`, as `pack_image_features` packs them.
+
+        The "anyres_max_N" setting is the config's: the model's forward does not pass a `vision_aspect_ratio`
+        kwarg on to its image encoder (generate() does, but its calls carry the encoded items, counted as such).
+        """
         from transformers.models.llava_onevision.modeling_llava_onevision import (
             get_anyres_image_grid_shape,
             unpad_image,
