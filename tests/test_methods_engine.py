@@ -8,11 +8,12 @@ import torch
 
 import vlm_prune
 from vlm_prune.methods import get_method
-from vlm_prune.toy_models import QWEN_FAMILIES, build_tiny, make_inputs, single_row
+from vlm_prune.toy_models import VIDEO_FAMILIES, build_tiny, make_inputs, single_row
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 # Not every signal exists on every family; these combinations must refuse with a PruneError at apply().
 UNSUPPORTED = {("zoo", "llava_next"), ("visionzip", "llava_next"), ("visionzip", "qwen3_vl")}
+UNSUPPORTED |= {(m, f) for m in ("zoo", "visionzip") for f in ("llava_onevision", "llava_next_video")}
 OPTIONS = {"fastv": {"keep": 0.5}, "adaptinfer": {"keep": 0.5}, "visionzip": {"keep": 4}}
 
 
@@ -59,8 +60,10 @@ def test_method_on_adapter(tiny, family, name):
         return
     inputs = make_inputs(model, batch=2, padding="left")
     if get_method(name).media == "video":
-        if family not in QWEN_FAMILIES:
-            pytest.skip("toy video inputs for this family come with the video adapters")
+        if family not in VIDEO_FAMILIES:
+            with vlm_prune.pruned(model, name, **options), pytest.raises(vlm_prune.errors.MediaKindError):
+                model(**inputs)  # an image-only family: the same clear error
+            return
         with vlm_prune.pruned(model, name, **options), pytest.raises(vlm_prune.errors.MediaKindError):
             model(**inputs)  # image-only input: a clear error naming image methods
         inputs = make_inputs(model, batch=2, padding="left", video=True, num_images=1, video_grid=(4, 8, 8))
@@ -95,7 +98,7 @@ def test_method_on_adapter(tiny, family, name):
         assert torch.equal(model(**inputs).logits, baseline), "removal restores the model bit for bit"
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava_next"])  # NeXT: no projector signal
+@pytest.mark.parametrize("family", [f for f in FAMILIES if ("zoo", f) not in UNSUPPORTED])  # no projector signal
 def test_zoo_default_estimator_runs_the_closed_form_on_every_adapter(family):
     """Every adapter with a projector signal has an activation -> Linear tail, so ZOO's default closed-form
     estimator is used (not the exact fallback), and its scores equal the closed form on the engine's inputs."""
