@@ -272,10 +272,12 @@ def test_bench_rows_are_consistent(tiny_bench):
     for r in result["results"]:
         assert set(r["per_qtype"]) == set(result["task"]["qtypes"])
         assert r["latency"]["prefill_ms"] > 0 and r["speedup"] > 0
-    # AdaptInfer cannot average 64 of 576 tokens over a 4-layer decoder: recorded as skipped, with the reason
+    # AdaptInfer at 64 of 576 tokens: a decoder too shallow to average that low records it as skipped, with the
+    # reason; the embedded models ship a calibrated preset for 64 tokens, which runs as asked
     skipped = {(s["method"], s["keep"]): s for s in result["skipped"]}
     if ("adaptinfer", 64) in skipped:
         assert skipped[("adaptinfer", 64)]["status"] == "skipped"
         assert "adaptinfer" in result["markdown"].split("Skipped:")[1]
     else:
-        assert ("adaptinfer", 64) in rows and rows[("adaptinfer", 64)]["keep_passed"] != 64
+        adaptinfer = rows[("adaptinfer", 64)]
+        assert adaptinfer["keep_passed"] != 64 or adaptinfer["equivalent_average_tokens"] == pytest.approx(64, abs=1)
