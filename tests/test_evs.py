@@ -108,11 +108,36 @@ def _video_rows(inputs: dict, row: int) -> tuple[torch.Tensor, list]:
     return grids[row * per_row : (row + 1) * per_row]
 
 
-@pytest.mark.parametrize("padding", ["left", "right"])
-def test_engine_keeps_the_reference_set_and_positions(qwen, padding):
-    """A video + an image per row: EVS prunes the video exactly as vLLM's rule on the model's embeddings,
-    leaves the image alone, and the pruned logits equal the hand-built reference run with that keep set."""
-    inputs = make_inputs(qwen, batch=2, padding=padding, video=True, num_images=1, video_grid=(6, 8, 8))
+@pytest.fixture(scope="module")
+def qwen_family():
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = build_tiny(family)
+        return built[family]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "family, padding, video_first",
+    [
+        ("qwen2_vl", "left", False),
+        ("qwen2_vl", "right", True),
+        ("qwen2_5_vl", "left", True),
+        ("qwen3_vl", "left", False),
+        ("qwen3_vl", "left", True),
+    ],
+)
+def test_engine_keeps_the_reference_set_and_positions(qwen_family, family, padding, video_first):
+    """A video + an image per row (both orders: vLLM #27859; Qwen3-VL's timestamp tokens between frames: #30847):
+    EVS prunes the video exactly as vLLM's rule on the model's embeddings, leaves the image alone, and the pruned
+    logits equal the hand-built reference run with that keep set at the original positions."""
+    qwen = qwen_family(family)
+    inputs = make_inputs(
+        qwen, batch=2, padding=padding, video=True, num_images=1, video_grid=(6, 8, 8), video_first=video_first
+    )
     cap = capture(qwen, inputs)
     q = 0.6
     with vlm_prune.pruned(qwen, "evs", rate=q) as handle:
