@@ -183,9 +183,9 @@ def build_model(tokenizer, new_words: list[str], image_dir: Path, log):
 class Stream:
     """Train clips with several questions each, built as tensors for the shared-prefix forward."""
 
-    def __init__(self, processor, seed: int, cell_px: int, frames_per_step: int = 2):
+    def __init__(self, processor, seed: int, cell_px: int, frames_per_step: int = 2, repeat_recolored: int = 0):
         self.processor, self.tok = processor, processor.tokenizer
-        self.cell_px, self.fps = cell_px, frames_per_step
+        self.cell_px, self.fps, self.repeat_recolored = cell_px, frames_per_step, repeat_recolored
         self.rng = random.Random(
             f"video-train-stream/{seed}" + ("" if frames_per_step == 2 else f"/fps{frames_per_step}")
         )
@@ -229,6 +229,8 @@ class Stream:
 
     def questions(self, clip: V.VideoClip, k: int) -> list[tuple[str, int]]:
         qs = [(q, c) for q, c in V.answerable(clip) if c < 0]
+        if ("recolored", -1) in qs:  # the hardest type can get extra weight (--repeat-recolored)
+            qs += [("recolored", -1)] * self.repeat_recolored
         cell_types = ["start", "end"]
         while len(qs) < k:
             q = cell_types[len(qs) % 2]
@@ -458,7 +460,7 @@ def train(args) -> dict:
     init_sha = hashlib.sha256((image_dir / "model.safetensors").read_bytes()).hexdigest()
     model.set_attn_implementation({"text_config": "eager"})  # the attention losses read attention weights
     n_params = sum(p.numel() for p in model.parameters())
-    streams = [Stream(processor, args.seed, TRAIN["cell_px"], f) for f in args.frames_per_step]
+    streams = [Stream(processor, args.seed, TRAIN["cell_px"], f, args.repeat_recolored) for f in args.frames_per_step]
     stream = streams[0]
     hidden = model.config.text_config.hidden_size
     heads = make_heads(hidden, "qwen2_vl", "cpu")
@@ -497,7 +499,7 @@ def train(args) -> dict:
         checks.pop("total_steps", None)
         for st in streams:
             st.rng = random.Random(f"video-train-stream/{args.seed}/phase{len(phases)}/fps{st.fps}")
-        phases[-1]["frames_per_step"] = list(args.frames_per_step)
+        phases[-1].update(frames_per_step=list(args.frames_per_step), repeat_recolored=args.repeat_recolored)
         log(f"phase {len(phases)} from {args.init_from} ({elapsed / 60:.1f} min trained before)")
     else:
         checks["shared_prefix_max_logit_diff"] = check_shared_prefix(model, stream)
@@ -645,6 +647,7 @@ def main(argv=None) -> int:
         default=[2],
         help="frames per clip state in training (2: 8-frame clips; '2 4' alternates 8 and 16 frames)",
     )
+    ap.add_argument("--repeat-recolored", type=int, default=0, help="extra copies of the recolored question per clip")
     ap.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TRAIN['lr']})")
     ap.add_argument("--init-dir", default=str(demo_model_path("qwen2_vl")),
                     help=f"the image demo model to start from (the shipped run used commit {INIT_COMMIT})")  # fmt: skip
