@@ -199,3 +199,55 @@ def recompute_attention_rows(
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)
+
+
+#: what the engine records of one decoder layer for attention rows: (layer index, its input hidden states
+#: (B, L, D) before input_layernorm, its (cos, sin) position embeddings, the cache it wrote or None)
+LayerInput = tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor], object]
+
+
+def _layer_rows_fn(layers: Sequence[nn.Module], recorded: LayerInput, row: int, valid_slots: torch.Tensor):
+    """(Q,) query positions among `valid_slots` -> (H, Q, L) rows of the recorded layer for batch row `row`."""
+    layer_index, hidden_in, (cos, sin), cache = recorded
+    layer = layers[layer_index]
+    keys = None
+    if cache is not None and len(cache.layers) > layer_index:
+        cached_keys = getattr(cache.layers[layer_index], "keys", None)
+        # the keys the layer just cached (after k_norm and RoPE) cover exactly the current slots
+        if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
+            keys = cached_keys[row : row + 1, :, valid_slots.to(cached_keys.device)]
+
+    def rows_for(query_index: torch.Tensor) -> torch.Tensor:
+        normed = layer.input_layernorm(hidden_in[row : row + 1, valid_slots])
+        rope = (cos[row : row + 1, valid_slots], sin[row : row + 1, valid_slots])
+        key_mask = torch.ones(1, len(valid_slots), dtype=torch.bool, device=normed.device)
+        with torch.no_grad():
+            rows = recompute_attention_rows(layer.self_attn, normed, rope, query_index, key_mask, keys=keys)
+        return rows[0]
+
+    return rows_for
+
+
+def stage_rows_fn(
+    layers: Sequence[nn.Module], previous: LayerInput, current: LayerInput | None, row: int, valid_slots: torch.Tensor
+):
+    """The `ctx.attention_fn` of one sample at an in-LLM stage on the input of decoder layer k.
+
+    previous: what layer k-1 received (its cached keys are reused); current: the stage's own input to layer k
+    (cache None: layer k has not run yet, so its keys are recomputed), or None when only k-1 is served.
+    valid_slots: (L,) the sample's non-padding slots of the batch row. Returns `fn(query_index, layer=None)`:
+    query_index (Q,) indexes the sample's sequence; layer None / k-1 or k; the result is (H, Q, L) float32.
+    """
+    rows_previous = _layer_rows_fn(layers, previous, row, valid_slots)
+    rows_current = None if current is None else _layer_rows_fn(layers, current, row, valid_slots)
+    previous_layer = previous[0]
+
+    def attention_fn(query_index: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        query_index = query_index.to(valid_slots.device)
+        if layer is None or layer == previous_layer:
+            return rows_previous(query_index)
+        if rows_current is None or layer != current[0]:
+            raise ValueError(f"attention rows of layer {layer} were not recorded for this stage")
+        return rows_current(query_index)
+
+    return attention_fn
