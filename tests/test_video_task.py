@@ -229,6 +229,9 @@ def test_video_inputs_token_counts_match_the_grid(any_model):
     assert bool((mask.cumsum(1)[:, :-1] <= mask.cumsum(1)[:, 1:]).all())
     lengths = mask.sum(1)
     assert len(set(lengths.tolist())) > 1, "questions of different lengths exercise the padding"
+    long = V.video_inputs(processor, V.make_clips("test", 1, seed=0, frames_per_step=4))  # 16 frames
+    assert long["video_grid_thw"].tolist() == [[8, 16, 16]]
+    assert int((long["input_ids"] == vid).sum()) == 8 * 16 * 16 // 4
 
 
 def test_batched_generate_equals_one_at_a_time(any_model):
