@@ -1,0 +1,107 @@
+"""Text-frame relevance for the frame samplers, behind one small interface.
+
+    scorer = TransformersClipScorer(clip_model, clip_processor)    # CLIPModel or SiglipModel + its processor
+    similarity = scorer.score(frames, "where is the dog?")         # (N,) float32 cosine similarities
+
+A `FrameScorer` is anything with `score(frames, text) -> torch.Tensor (N,)`, frames a (N, H, W, 3) uint8
+array. `TransformersClipScorer` encodes the frames in batches of `batch_size` at the processor's (low)
+resolution, under `torch.no_grad()`, with a tqdm bar when there are more than `progress_after` frames, and
+returns the cosine similarity of each frame embedding with the text embedding.
+
+transformers 5.x: `get_image_features` / `get_text_features` return an output object whose `.pooler_output` is
+the projected embedding (4.x returned the tensor itself); both are accepted. The processor is the PIL-backed
+one (`CLIPProcessor` / `SiglipProcessor` with `CLIPImageProcessorPil` / `SiglipImageProcessorPil`), which needs
+no torchvision.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ..errors import PruneError
+
+
+class ScorerError(PruneError, ValueError):
+    """A frame scorer that cannot score these frames or this text."""
+
+
+@runtime_checkable
+class FrameScorer(Protocol):
+    """Relevance of each frame to a text: higher is more relevant."""
+
+    def score(self, frames: np.ndarray, text: str) -> torch.Tensor:
+        """frames: (N, H, W, 3) uint8. Returns (N,) float32 similarities."""
+        ...
+
+
+def _embedding(output: Any) -> torch.Tensor:
+    """The embedding tensor of a `get_*_features` result (a tensor in transformers 4, an output in 5)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise ScorerError(f"get_*_features returned {type(output).__name__} without a pooler_output")
+    return pooled
+
+
+class TransformersClipScorer:
+    """Cosine similarity of CLIP / SigLIP image and text embeddings (`transformers` backend).
+
+    model: a `CLIPModel` or `SiglipModel` (anything with get_image_features / get_text_features).
+    processor: its processor (tokenizer + image processor); SigLIP text is padded to max_length as trained.
+    """
+
+    def __init__(self, model: Any, processor: Any, batch_size: int = 32, progress_after: int = 256) -> None:
+        if batch_size < 1:
+            raise ScorerError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.processor = processor
+        self.batch_size = int(batch_size)
+        self.progress_after = int(progress_after)
+
+    def _device(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.model.parameters())
+        return p.device, p.dtype
+
+    @torch.no_grad()
+    def text_embedding(self, text: str) -> torch.Tensor:
+        """(D,) L2-normalised text embedding."""
+        device, _ = self._device()
+        siglip = "siglip" in type(self.model).__name__.lower()
+        kwargs: dict = {"padding": True, "truncation": True}
+        if siglip:  # SigLIP was trained on text padded to its full length
+            length = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", 64)
+            kwargs = {"padding": "max_length", "truncation": True, "max_length": int(length)}
+        tokens = self.processor(text=[text], return_tensors="pt", **kwargs)
+        tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        emb = _embedding(self.model.get_text_features(**tokens))[0].float()
+        return emb / emb.norm().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def image_embeddings(self, frames: np.ndarray) -> torch.Tensor:
+        """(N, D) L2-normalised frame embeddings, encoded `batch_size` frames at a time."""
+        from PIL import Image
+
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ScorerError(f"frames must be (N, H, W, 3) uint8, got shape {frames.shape}")
+        device, dtype = self._device()
+        starts = range(0, len(frames), self.batch_size)
+        if len(frames) > self.progress_after:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="scoring frames", unit="batch")
+        out = []
+        for i in starts:
+            images = [Image.fromarray(f) for f in frames[i : i + self.batch_size]]
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(device, dtype)
+            out.append(_embedding(self.model.get_image_features(pixel_values=pixels)).float())
+        emb = torch.cat(out) if out else torch.zeros(0, 1)
+        return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def score(self, frames: np.ndarray, text: str) -> torch.Tensor:
+        """(N,) cosine similarity of each frame with `text`."""
+        return (self.image_embeddings(frames) @ self.text_embedding(text)).float().cpu()
