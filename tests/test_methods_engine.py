@@ -14,6 +14,7 @@ FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video", "qwen2
 # Not every signal exists on every family; these combinations must refuse with a PruneError at apply().
 UNSUPPORTED = {("zoo", "llava_next"), ("visionzip", "llava_next"), ("visionzip", "qwen3_vl")}
 UNSUPPORTED |= {(m, f) for m in ("zoo", "visionzip") for f in ("llava_onevision", "llava_next_video")}
+UNSUPPORTED |= {("lvlm-csp", "qwen3_vl")}  # 4 toy layers leave no s1 < s2 after the deepstack layers
 OPTIONS = {"fastv": {"keep": 0.5}, "adaptinfer": {"keep": 0.5}, "visionzip": {"keep": 4}}
 
 
@@ -86,7 +87,9 @@ def test_method_on_adapter(tiny, family, name):
     # exact budgets: every stage's output count per media item equals the requested count
     for stage in stats.stages:
         for before, after in zip(stage.tokens_in, stage.tokens_out):
-            assert all(a <= b for a, b in zip(after, before))
+            # stages never grow, except LVLM_CSP's scatter (re-entry), which brings every token back
+            grown = stage.name == "lvlm_csp.scatter"
+            assert all(a <= b for a, b in zip(after, before)) or grown
     if name in ("random", "divprune", "zoo", "pool"):
         from vlm_prune.engine.budget import tokens_to_keep
 

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
-from vlm_prune.engine.attention_rows import stage_rows_fn
 from vlm_prune.engine.budget import tokens_to_keep
 from vlm_prune.engine.context import VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
 from vlm_prune.engine.labels import kept_labels, with_loss
-from vlm_prune.engine.segments import segments_fn
+from vlm_prune.engine.ragged import positions_within as _positions_within
+from vlm_prune.engine.ragged import trim_segments
+from vlm_prune.engine.reentry import reenter_tokens, remember
 from vlm_prune.engine.signals import SignalRecorder
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
@@ -80,6 +81,7 @@ class _Forward:
     stats: PruneStats | None = None
     visual_keep_flat: torch.Tensor | None = None
     original_embeds: torch.Tensor | None = None
+    reentry: dict = field(default_factory=dict)  # row -> `reentry.RowMemory` of tokens that may come back
 
 
 CACHE_STATE_ATTRIBUTE = "_vlm_prune_state"
@@ -500,8 +502,7 @@ class PruneHandle:
         final_columns = forward.columns
         segments = forward.segments
         if cache is not None and self.trim_cache and len(segments) > 1:
-            self._trim(cache, segments, final_columns)
-            segments = [(0, final_columns)]
+            segments = trim_segments(cache, segments, final_columns, len(self.adapter.layers))  # engine/ragged.py
         stats = forward.stats
         stats.visual_tokens_out = sum(len(s.visual_columns) for s in forward.samples)
         self._finish_stats(stats, forward, cache, segments)
@@ -531,16 +532,6 @@ class PruneHandle:
         if original is None:
             return torch.ones_like(seg_columns, dtype=forward.mask.dtype)
         return gather_tokens(original.unsqueeze(-1), seg_columns.to(original.device)).squeeze(-1).to(forward.mask.dtype)
-
-    def _trim(self, cache, segments: list[tuple[int, torch.Tensor]], final_columns: torch.Tensor) -> None:
-        """Trim every layer below the last stage to the final kept slots."""
-        bounds = [layer for layer, _ in segments[1:]] + [len(self.adapter.layers)]
-        for (first, seg_columns), end in zip(segments[:-1], bounds):
-            index = _positions_within(seg_columns, final_columns)
-            for layer in range(first, end):
-                entry = cache.layers[layer]
-                entry.keys = gather_tokens(entry.keys, index.to(entry.keys.device), dim=2)
-                entry.values = gather_tokens(entry.values, index.to(entry.values.device), dim=2)
 
     def _finish_stats(self, stats: PruneStats, forward: _Forward, cache, segments) -> None:
         num_layers = len(self.adapter.layers)
@@ -649,13 +640,12 @@ class PruneHandle:
             if signals is not None:
                 self._signals.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
             if attention is not None:
-                ctx.attention_fn = stage_rows_fn(self.adapter.layers, *attention, row, valid_slots)
-            ctx.segments_fn = segments_fn(
-                self.adapter, self._call["input_ids"][row], row_columns[valid_slots], sample.media
-            )
+                ctx.attention_fn = self._attention_fn(attention, row, valid_slots)
             result = stage.select(ctx)
             features = group = None
             if isinstance(result, Selection):
+                rope_here = forward.rope[:, row, visual_slots]  # remembered for re-entry (engine/reentry.py)
+                remember(forward.reentry, row, result, visual_columns, hidden[row, visual_slots], rope_here)
                 features, group, result = result.features, result.group, result.keep_mask
             keep_mask = torch.as_tensor(result, device=device)
             if keep_mask.dtype != torch.bool or keep_mask.shape != (len(visual_slots),):
@@ -709,6 +699,32 @@ class PruneHandle:
         columns = self._forward.columns[row, valid_slots].to(input_ids.device)
         return input_ids[row, columns.clamp(min=0)]
 
+    # ---- attention rows
+    def _attention_fn(self, attention: tuple, row: int, valid_slots: torch.Tensor):
+        from vlm_prune.engine.attention_rows import recompute_attention_rows
+
+        layer_index, hidden_in, position_embeddings, cache = attention
+        layer = self.adapter.layers[layer_index]
+        cos, sin = position_embeddings
+        keys = None
+        if cache is not None and len(cache.layers) > layer_index:
+            cached_keys = getattr(cache.layers[layer_index], "keys", None)
+            # the keys layer k-1 just cached (after k_norm and RoPE) cover exactly the current slots
+            if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
+                keys = cached_keys[row : row + 1, :, valid_slots.to(cached_keys.device)]
+
+        def rows_for(query_index: torch.Tensor) -> torch.Tensor:
+            query_slots = valid_slots[query_index.to(valid_slots.device)]
+            normed = layer.input_layernorm(hidden_in[row : row + 1, valid_slots])
+            rope = (cos[row : row + 1, valid_slots], sin[row : row + 1, valid_slots])
+            local_query = torch.searchsorted(valid_slots, query_slots)
+            key_mask = torch.ones(1, len(valid_slots), dtype=torch.bool, device=normed.device)
+            with torch.no_grad():
+                rows = recompute_attention_rows(layer.self_attn, normed, rope, local_query, key_mask, keys=keys)
+            return rows[0]
+
+        return rows_for
+
     # ------------------------------------------------------------------ decoder layers
     def _make_layer_hook(self, index: int):
         stages_here = [stage for stage in self.stages if stage.layer == index and index > 0]  # 0 = pre-LLM
@@ -744,7 +760,11 @@ class PruneHandle:
             if "attention" in stage.needs:
                 if forward.attention_input is None or forward.attention_input[0] != index - 1:
                     raise PruneError(f"attention rows of layer {index - 1} were not recorded")
-                attention = (forward.attention_input, (index, hidden, (cos, sin), None))  # layers k-1 and k
+                attention = forward.attention_input
+            if stage.reenter:  # the sequence grows back (engine/reentry.py)
+                args = (self.adapter.rotary, self.adapter.rope_rows, stage.name, index, self.position_policy)
+                hidden, (cos, sin) = reenter_tokens(forward, hidden, *args)
+                continue
             before = forward.columns
             hidden = self._run_stage(stage, hidden, attention=attention)
             slot_index = _positions_within(before, forward.columns)
@@ -819,21 +839,6 @@ def _left_pad(rows: list[torch.Tensor], device) -> torch.Tensor:
         if len(values):
             out[row, width - len(values) :] = values
     return out
-
-
-def _positions_within(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """For each slot of `inner` (B, L_in), its slot index in `outer` (B, L_out); -1 for pad slots.
-
-    Both hold original columns in ascending order (pad slots -1 first); inner's columns are a subset.
-    """
-    index = torch.full_like(inner, -1)
-    for row in range(inner.shape[0]):
-        outer_row, inner_row = outer[row], inner[row]
-        real = inner_row >= 0
-        outer_real = (outer_row >= 0).nonzero(as_tuple=True)[0]
-        positions = torch.searchsorted(outer_row[outer_real], inner_row[real])
-        index[row, real] = outer_real[positions]
-    return index
 
 
 def _counts_per_media(layout: VisualLayout) -> list[int]:

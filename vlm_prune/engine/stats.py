@@ -87,10 +87,21 @@ class PruneStats:
     def keep_ratio(self) -> float:
         return self.visual_tokens_out / self.visual_tokens_in if self.visual_tokens_in else 1.0
 
+    @property
+    def image_token_flops_reduction(self) -> float:
+        """Share of the image-token work removed: 1 - (visual tokens per layer, averaged over the layers and
+        the samples) / (visual tokens per sample). Counts token-layers, the measure LVLM_CSP reports; a stage
+        that brings tokens back (re-entry) adds them back to its layers."""
+        if not self.stages or not self.visual_tokens_in:
+            return 0.0
+        per_sample = self.visual_tokens_in / len(self.stages[0].tokens_in)
+        return 1.0 - self.equivalent_average_tokens / per_sample
+
     def as_dict(self) -> dict:
         out = asdict(self)
         out["flops_ratio"] = self.flops_ratio
         out["keep_ratio"] = self.keep_ratio
+        out["image_token_flops_reduction"] = self.image_token_flops_reduction
         return out
 
     def __str__(self) -> str:

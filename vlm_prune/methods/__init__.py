@@ -3,7 +3,7 @@
 Importing this package registers every built-in method; `available()` lists them.
 """
 
-from vlm_prune.methods import divprune, evs, fastv, pool, prunevid, random, zoo  # noqa: F401  (registers them)
+from vlm_prune.methods import catp, divprune, evs, fastv, pool, prunevid, random, zoo  # noqa: F401  (registers them)
 from vlm_prune.methods.base import Method, ScorerMethod, Stage, per_media, topk_mask, topk_mask_per_media
 from vlm_prune.methods.registry import available, get_method, get_methods, parse_spec, register
 
@@ -14,6 +14,10 @@ except ImportError:
     pass
 try:
     from vlm_prune.methods import visionzip  # noqa: F401
+except ImportError:
+    pass
+try:
+    from vlm_prune.methods import lvlm_csp  # noqa: F401
 except ImportError:
     pass
 

@@ -36,6 +36,8 @@ class Stage:
     name: shown in `handle.stats`.
     counts_itself: the stage decides how many tokens it keeps (EVS's count from the grid and rate,
         PruneVid's data-dependent merge), so `keep=None` is its budget even for a named method.
+    reenter: the stage brings back every token an earlier stage dropped with `Selection.represents`
+        (LVLM_CSP's scatter; `engine/reentry.py`); `select` is not called.
     """
 
     layer: int
@@ -44,6 +46,7 @@ class Stage:
     needs: frozenset[str] = field(default_factory=frozenset)
     name: str = ""
     counts_itself: bool = False
+    reenter: bool = False
 
 
 class Method:
