@@ -1,0 +1,315 @@
+"""vlm_prune.kernels: the backend rule, the torch reference against hand-built results, and the Triton kernels
+bit-equal to the reference under Triton's CPU interpreter.
+
+Triton reads TRITON_INTERPRET when it is first imported, so the `test_interpreted_*` tests run only in a child
+pytest (started by `test_triton_kernels_bit_equal_under_the_interpreter` with TRITON_INTERPRET=1); in this process
+they skip, and nothing here imports the Triton module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vlm_prune.kernels import (
+    KernelBackendError,
+    backend,
+    choose_backend,
+    compact_sequence,
+    gather_tokens,
+    resolve_backend,
+    trim_layers,
+)
+from vlm_prune.kernels.reference import compact_reference, gather_reference, trim_reference
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the child pytest with TRITON_INTERPRET=1")
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal dtype, shape and bit patterns (-0.0 included), and `actual` contiguous.
+
+    NaNs need only be NaN on both sides: torch's CPU gather rewrites a bf16 NaN's bits (0x7FC0 comes out 0xFFFF),
+    while the kernels copy bits untouched.
+    """
+    if actual.dtype != expected.dtype or actual.shape != expected.shape or not actual.is_contiguous():
+        return False
+    kind = _INT_OF_SIZE[actual.element_size()]
+    same = actual.view(kind) == expected.contiguous().view(kind)
+    if actual.is_floating_point():
+        same |= actual.isnan() & expected.isnan()
+    return bool(same.all())
+
+
+def ragged_index(generator: torch.Generator, batch: int, length: int) -> torch.Tensor:
+    """(B, L') kept slots per row, ascending, left-padded with -1: row 0 keeps all L, row 1 keeps one, others random."""
+    counts = torch.randint(1, length + 1, (batch,), generator=generator).tolist()
+    counts[0] = length
+    if batch > 1:
+        counts[1] = 1
+    width = max(counts)
+    index = torch.full((batch, width), -1, dtype=torch.long)
+    for row, count in enumerate(counts):
+        kept = torch.randperm(length, generator=generator)[:count].sort().values
+        index[row, width - count :] = kept
+    return index
+
+
+def noisy(generator: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random values with a NaN and a -0.0 in them, so that bit-equality means more than value-equality."""
+    values = torch.randn(shape, generator=generator).to(dtype)
+    flat = values.view(-1)
+    flat[0] = float("nan")
+    if flat.numel() > 1:
+        flat[-1] = -0.0
+    return values
+
+
+# ---------------------------------------------------------------- the backend rule (no Triton needed)
+
+# (device type, requested, triton importable, interpreter on) -> backend, or the error
+RULE = [
+    ("cpu", "auto", True, False, "torch"),
+    ("cpu", "auto", False, False, "torch"),
+    ("cpu", "auto", True, True, "torch"),
+    ("cuda", "auto", True, False, "triton"),
+    ("cuda", "auto", False, False, "torch"),
+    ("cuda", "auto", True, True, "torch"),
+    ("mps", "auto", True, False, "torch"),
+    ("cpu", "torch", True, True, "torch"),
+    ("cuda", "torch", True, False, "torch"),
+    ("cuda", "triton", True, False, "triton"),
+    ("cpu", "triton", True, True, "triton"),
+    ("cuda", "triton", False, False, KernelBackendError),
+    ("cpu", "triton", False, False, KernelBackendError),
+    ("cpu", "triton", True, False, KernelBackendError),
+    ("cuda", "triton", True, True, KernelBackendError),
+    ("cuda", "cuda", True, False, KernelBackendError),
+]
+
+
+@pytest.mark.parametrize("device_type, requested, has_triton, interpreting, expected", RULE)
+def test_choose_backend_rule(device_type, requested, has_triton, interpreting, expected):
+    if expected is KernelBackendError:
+        with pytest.raises(KernelBackendError):
+            choose_backend(device_type, requested, has_triton, interpreting)
+    else:
+        assert choose_backend(device_type, requested, has_triton, interpreting) == expected
+
+
+def test_resolve_backend_reads_triton_and_the_device(monkeypatch):
+    cuda_tensor = SimpleNamespace(device=torch.device("cuda"))  # only .device is read: no GPU needed
+    monkeypatch.setattr(backend, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert resolve_backend(cuda_tensor) == "triton"
+    assert resolve_backend(cuda_tensor, "torch") == "torch"
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    assert resolve_backend(cuda_tensor) == "torch"
+    with pytest.raises(KernelBackendError, match="pip install triton"):
+        resolve_backend(cuda_tensor, "triton")
+
+
+def test_cpu_tensors_never_touch_triton_unless_asked(monkeypatch):
+    def no_triton():
+        raise AssertionError("auto/torch on CPU tensors must not import triton")
+
+    monkeypatch.setattr(backend, "triton_available", no_triton)
+    monkeypatch.setattr(backend, "triton_interpreting", no_triton)
+    x = torch.randn(2, 5, 3)
+    index = torch.tensor([[-1, 0, 4], [1, 2, 3]])
+    assert resolve_backend(x) == "torch" and resolve_backend(x, "torch") == "torch"
+    assert torch.equal(gather_tokens(x, index), gather_reference(x, index))
+    assert torch.equal(compact_sequence(x, index).hidden, gather_reference(x, index))
+    assert torch.equal(trim_layers([x.unsqueeze(1)], index)[0], gather_reference(x.unsqueeze(1), index, dim=2))
+
+
+def test_cpu_tensors_with_triton_requested_outside_the_interpreter(monkeypatch):
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setattr(backend, "triton_interpreting", lambda: False)
+    with pytest.raises(KernelBackendError, match="needs CUDA tensors"):
+        gather_tokens(torch.zeros(1, 2, 3), torch.zeros(1, 1, dtype=torch.long), backend="triton")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(KernelBackendError, match="unknown kernel backend"):
+        gather_tokens(torch.zeros(1, 2, 3), torch.zeros(1, 1, dtype=torch.long), backend="cuda")
+
+
+def test_bad_shapes_are_refused():
+    hidden = torch.zeros(2, 4, 3)
+    index = torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(KernelBackendError, match="mask must be"):
+        compact_sequence(hidden, index, mask=torch.ones(2, 3))
+    with pytest.raises(KernelBackendError, match="columns must"):
+        compact_sequence(hidden, index, columns=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(KernelBackendError, match="trim_layers takes"):
+        trim_layers([torch.zeros(2, 4, 3)], index)
+
+
+# ---------------------------------------------------------------- the reference against hand-built results
+
+
+def test_compact_reference_against_a_hand_loop():
+    generator = torch.Generator().manual_seed(0)
+    batch, length, dim, past, rows = 3, 6, 4, 2, 3
+    hidden = torch.randn(batch, length, dim, generator=generator)
+    index = ragged_index(generator, batch, length)
+    columns = torch.arange(10, 10 + length).expand(batch, -1).clone()
+    mask = torch.randint(0, 2, (batch, past + length), generator=generator)
+    rope = torch.randint(0, 50, (rows, batch, length), generator=generator)
+    out = compact_reference(hidden, index, columns, mask, rope)
+    width = index.shape[1]
+    for row in range(batch):
+        for slot in range(width):
+            source = int(index[row, slot])
+            if source < 0:
+                assert (out.hidden[row, slot] == 0).all() and out.columns[row, slot] == -1
+                assert out.mask[row, past + slot] == 0 and (out.rope[:, row, slot] == 0).all()
+            else:
+                assert torch.equal(out.hidden[row, slot], hidden[row, source])
+                assert out.columns[row, slot] == columns[row, source]
+                assert out.mask[row, past + slot] == mask[row, past + source]
+                assert torch.equal(out.rope[:, row, slot], rope[:, row, source])
+    assert torch.equal(out.mask[:, :past], mask[:, :past])
+    assert out.mask.shape == (batch, past + width) and out.rope.shape == (rows, batch, width)
+    flat = compact_reference(hidden, index, rope=rope[0]).rope
+    assert torch.equal(flat, out.rope[0])
+
+
+def test_trim_reference_against_a_hand_loop():
+    generator = torch.Generator().manual_seed(1)
+    index = ragged_index(generator, 2, 5)
+    keys = torch.randn(2, 3, 5, 4, generator=generator)
+    (trimmed,) = trim_reference([keys], index, fill=7.0)
+    for row in range(2):
+        for slot in range(index.shape[1]):
+            source = int(index[row, slot])
+            expected = keys[row, :, source] if source >= 0 else torch.full((3, 4), 7.0)
+            assert torch.equal(trimmed[row, :, slot], expected)
+
+
+# ---------------------------------------------------------------- Triton, interpreted (child pytest only)
+
+
+def _compact_case(seed: int, dtype: torch.dtype, batch: int, rope_rows: int, past: int, strided: bool):
+    generator = torch.Generator().manual_seed(seed)
+    length = int(torch.randint(2, 9, (1,), generator=generator))
+    dim = int(torch.randint(1, 12, (1,), generator=generator))
+    index = ragged_index(generator, batch, length)
+    hidden = noisy(generator, (batch, length, dim), dtype)
+    columns = torch.randperm(3 * length, generator=generator)[:length].sort().values.expand(batch, -1).clone()
+    columns[0, 0] = -1  # a pad slot already in the input
+    mask = torch.randint(0, 2, (batch, past + length), generator=generator)
+    rope = torch.randint(0, 100, (max(rope_rows, 1), batch, length), generator=generator)
+    if strided:  # non-contiguous views of every input
+        hidden = noisy(generator, (batch, dim, length), dtype).transpose(1, 2)
+        index = index.t().contiguous().t()
+        columns = torch.stack([columns, columns], dim=-1)[..., 1]
+        mask = mask.t().contiguous().t()
+        rope = torch.stack([rope, rope], dim=-1)[..., 0]
+        assert not (hidden.is_contiguous() or columns.is_contiguous() or rope.is_contiguous())
+    if rope_rows == 0:
+        rope = rope[0]  # the (B, L) layout
+    return hidden, index, columns, mask, rope
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "seed, dtype, batch, rope_rows, past, strided",
+    [
+        (0, torch.bfloat16, 1, 1, 0, False),
+        (1, torch.float32, 2, 3, 0, False),
+        (2, torch.bfloat16, 3, 4, 5, True),
+        (3, torch.float32, 5, 0, 2, True),
+        (4, torch.float16, 8, 3, 3, False),
+        (5, torch.bfloat16, 8, 3, 0, True),
+        (6, torch.float32, 4, 1, 7, False),
+    ],
+)
+def test_interpreted_compact_sequence_bit_equal(seed, dtype, batch, rope_rows, past, strided):
+    hidden, index, columns, mask, rope = _compact_case(seed, dtype, batch, rope_rows, past, strided)
+    expected = compact_reference(hidden, index, columns, mask, rope)
+    actual = compact_sequence(hidden, index, columns=columns, mask=mask, rope=rope, backend="triton")
+    for name, got, want in zip(expected._fields, actual, expected):
+        assert same_bits(got, want), name
+
+
+@interpreted
+def test_interpreted_compact_sequence_without_side_outputs_and_bool_mask():
+    generator = torch.Generator().manual_seed(7)
+    hidden = noisy(generator, (3, 6, 5), torch.bfloat16)
+    index = ragged_index(generator, 3, 6)
+    mask = torch.rand(3, 9, generator=generator) > 0.3
+    alone = compact_sequence(hidden, index, backend="triton")
+    assert alone.columns is None and alone.mask is None and alone.rope is None
+    assert same_bits(alone.hidden, gather_reference(hidden, index))
+    with_mask = compact_sequence(hidden, index, mask=mask, backend="triton")
+    assert same_bits(with_mask.mask, compact_reference(hidden, index, mask=mask).mask)
+    empty = compact_sequence(hidden, index[:, :0], mask=mask, backend="triton")
+    assert empty.hidden.shape == (3, 0, 5) and same_bits(empty.mask, mask[:, :3])
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "seed, dtypes, batch, heads, strided",
+    [
+        (0, (torch.bfloat16,), 1, (2,), False),
+        (1, (torch.float16, torch.float16), 2, (1, 3), True),
+        (2, (torch.float32, torch.bfloat16, torch.float32), 4, (2, 2, 1), True),
+        (3, (torch.bfloat16,) * 4, 8, (2, 2, 2, 2), False),
+    ],
+)
+def test_interpreted_trim_layers_bit_equal(seed, dtypes, batch, heads, strided):
+    generator = torch.Generator().manual_seed(seed)
+    length = int(torch.randint(2, 8, (1,), generator=generator))
+    index = ragged_index(generator, batch, length)
+    tensors = []
+    for dtype, head_count in zip(dtypes, heads):
+        head_dim = int(torch.randint(1, 9, (1,), generator=generator))
+        if strided:  # (B, S, H, d) storage seen as (B, H, S, d), as some attention kernels leave caches
+            tensors.append(noisy(generator, (batch, length, head_count, head_dim), dtype).transpose(1, 2))
+        else:
+            tensors.append(noisy(generator, (batch, head_count, length, head_dim), dtype))
+    for fill in (0, -1.5):
+        expected = trim_reference(tensors, index, fill)
+        actual = trim_layers(tensors, index, fill, backend="triton")
+        assert len(actual) == len(expected)
+        for position, (got, want) in enumerate(zip(actual, expected)):
+            assert same_bits(got, want), position
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "shape, dim, fill",
+    [((3, 7, 5), 1, 0), ((2, 6), 1, -1), ((4, 2, 6, 3), 2, 0.25), ((2, 3, 5), 2, 0), ((2, 5, 1), 1, 1)],
+)
+def test_interpreted_gather_tokens_bit_equal(shape, dim, fill):
+    generator = torch.Generator().manual_seed(len(shape) * 10 + dim)
+    x = noisy(generator, shape, torch.float32) if len(shape) > 2 else torch.randint(0, 9, shape, generator=generator)
+    index = ragged_index(generator, shape[0], shape[dim])
+    assert same_bits(gather_tokens(x, index, dim, fill, backend="triton"), gather_reference(x, index, dim, fill))
+
+
+def test_triton_kernels_bit_equal_under_the_interpreter():
+    """Runs the `test_interpreted_*` tests above in a child pytest with TRITON_INTERPRET=1."""
+    if INTERPRETED:
+        pytest.skip("this is the child pytest")
+    pytest.importorskip("triton", reason="the dev extra installs triton; without it the kernels cannot be checked")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-k", "interpreted"]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]  # e.g. "17 passed, 27 deselected in 6.1s"
+    assert re.search(r"\b\d+ passed", summary) and "skipped" not in summary, result.stdout[-2000:]

@@ -1,0 +1,89 @@
+"""The torch reference of the compaction primitives: the oracle that the Triton kernels must match bit for bit.
+
+Every function here is a chain of `torch.gather`s, one per tensor, exactly what the engine did before the fused
+kernels (`engine/handle.py`'s `_run_stage` and `engine/ragged.py`'s `trim_segments`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Compacted(NamedTuple):
+    """What `compact_sequence` returns; the side outputs are None when their input was None.
+
+    hidden:  (B, L', D) the kept hidden states, left-padded (pad slots are zeros).
+    columns: (B, L') the kept original columns, -1 at pad slots.
+    mask:    (B, P + L') the 2-D attention mask: the P cached columns as they were, then the kept ones (0 at pads).
+    rope:    (R, B, L') or (B, L') the kept rotary positions (0 at pads), in the layout they came in.
+    """
+
+    hidden: torch.Tensor
+    columns: torch.Tensor | None
+    mask: torch.Tensor | None
+    rope: torch.Tensor | None
+
+
+def gather_reference(x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: float | int = 0) -> torch.Tensor:
+    """Gather along the sequence dimension, with -1 meaning "padding slot".
+
+    Args:
+        x: (B, L, *rest) when dim=1, or any tensor whose `dim` is the sequence axis and whose dim 0 is the batch
+           (e.g. (B, H, L, d) caches with dim=2).
+        index: (B, L') long. Column of x to take for each output slot; -1 fills with `fill`.
+        dim: the sequence axis of x.
+
+    Returns:
+        (B, L', *rest) (sequence axis replaced by L'), contiguous.
+    """
+    dim = dim % x.ndim
+    valid = index >= 0
+    safe = index.clamp(min=0)
+    # Broadcast the (B, L') index over every axis except batch (0) and `dim`.
+    view_shape = [1] * x.ndim
+    view_shape[0] = safe.shape[0]
+    view_shape[dim] = safe.shape[1]
+    expand_shape = list(x.shape)
+    expand_shape[dim] = safe.shape[1]
+    expanded = safe.view(view_shape).expand(expand_shape)
+    out = torch.gather(x, dim, expanded)
+    if not bool(valid.all()):
+        out = out.masked_fill(~valid.view(view_shape).expand(expand_shape), fill)
+    return out
+
+
+def compact_reference(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    columns: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    rope: torch.Tensor | None = None,
+) -> Compacted:
+    """Compact a sequence and its per-slot metadata with one gather each (see `Compacted` for the shapes).
+
+    Args:
+        hidden: (B, L, D). index: (B, L') slots of L to keep, -1 = pad slot. columns: (B, L).
+        mask: (B, P + L), P cached columns first. rope: (R, B, L) or (B, L).
+    """
+    length = hidden.shape[1]
+    new_hidden = gather_reference(hidden, index)
+    new_columns = None if columns is None else gather_reference(columns.unsqueeze(-1), index, fill=-1).squeeze(-1)
+    new_mask = None
+    if mask is not None:
+        past = mask.shape[1] - length
+        current = gather_reference(mask[:, past:].unsqueeze(-1), index).squeeze(-1)
+        new_mask = torch.cat([mask[:, :past], current], dim=1)
+    new_rope = None
+    if rope is not None:
+        rows = rope.unsqueeze(0) if rope.ndim == 2 else rope
+        new_rope = gather_reference(rows.permute(1, 2, 0), index).permute(2, 0, 1).contiguous()
+        if rope.ndim == 2:
+            new_rope = new_rope[0]
+    return Compacted(new_hidden, new_columns, new_mask, new_rope)
+
+
+def trim_reference(tensors: list[torch.Tensor], index: torch.Tensor, fill: float | int = 0) -> list[torch.Tensor]:
+    """Gather every (B, H, S, d) tensor (keys and values of each layer) down to (B, H, S', d) along S."""
+    return [gather_reference(t, index.to(t.device), dim=2, fill=fill) for t in tensors]
