@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from vlm_prune.engine.segments import Segments
 
 IMAGE, VIDEO = 0, 1
 
@@ -100,7 +103,8 @@ class SelectionContext:
         layout: the `VisualLayout` of the N visual tokens.
         seed: the seed for any randomness (same sample, same seed -> same choice, whatever the batch).
         attention_fn: (Q,) query indices into the current sequence -> (H, Q, L) attention probabilities
-            of decoder layer k-1 (only at layer k >= 1 when the method asked for "attention").
+            of decoder layer k-1 (only at layer k >= 1 when the method asked for "attention"); called as
+            `attention_fn(query, layer)` it serves layer k too (see `attention_rows`).
         projector_inputs: (N, d_in) features entering the multimodal projector for these tokens, and
         projector: the callable mapping them to the projected embeddings (layer 0, "projector").
         projector_first: (weight (d_h, d_in), bias (d_h,) or None) of the projector's first, linear layer,
@@ -110,7 +114,8 @@ class SelectionContext:
             documented fallback), and vision_keys: (N, d_k) keys of that layer ("vision_attention").
         pixels: (N, P) the vision tower's pixel input behind each token (Qwen: the m x m patches of its merge
             group, each C x temporal_patch x p x p normalised values), on request ("pixels").
-        extras: method-specific signals (segment bookkeeping etc.).
+        segments_fn: builds the sample's `Segments` (read them through `ctx.segments`).
+        extras: method-specific signals.
     """
 
     layer: int
@@ -131,7 +136,21 @@ class SelectionContext:
     vision_attention: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
+    segments_fn: Callable[[], Segments] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    _segments: Segments | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def segments(self) -> Segments:
+        """The sample's segment map (`vlm_prune.engine.segments`): which media item is the query (the last),
+        which are demonstrations, where each item's paired text is. Built on first use, then cached."""
+        if self._segments is None:
+            if self.segments_fn is None:
+                from vlm_prune.errors import PruneError
+
+                raise PruneError("this context has no segment map (build one with engine.segments.build_segments)")
+            self._segments = self.segments_fn()
+        return self._segments
 
     @property
     def text_index(self) -> torch.Tensor:
@@ -145,9 +164,13 @@ class SelectionContext:
         """Index of the last token of the sequence (FastV's query)."""
         return self.hidden_states.shape[0] - 1
 
-    def attention_rows(self, query_index: torch.Tensor | int) -> torch.Tensor:
-        """(H, Q, L) attention probabilities of layer k-1 for the given query rows, recomputed from q/k.
+    def attention_rows(self, query_index: torch.Tensor | int, layer: int | None = None) -> torch.Tensor:
+        """(H, Q, L) attention probabilities for the given query rows, recomputed from q/k.
 
+        layer: None or k - 1 (default): decoder layer k-1, from the input that layer received. k: decoder layer k
+            itself, from this stage's input hidden states (what layer k would attend to over the tokens present
+            when the stage starts, i.e. before this stage prunes). Both are head-wise softmax rows over the current
+            L tokens, causal, exactly what eager attention with output_attentions would return for those rows.
         Raises a PruneError when the method did not declare `needs = {"attention"}` or runs at layer 0.
         """
         if self.attention_fn is None:
@@ -159,7 +182,16 @@ class SelectionContext:
             )
         if isinstance(query_index, int):
             query_index = torch.tensor([query_index], device=self.hidden_states.device)
-        return self.attention_fn(query_index)
+        if layer is None or layer == self.layer - 1:
+            return self.attention_fn(query_index)
+        if layer != self.layer:
+            from vlm_prune.errors import PruneError
+
+            raise PruneError(
+                f"a stage at layer {self.layer} can read attention rows of layers {self.layer - 1} and {self.layer}, "
+                f"not {layer}"
+            )
+        return self.attention_fn(query_index, layer)
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded from `seed` and the stage, so choices do not depend on batch position."""

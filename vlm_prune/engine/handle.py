@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
+from vlm_prune.engine.attention_rows import stage_rows_fn
 from vlm_prune.engine.budget import tokens_to_keep
 from vlm_prune.engine.context import VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
@@ -36,6 +37,7 @@ from vlm_prune.engine.labels import kept_labels, with_loss
 from vlm_prune.engine.ragged import positions_within as _positions_within
 from vlm_prune.engine.ragged import trim_segments
 from vlm_prune.engine.reentry import reenter_tokens, remember
+from vlm_prune.engine.segments import segments_fn
 from vlm_prune.engine.signals import SignalRecorder
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
@@ -640,7 +642,10 @@ class PruneHandle:
             if signals is not None:
                 self._signals.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
             if attention is not None:
-                ctx.attention_fn = self._attention_fn(attention, row, valid_slots)
+                ctx.attention_fn = stage_rows_fn(self.adapter.layers, *attention, row, valid_slots)
+            ctx.segments_fn = segments_fn(
+                self.adapter, self._call["input_ids"][row], row_columns[valid_slots], sample.media
+            )
             result = stage.select(ctx)
             features = group = None
             if isinstance(result, Selection):
@@ -699,32 +704,6 @@ class PruneHandle:
         columns = self._forward.columns[row, valid_slots].to(input_ids.device)
         return input_ids[row, columns.clamp(min=0)]
 
-    # ---- attention rows
-    def _attention_fn(self, attention: tuple, row: int, valid_slots: torch.Tensor):
-        from vlm_prune.engine.attention_rows import recompute_attention_rows
-
-        layer_index, hidden_in, position_embeddings, cache = attention
-        layer = self.adapter.layers[layer_index]
-        cos, sin = position_embeddings
-        keys = None
-        if cache is not None and len(cache.layers) > layer_index:
-            cached_keys = getattr(cache.layers[layer_index], "keys", None)
-            # the keys layer k-1 just cached (after k_norm and RoPE) cover exactly the current slots
-            if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
-                keys = cached_keys[row : row + 1, :, valid_slots.to(cached_keys.device)]
-
-        def rows_for(query_index: torch.Tensor) -> torch.Tensor:
-            query_slots = valid_slots[query_index.to(valid_slots.device)]
-            normed = layer.input_layernorm(hidden_in[row : row + 1, valid_slots])
-            rope = (cos[row : row + 1, valid_slots], sin[row : row + 1, valid_slots])
-            local_query = torch.searchsorted(valid_slots, query_slots)
-            key_mask = torch.ones(1, len(valid_slots), dtype=torch.bool, device=normed.device)
-            with torch.no_grad():
-                rows = recompute_attention_rows(layer.self_attn, normed, rope, local_query, key_mask, keys=keys)
-            return rows[0]
-
-        return rows_for
-
     # ------------------------------------------------------------------ decoder layers
     def _make_layer_hook(self, index: int):
         stages_here = [stage for stage in self.stages if stage.layer == index and index > 0]  # 0 = pre-LLM
@@ -760,7 +739,7 @@ class PruneHandle:
             if "attention" in stage.needs:
                 if forward.attention_input is None or forward.attention_input[0] != index - 1:
                     raise PruneError(f"attention rows of layer {index - 1} were not recorded")
-                attention = forward.attention_input
+                attention = (forward.attention_input, (index, hidden, (cos, sin), None))  # layers k-1 and k
             if stage.reenter:  # the sequence grows back (engine/reentry.py)
                 args = (self.adapter.rotary, self.adapter.rope_rows, stage.name, index, self.position_policy)
                 hidden, (cos, sin) = reenter_tokens(forward, hidden, *args)
