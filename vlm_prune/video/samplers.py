@@ -23,9 +23,9 @@ into it (map them back with `candidates[pos]`):
   similarity is min-max scaled; a segment is kept whole when the mean of its top-k scores exceeds its mean by
   more than t1 (relevance is concentrated: take its top frames) and its std exceeds t2, otherwise it is split
   into halves, down to `max_depth`. A leaf at depth d takes its top k / 2**d frames. Differences from the
-  authors' code, so that exactly k frames come back: a budget m splits into ceil(m/2) + floor(m/2) (left half
-  first) instead of int(k / 2**d) each, a leaf shorter than its budget passes the rest to the top-scoring
-  frames left anywhere, and a video with fewer candidates than k takes them all.
+  authors' code, so that exactly k frames come back: a budget m splits into halves, the odd frame to the half
+  with the higher maximum (the left on a tie), instead of int(k / 2**d) each; a leaf shorter than its budget
+  passes the rest to the top-scoring frames left anywhere; a video with fewer candidates than k takes them all.
 """
 
 from __future__ import annotations
@@ -147,8 +147,10 @@ def _aks_leaves(s: np.ndarray, k: int, t1: float, t2: float, max_depth: int) -> 
             leaves.append((start, end, budget))
             return
         mid = start + seg.size // 2
-        visit(start, mid, budget - budget // 2, depth + 1)
-        visit(mid, end, budget // 2, depth + 1)
+        half, extra = divmod(budget, 2)
+        right_first = extra and s[mid:end].max() > s[start:mid].max()  # the odd frame goes to the better half
+        visit(start, mid, half + (extra and not right_first), depth + 1)
+        visit(mid, end, half + bool(right_first), depth + 1)
 
     visit(0, s.size, k, 0)
     return leaves

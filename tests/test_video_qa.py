@@ -1,0 +1,298 @@
+"""VideoQA: decoding (decord and PyAV agree; container counts), the CLIP scorer against the model's own logits,
+Qwen video inputs with true frame times, and the pipeline end to end on the embedded Qwen2-VL and tiny
+Qwen2.5-VL / Qwen3-VL models, with requested vs kept tokens and the memory cap."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("decord")
+pytest.importorskip("av")
+iscc_samples = pytest.importorskip("iscc_samples")
+
+from vlm_prune import demo  # noqa: E402
+from vlm_prune.methods.evs import retained_count  # noqa: E402
+from vlm_prune.pipelines import Frames, VideoMemoryError, VideoQA  # noqa: E402
+from vlm_prune.video import decode as D  # noqa: E402
+from vlm_prune.video import qwen_inputs as Q  # noqa: E402
+from vlm_prune.video import samplers as S  # noqa: E402
+from vlm_prune.video.scorers import TransformersClipScorer  # noqa: E402
+
+torch.set_num_threads(1)
+VIDEOS = {p.name: str(p) for p in iscc_samples.videos()}
+MP4 = VIDEOS["demo.mp4"]
+# demo.mp4 frames (144x176) -> 64x72 px (smart_resize), 16x18 patches of 4 px
+SMALL = dict(min_pixels=32 * 32, max_pixels=64 * 80)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def test_probe_reads_fps_and_frame_count_from_the_container():
+    for backend in ("decord", "pyav"):
+        info = D.probe(MP4, backend=backend)
+        assert (info.num_frames, info.fps, info.height, info.width) == (1441, 24.0, 144, 176)
+        assert info.backend == backend
+
+
+@pytest.mark.parametrize("name", ["demo.webm", "demo.mkv"])
+def test_pyav_zero_frame_headers_are_counted(name):
+    import av
+
+    with av.open(VIDEOS[name]) as c:
+        assert c.streams.video[0].frames == 0  # the case being handled: the header says 0
+    assert D.probe(VIDEOS[name], backend="pyav").num_frames == 1441 == D.probe(VIDEOS[name], "decord").num_frames
+
+
+def test_decord_and_pyav_give_identical_frames():
+    idx = S.uniform_indices(1441, 16)
+    a, info = D.read_frames(MP4, idx, backend="decord")
+    b, _ = D.read_frames(MP4, idx, backend="pyav")
+    assert a.shape == (16, 144, 176, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    # any order, repeats allowed
+    c, _ = D.read_frames(MP4, [idx[3], idx[0], idx[3]], backend="pyav")
+    np.testing.assert_array_equal(c, a[[3, 0, 3]])
+
+
+def test_pyav_seek_equals_decoding_everything():
+    idx = [10, 300, 301, 900, 1440]
+    seek, _ = D.read_frames(VIDEOS["demo.webm"], idx, backend="pyav")
+    full = D._pyav_sequential(VIDEOS["demo.webm"], idx)
+    np.testing.assert_array_equal(seek, np.stack([full[i] for i in idx]))
+
+
+def test_decode_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(D.VideoDecodeError, match="outside the video"):
+        D.read_frames(MP4, [1441])
+    with pytest.raises(D.VideoDecodeError, match="does not exist"):
+        D.probe(tmp_path / "missing.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(D.VideoDecodeError, match="could not read"):
+        D.probe(bad)
+
+
+# ------------------------------------------------------------------------------------------------ CLIP scorer
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "a", "dog", "cat", "red", "where", "is", "the", "?"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def _tiny(kind: str):
+    import transformers as T
+
+    text = dict(vocab_size=10, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "clip":
+        cfg = T.CLIPConfig(text_config={**text, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 1},
+                           vision_config=vision, projection_dim=16)  # fmt: skip
+        ip = T.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        return T.CLIPModel(cfg).eval(), T.CLIPProcessor(image_processor=ip, tokenizer=_word_tokenizer())
+    cfg = T.SiglipConfig(text_config=text, vision_config=vision)
+    ip = T.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    return T.SiglipModel(cfg).eval(), T.SiglipProcessor(image_processor=ip, tokenizer=_word_tokenizer())
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_clip_scorer_is_the_models_cosine_in_any_batch_size(kind):
+    from PIL import Image
+
+    model, proc = _tiny(kind)
+    frames = np.random.default_rng(0).integers(0, 255, (7, 40, 50, 3), dtype=np.uint8)
+    text = "where is the dog ?"
+    got = TransformersClipScorer(model, proc, batch_size=3).score(frames, text)
+    assert got.shape == (7,) and got.dtype == torch.float32
+    # reference: the model's own forward, whose logits are scale * cosine (+ bias for SigLIP)
+    pad = {"padding": "max_length", "max_length": 16} if kind == "siglip" else {"padding": True}
+    batch = proc(text=[text], images=[Image.fromarray(f) for f in frames], return_tensors="pt", **pad)
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")})
+    logits = out.logits_per_image[:, 0]
+    if kind == "siglip":
+        logits = logits - model.logit_bias.squeeze()
+    torch.testing.assert_close(got, logits / model.logit_scale.exp(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(TransformersClipScorer(model, proc, batch_size=32).score(frames, text), got)
+
+
+# ------------------------------------------------------------------------------------------------ Qwen inputs
+
+
+@pytest.fixture(scope="module")
+def demo_qwen():
+    return demo.demo_model("qwen2_vl")
+
+
+def _tiny_qwen(family: str, tokenizer):
+    """A random tiny Qwen2.5-VL / Qwen3-VL whose media ids are the demo tokenizer's (patch 4, merge 2, tps 2)."""
+    from vlm_prune.toy_models import _classes, build_config
+
+    config = build_config(family)
+    ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", Q.VISION_START, Q.VISION_END])
+    config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id = ids
+    torch.manual_seed(0)
+    model = _classes(family)[1](config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def test_qwen3_timestamps_are_the_original_frames_times():
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    times = Q.FrameTimes((0, 24, 48, 96, 100), fps=24.0, total_frames=1441)
+    # steps (0, 24) -> 0.5 s, (48, 96) -> 3.0 s, (100, 100 repeated) -> 4.1667 s
+    np.testing.assert_allclose(Q.step_timestamps(times, 2), [0.5, 3.0, 100 / 24])
+    np.testing.assert_allclose(
+        Q.step_timestamps(times, 2), Qwen3VLProcessor._calculate_timestamps(None, list(times.indices), 24.0, 2)
+    )
+    text = Q.placeholder("qwen3_vl", (3, 4, 4), 2, Q.step_timestamps(times, 2))
+    pads = Q.VIDEO_PAD * 4
+    assert text == "".join(f"<{t} seconds>{Q.VISION_START}{pads}{Q.VISION_END}" for t in ("0.5", "3.0", "4.2"))
+    assert Q.placeholder("qwen2_5_vl", (3, 4, 4), 2, []) == Q.VIDEO_PAD * 12
+    meta = times.metadata(144, 176)
+    assert meta.frames_indices == [0, 24, 48, 96, 100] and meta.fps == 24.0 and meta.total_num_frames == 1441
+
+
+def test_qwen2_5_second_per_grid_and_the_nonuniform_warning():
+    uniform = Q.FrameTimes(tuple(S.uniform_indices(1441, 16)), 24.0, 1441)
+    assert Q.second_per_grid_ts(uniform, 2) == pytest.approx(2 * 1441 / (16 * 24))  # tps / (k / N * fps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not Q.warn_if_nonuniform("qwen2_5_vl", uniform)
+    skewed = Q.FrameTimes((0, 10, 20, 700), 24.0, 1441)
+    with pytest.warns(Q.NonUniformFramesWarning, match="sampler='uniform'"):
+        assert Q.warn_if_nonuniform("qwen2_5_vl", skewed, "sampler 'bolt'")
+    with warnings.catch_warnings():  # Qwen3-VL's stamps are exact, Qwen2-VL has no seconds: no warning
+        warnings.simplefilter("error")
+        assert not Q.warn_if_nonuniform("qwen3_vl", skewed) and not Q.warn_if_nonuniform("qwen2_vl", skewed)
+
+
+def test_numpy_inputs_match_a_hand_built_prompt(demo_qwen):
+    from vlm_prune.tasks.video_processing import preprocess_video
+
+    model, proc = demo_qwen
+    frames, _ = D.read_frames(MP4, [0, 100, 200, 300])
+    qa = VideoQA(model, proc, method="none", **SMALL)
+    times = Q.FrameTimes((0, 100, 200, 300), 24.0, 1441)
+    got = Q.numpy_inputs(model, proc, frames, times, "what is it?", qa.settings)
+    rows, grid = preprocess_video(frames, qa.settings)
+    assert grid == (2, 16, 18) and tuple(got["video_grid_thw"][0].tolist()) == grid
+    np.testing.assert_array_equal(got["pixel_values_videos"].numpy(), rows)
+    tok = proc.tokenizer
+    want = tok(Q.video_prompt(proc, "what is it?").replace(Q.VIDEO_PAD, Q.VIDEO_PAD * 144),
+               add_special_tokens=False)["input_ids"]  # fmt: skip
+    assert got["input_ids"][0].tolist() == want
+    video_id = tok.convert_tokens_to_ids(Q.VIDEO_PAD)
+    assert got["mm_token_type_ids"][0].tolist() == [2 if t == video_id else 0 for t in want]
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def test_videoqa_unpruned_equals_generate_on_the_same_frames(demo_qwen):
+    model, proc = demo_qwen
+    qa = VideoQA(model, proc, method="none", num_frames=8, max_new_tokens=4, **SMALL)
+    result = qa.answer(MP4, "what is in the top left at the start?")
+    assert result.frames == S.uniform_indices(1441, 8)
+    frames, _ = D.read_frames(MP4, result.frames)
+    times = Q.FrameTimes(tuple(result.frames), 24.0, 1441)
+    inputs = Q.numpy_inputs(model, proc, frames, times, "what is in the top left at the start?", qa.settings)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new_tokens = out[0, inputs["input_ids"].shape[1] :]
+    assert result.text == proc.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    s = result.stats
+    assert s.video_tokens == s.tokens_kept == s.tokens_requested == 4 * 16 * 18 // 4
+    assert set(s.seconds) == {"decode", "frame_selection", "vision", "prefill", "generation"}
+    assert s.seconds["decode"] > 0 and s.seconds["vision"] > 0 and s.seconds["prefill"] > 0
+    assert (s.video_fps, s.video_frames) == (24.0, 1441)
+
+
+def test_videoqa_evs_keeps_exactly_the_requested_count_and_leaves_the_model_clean(demo_qwen):
+    model, proc = demo_qwen
+    hooks_before = len(model._forward_hooks) + len(model._forward_pre_hooks)
+    qa = VideoQA(model, proc, method="evs", keep=0.3, num_frames=16, max_new_tokens=3, **SMALL)
+    s = qa.answer(MP4, "which shape moved?").stats
+    grid = (8, 16, 18)
+    assert s.grid_thw == grid and s.video_tokens == 8 * 16 * 18 // 4
+    assert s.tokens_requested == retained_count(grid, 0.7, spatial_merge_size=2) == s.tokens_kept
+    assert s.prune["visual_tokens_out"] == s.tokens_kept
+    assert len(model._forward_hooks) + len(model._forward_pre_hooks) == hooks_before
+
+
+class _FixedScorer:
+    """A FrameScorer whose relevance is a known function of the frame (its mean red), for checking the plumbing."""
+
+    batch_size = 16
+
+    def __init__(self):
+        self.seen = 0
+
+    def score(self, frames, text):
+        self.seen += len(frames)
+        return torch.from_numpy(frames[..., 0].reshape(len(frames), -1).mean(1).astype(np.float32))
+
+
+@pytest.mark.parametrize("sampler", ["clip_topk", "bolt", "aks"])
+def test_relevance_samplers_pick_from_scored_candidates(demo_qwen, sampler):
+    model, proc = demo_qwen
+    scorer = _FixedScorer()
+    qa = VideoQA(model, proc, method="evs", keep=0.5, num_frames=4, sampler=sampler, scorer=scorer,
+                 max_new_tokens=2, **SMALL)  # fmt: skip
+    result = qa.answer(MP4, "where is the dog?")
+    candidates = S.candidate_indices(1441, 24.0, 4)  # 60 at 1 fps
+    assert scorer.seen == len(candidates) == 60
+    small, _ = D.read_frames(MP4, candidates)
+    from vlm_prune.pipelines.video_qa import _resize_short
+
+    sim = scorer.score(_resize_short(small, 224), "").numpy()
+    assert result.frames == [candidates[p] for p in S.select(sampler, sim, 4)]
+    assert result.stats.seconds["frame_selection"] > 0
+
+
+def test_memory_cap_is_checked_before_decoding(demo_qwen, monkeypatch):
+    model, proc = demo_qwen
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the memory check")
+
+    monkeypatch.setattr(D, "read_frames", no_decoding)
+    qa = VideoQA(model, proc, num_frames=16, max_vision_patches=1000, **SMALL)
+    with pytest.raises(VideoMemoryError, match=r"lower num_frames \(to <= 2 at this size\) or max_pixels"):
+        qa.answer(MP4, "what?")  # 8 steps x 16 x 18 = 2304 patches > 1000
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_frames_input_on_qwen2_5_and_qwen3(demo_qwen, family):
+    _, proc = demo_qwen
+    model = _tiny_qwen(family, proc.tokenizer)
+    frames = np.random.default_rng(1).integers(0, 255, (6, 32, 40, 3), dtype=np.uint8)
+    indices = [0, 5, 10, 40, 41, 42]  # not evenly spaced
+    qa = VideoQA(model, proc, method="evs", keep=0.5, num_frames=6, max_new_tokens=2, min_pixels=32 * 32,
+                 max_pixels=32 * 40)  # fmt: skip
+    with pytest.raises(Exception, match="fps"):
+        qa.answer((frames, indices), "what?")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = qa.answer(Frames(frames, indices, fps=10.0, total_frames=50), "what?")
+    nonuniform = [w for w in caught if issubclass(w.category, Q.NonUniformFramesWarning)]
+    assert len(nonuniform) == (1 if family == "qwen2_5_vl" else 0)
+    assert result.frames == indices
+    grid = (3, 8, 10)
+    assert result.stats.grid_thw == grid
+    assert result.stats.tokens_kept == result.stats.tokens_requested == retained_count(grid, 0.5, 2)
