@@ -241,10 +241,11 @@ class _FixedScorer:
     batch_size = 16
 
     def __init__(self):
-        self.seen = 0
+        self.seen = self.calls = 0
 
     def score(self, frames, text):
         self.seen += len(frames)
+        self.calls += 1
         return torch.from_numpy(frames[..., 0].reshape(len(frames), -1).mean(1).astype(np.float32))
 
 
@@ -256,7 +257,7 @@ def test_relevance_samplers_pick_from_scored_candidates(demo_qwen, sampler):
                  max_new_tokens=2, **SMALL)  # fmt: skip
     result = qa.answer(MP4, "where is the dog?")
     candidates = S.candidate_indices(1441, 24.0, 4)  # 60 at 1 fps
-    assert scorer.seen == len(candidates) == 60
+    assert scorer.seen == len(candidates) == 60 and scorer.calls == 4  # batches of 16
     small, _ = D.read_frames(MP4, candidates)
     from vlm_prune.pipelines.video_qa import _resize_short
 
@@ -296,3 +297,31 @@ def test_frames_input_on_qwen2_5_and_qwen3(demo_qwen, family):
     grid = (3, 8, 10)
     assert result.stats.grid_thw == grid
     assert result.stats.tokens_kept == result.stats.tokens_requested == retained_count(grid, 0.5, 2)
+
+
+def test_processor_route_passes_original_indices_and_no_resampling(demo_qwen):
+    """Where the processor's video processor loads (torchvision), the frames go to it as they are, with a
+    VideoMetadata of the ORIGINAL indices and fps and do_sample_frames=False (here: the call it receives)."""
+    _, proc = demo_qwen
+
+    class Recording:
+        chat_template = proc.chat_template
+        video_processor = object()
+
+        def apply_chat_template(self, *args, **kwargs):
+            return proc.apply_chat_template(*args, **kwargs)
+
+        def __call__(self, **kwargs):
+            self.kwargs = kwargs
+            return {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
+
+    rec = Recording()
+    assert Q.has_video_processor(rec) and not Q.has_video_processor(proc)
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    Q.processor_inputs(rec, frames, Q.FrameTimes((5, 50, 500), 25.0, 900), "why?")
+    assert rec.kwargs["do_sample_frames"] is False
+    (meta,) = rec.kwargs["video_metadata"]
+    assert (meta.frames_indices, meta.fps, meta.total_num_frames) == ([5, 50, 500], 25.0, 900)
+    assert meta.timestamps == [0.2, 2.0, 20.0]
+    np.testing.assert_array_equal(rec.kwargs["videos"][0], frames)
+    assert rec.kwargs["text"][0].count(Q.VIDEO_PAD) == 1

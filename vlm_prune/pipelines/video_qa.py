@@ -41,6 +41,8 @@ from ..video.scorers import FrameScorer
 #: default cap on vision-tower input patches per video (frames x patches per frame); ~16 frames at 896 x 896
 DEFAULT_MAX_VISION_PATCHES = 65536
 NO_PRUNING = (None, "none")
+SCORE_SIDE = 224  # short side of the frames given to the relevance scorer
+PROGRESS_AFTER = 256  # candidates above which scoring shows a progress bar
 STEPS = ("decode", "frame_selection", "vision", "prefill", "generation")
 
 
@@ -252,17 +254,23 @@ class VideoQA:
     # ------------------------------------------------------------------ frames
 
     def _score_candidates(self, source: str | Frames, candidates: list[int], question: str) -> np.ndarray:
-        """(C,) similarity of each candidate frame, decoded and scored in batches at a low resolution."""
+        """(C,) similarity of each candidate frame: decoded, shrunk to a short side of `score_side` and scored
+        chunk by chunk (the scorer's batch size), with a progress bar past `progress_after` candidates."""
         batch = int(getattr(self.scorer, "batch_size", 32))
-        small = []
-        for i in range(0, len(candidates), batch):
+        starts = range(0, len(candidates), batch)
+        if len(candidates) > PROGRESS_AFTER:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="scoring frames", unit="batch")
+        scores = []
+        for i in starts:
             chunk = candidates[i : i + batch]
             if isinstance(source, Frames):
                 frames = source.frames[chunk]
             else:
                 frames, _ = D.read_frames(source, chunk, backend=self.backend)
-            small.append(_resize_short(frames, 224))
-        return self.scorer.score(np.concatenate(small), question).numpy()
+            scores.append(np.asarray(self.scorer.score(_resize_short(frames, SCORE_SIDE), question), np.float64))
+        return np.concatenate(scores)
 
     def choose_frames(self, source: str | Frames, total: int, fps: float, question: str) -> list[int]:
         """Positions (into the video, or into `Frames.frames`) of the frames the model sees, in time order."""

@@ -185,7 +185,7 @@ def processor_inputs(
     """Inputs from the processor itself (its video processor must load: torchvision), frames as given."""
     meta = times.metadata(frames.shape[1], frames.shape[2], backend)
     out = processor(
-        text=[video_prompt(processor, question)], videos=[list(frames)], video_metadata=[meta],
+        text=[video_prompt(processor, question)], videos=[np.asarray(frames)], video_metadata=[meta],
         do_sample_frames=False, return_tensors="pt",
     )  # fmt: skip
     return dict(out)
