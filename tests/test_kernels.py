@@ -301,6 +301,48 @@ def test_interpreted_gather_tokens_bit_equal(shape, dim, fill):
     assert same_bits(gather_tokens(x, index, dim, fill, backend="triton"), gather_reference(x, index, dim, fill))
 
 
+def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
+    """Triton's signature of `kernel` as the launchers call it: named pointer types, the rest *i64 / i32 / constexpr."""
+    return {
+        name: "constexpr" if name.isupper() else pointers.get(name, "*i64") if name.endswith("_ptr") else "i32"
+        for name in kernel.arg_names
+    }
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice; these kernels do no math
+@pytest.mark.parametrize("bits, arch", [("i16", 90), ("i32", 80)])
+def test_kernels_compile_for_nvidia_gpus(bits, arch):
+    """Both kernels lower to PTX and a cubin for sm_90 / sm_80 (ptxas ships with triton; no GPU needed)."""
+    if INTERPRETED:
+        pytest.skip("under the interpreter the kernels are not compiled")
+    triton = pytest.importorskip("triton", reason="the dev extra installs triton")
+    pytest.importorskip("triton.backends.nvidia", reason="this triton has no NVIDIA backend")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vlm_prune.kernels import triton_gather
+
+    target = GPUTarget("cuda", arch, 32)
+    element = {"i16": tl.int16, "i32": tl.int32}[bits]
+    cases = [
+        (
+            triton_gather._compact_kernel,
+            {"hidden_ptr": f"*{bits}", "hidden_out_ptr": f"*{bits}", "mask_ptr": "*i8", "mask_out_ptr": "*i8"},
+            {"HAS_COLUMNS": True, "HAS_MASK": True, "ROPE_ROWS": 3, "BLOCK_T": 2, "BLOCK_D": 2048, "BLOCK_P": 64},
+        ),
+        (
+            triton_gather._trim_kernel,
+            {},
+            {"ELEMENT": element, "TABLE_COLUMNS": 8, "BLOCK_S": 32, "BLOCK_D": 128},
+        ),
+    ]
+    for kernel, pointers, constants in cases:
+        source = ASTSource(fn=kernel, signature=_signature(kernel, pointers), constexprs=constants)
+        compiled = triton.compile(source, target=target)
+        assert "ld.global" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0
+
+
 def test_triton_kernels_bit_equal_under_the_interpreter():
     """Runs the `test_interpreted_*` tests above in a child pytest with TRITON_INTERPRET=1."""
     if INTERPRETED:

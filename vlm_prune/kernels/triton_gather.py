@@ -57,9 +57,9 @@ def _compact_kernel(
     HAS_COLUMNS: tl.constexpr, HAS_MASK: tl.constexpr, ROPE_ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, token_blocks + prefix_blocks): a token block of row b, or a block of its cached mask columns."""
-    row = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
+    """Grid (token_blocks + prefix_blocks, B): a block of row b's slots, or a block of its cached mask columns."""
+    block = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
     if block < token_blocks:
         slot = block * BLOCK_T + tl.arange(0, BLOCK_T)
         in_range = slot < new_length
@@ -84,11 +84,11 @@ def _compact_kernel(
         for axis in tl.static_range(ROPE_ROWS):
             kept = tl.load(rope_ptr + axis * s_rr + row * s_rb + source * s_rl, mask=valid, other=0)
             tl.store(rope_out_ptr + (axis * batch + row) * new_length + slot, kept, mask=in_range)
-    else:  # the cached columns of the mask are copied as they are
+    else:  # the cached columns of the mask are copied as they are (names differ: compiled branches must agree)
         cached = (block - token_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-        inside = cached < past
-        kept = tl.load(mask_ptr + row * s_mb + cached * s_ml, mask=inside)
-        tl.store(mask_out_ptr + row * (past + new_length) + cached, kept, mask=inside)
+        cached_inside = cached < past
+        cached_mask = tl.load(mask_ptr + row * s_mb + cached * s_ml, mask=cached_inside)
+        tl.store(mask_out_ptr + row * (past + new_length) + cached, cached_mask, mask=cached_inside)
 
 
 @triton.jit
@@ -96,18 +96,18 @@ def _trim_kernel(
     table_ptr, index_ptr, new_length, max_heads, fill, s_ib, s_is,
     ELEMENT: tl.constexpr, TABLE_COLUMNS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Grid (tensors, B * max_heads, slot blocks). Table row: source, destination, H, d, 4 source strides."""
-    entry = table_ptr + tl.program_id(0).to(tl.int64) * TABLE_COLUMNS
+    """Grid (slot blocks, B * max_heads, tensors). Table row: source, destination, H, d, 4 source strides."""
+    entry = table_ptr + tl.program_id(2).to(tl.int64) * TABLE_COLUMNS
     batch_head = tl.program_id(1).to(tl.int64)
     row = batch_head // max_heads
     head = batch_head % max_heads
-    heads = tl.load(entry + 2)
-    head_dim = tl.load(entry + 3)
+    heads = tl.load(entry + 2).to(tl.int32)
+    head_dim = tl.load(entry + 3).to(tl.int32)
     source_base = tl.load(entry + 0).to(tl.pointer_type(ELEMENT)) + row * tl.load(entry + 4) + head * tl.load(entry + 5)
     stride_slot = tl.load(entry + 6)
     stride_feature = tl.load(entry + 7)
     target_base = tl.load(entry + 1).to(tl.pointer_type(ELEMENT)) + ((row * heads + head) * new_length) * head_dim
-    slot = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    slot = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = slot < tl.where(head < heads, new_length, 0)  # heads past this tensor's H (mixed H) write nothing
     source = tl.load(index_ptr + row * s_ib + slot * s_is, mask=in_range, other=-1)
     valid = source >= 0
@@ -167,7 +167,7 @@ def compact_triton(
     token_blocks = triton.cdiv(new_length, block_t)
     prefix_blocks = triton.cdiv(past, block_p) if mask is not None else 0
     if batch and token_blocks + prefix_blocks:
-        _compact_kernel[(batch, token_blocks + prefix_blocks)](
+        _compact_kernel[(token_blocks + prefix_blocks, batch)](  # axis 0 has room for long sequences
             _bits(hidden), _bits(hidden_out), index,
             columns_in, columns_w, mask_in, mask_w, rope_in, rope_w,
             batch, new_length, dim, past, token_blocks, _fill_bits(hidden.dtype, 0), columns_fill,
@@ -202,7 +202,7 @@ def trim_triton(tensors: list[torch.Tensor], index: torch.Tensor, fill: float | 
         table = torch.tensor(rows, dtype=torch.int64).to(index.device, non_blocking=True)
         max_heads = max(tensors[i].shape[1] for i in positions)
         block_s, block_d = _blocks(new_length, max(tensors[i].shape[3] for i in positions))
-        grid = (len(positions), batch * max_heads, triton.cdiv(new_length, block_s))
+        grid = (triton.cdiv(new_length, block_s), batch * max_heads, len(positions))
         if batch * max_heads and new_length:
             _trim_kernel[grid](
                 table, index, new_length, max_heads, _fill_bits(dtype, fill), *index.stride(),
