@@ -3,10 +3,12 @@
 #   (a) benchmarks/speed.py on CUDA in bfloat16, both bench models (~100M parameters, 576 visual tokens);
 #   (b) benchmarks/gpu_check.py: identity (keep-all == unwrapped) and batch (row == row alone) checks on
 #       CUDA under sdpa and eager in float32, every toy family + the bench models;
-#   (c) the same under flash_attention_2 in bfloat16, only if `flash_attn` imports (else it says so).
+#   (c) the same under flash_attention_2 in bfloat16, only if `flash_attn` imports (else it says so);
+#   (d) benchmarks/kernels_gpu.py: the fused Triton compaction kernels bit-equal to the torch reference on CUDA,
+#       then both timed (B=8, L=3000, D=4096 bf16; 32 layers of KV) -> kernels_gpu.{md,json}, kernels_gpu.log.
 # Everything lands in $OUT (default benchmarks/results/tmp/gpu_check): env.txt, speed_cuda.{md,json,png},
-# speed_cuda_profile.txt, speed.log, gpu_check.{md,json,log}. Budget: under 4 minutes on an H200 (time limits
-# 120 s + 80 s; each part writes its results as it goes, so a cut-short part still reports).
+# speed_cuda_profile.txt, speed.log, gpu_check.{md,json,log}. Budget: under 5 minutes on an H200 (time limits
+# 120 s + 80 s + 60 s; each part writes its results as it goes, so a cut-short part still reports).
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --device cpu --quick  # smoke test of the script itself on CPU (tiny models)
@@ -39,6 +41,7 @@ started=$(date +%s)
   echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified tracked files"
   "$PY" -c 'import sys, torch, transformers; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); print("transformers", transformers.__version__)'
   "$PY" -c 'import flash_attn; print("flash_attn", flash_attn.__version__)' 2>&1 | tail -1
+  "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
@@ -62,6 +65,13 @@ echo "== (b, c) equivalence: $PY benchmarks/gpu_check.py ${check_args[*]}"
 timeout $CHECK_LIMIT "$PY" benchmarks/gpu_check.py "${check_args[@]}" 2>&1 | tee "$OUT/gpu_check.log"
 check_rc=${PIPESTATUS[0]}
 
-echo "== done in $(( $(date +%s) - started )) s: speed exit $speed_rc, checks exit $check_rc (124 = timed out); files in $OUT:"
+kernel_args=(--device "$DEVICE" --out "$OUT")
+if [ "$QUICK" = 1 ]; then kernel_args+=(--quick); fi
+if [ "$DEVICE" = cuda ]; then KERNEL_LIMIT=60; else KERNEL_LIMIT=600; fi
+echo "== (d) kernels: $PY benchmarks/kernels_gpu.py ${kernel_args[*]}"
+timeout $KERNEL_LIMIT "$PY" benchmarks/kernels_gpu.py "${kernel_args[@]}" 2>&1 | tee "$OUT/kernels_gpu.log"
+kernel_rc=${PIPESTATUS[0]}
+
+echo "== done in $(( $(date +%s) - started )) s: speed exit $speed_rc, checks exit $check_rc, kernels exit $kernel_rc (124 = timed out); files in $OUT:"
 ls -l "$OUT"
-[ "$speed_rc" = 0 ] && [ "$check_rc" = 0 ]
+[ "$speed_rc" = 0 ] && [ "$check_rc" = 0 ] && [ "$kernel_rc" = 0 ]
