@@ -325,3 +325,29 @@ def test_processor_route_passes_original_indices_and_no_resampling(demo_qwen):
     assert meta.timestamps == [0.2, 2.0, 20.0]
     np.testing.assert_array_equal(rec.kwargs["videos"][0], frames)
     assert rec.kwargs["text"][0].count(Q.VIDEO_PAD) == 1
+
+
+def test_videoqa_inputs_and_answer_equal_the_video_tasks(demo_qwen):
+    """On a video-task clip given as frames, VideoQA builds the video task's own inputs and gives its answer."""
+    import copy
+
+    pytest.importorskip("easy_vqa")
+    from vlm_prune.tasks import video as V
+
+    model, proc = demo_qwen
+    proc = copy.copy(proc)  # a chat template with a video slot, as a video model's processor has
+    proc.chat_template = proc.chat_template.replace(
+        "{% if c['type'] == 'image' %}", "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+        "{% elif c['type'] == 'image' %}",
+    )  # fmt: skip
+    sample = V.make_clips("test", 1, seed=0)[0]
+    n = len(sample.video)
+    qa = VideoQA(model, proc, method="none", num_frames=n, max_new_tokens=4)
+    want = V.video_inputs(proc, [sample])
+    got = Q.numpy_inputs(model, proc, sample.video, Q.FrameTimes(tuple(range(n)), 2.0, n), sample.question,
+                         qa.settings)  # fmt: skip
+    for key in ("input_ids", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    result = qa.answer(Frames(sample.video, list(range(n)), fps=2.0), sample.question)
+    assert result.frames == list(range(n))
+    assert result.text == V.generate_answers(model, proc, [sample])[0]
