@@ -6,7 +6,8 @@ A `BenchTask` is data plus three functions, so `bench.run_bench` stays generic o
 - `prepare(model, processor, samples)`: the left-padded batch of model inputs for them;
 - `answers(model, processor, samples, max_new_tokens)`: the greedy answers (strings).
 
-Tasks: "mosaic" (images, `vlm_prune.data.mosaic`) and "video" (`vlm_prune.tasks.video`).
+Tasks: "mosaic" (images, `vlm_prune.data.mosaic`), "video" (`vlm_prune.tasks.video`) and "icl" (few-shot
+prompts, `vlm_prune.tasks.icl`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,26 @@ def _video_answers(model, processor, samples, max_new_tokens: int) -> list[str]:
     return generate_answers(model, processor, samples, batch_size=len(samples), max_new_tokens=max_new_tokens)
 
 
+# ---------------------------------------------------------------------------------------------------- icl
+def _icl_samples(n: int, seed: int) -> list:
+    from vlm_prune.tasks.icl import DEMO_WORDS, make_episodes
+
+    return make_episodes("test", n, seed=seed, shots=4, words=DEMO_WORDS)
+
+
+def _icl_prepare(model, processor, samples):
+    from vlm_prune.tasks.icl import episode_inputs
+
+    parameter = next(model.parameters())
+    return episode_inputs(processor, samples, device=parameter.device, dtype=parameter.dtype)
+
+
+def _icl_answers(model, processor, samples, max_new_tokens: int) -> list[str]:
+    from vlm_prune.tasks.icl import generate_answers
+
+    return generate_answers(model, processor, samples, max_new_tokens)
+
+
 TASKS: dict[str, BenchTask] = {
     "mosaic": BenchTask(
         name="mosaic",
@@ -110,6 +131,19 @@ TASKS: dict[str, BenchTask] = {
         quick_keeps=(1.0, 0.5, 0.25, 0.1),
         default_methods=("random", "pool", "divprune", "zoo", "fastv", "evs", "prunevid", "evs+divprune"),
         own_budget=("prunevid",),
+    ),
+    "icl": BenchTask(
+        name="icl",
+        description="4-shot episodes of easy-VQA images (held-out test split) with nonce words bound to colours "
+        "at random per episode; the query asks for the word of a new image (5 images per prompt)",
+        media="image",
+        default_model="llava",
+        samples=_icl_samples,
+        prepare=_icl_prepare,
+        answers=_icl_answers,
+        default_keeps=(1.0, 0.333, 0.222, 0.111),  # R = 66.7 / 77.8 / 88.9 % removed
+        quick_keeps=(1.0, 0.333, 0.222, 0.111),
+        default_methods=("catp", "random", "pool", "divprune", "fastv", "zoo"),
     ),
 }
 
