@@ -351,3 +351,15 @@ def test_videoqa_inputs_and_answer_equal_the_video_tasks(demo_qwen):
     result = qa.answer(Frames(sample.video, list(range(n)), fps=2.0), sample.question)
     assert result.frames == list(range(n))
     assert result.text == V.generate_answers(model, proc, [sample])[0]
+
+
+def test_frames_input_is_sampled_and_reports_original_indices(demo_qwen):
+    model, proc = demo_qwen
+    frames = np.random.default_rng(2).integers(0, 255, (10, 32, 40, 3), dtype=np.uint8)
+    original = [3, 9, 15, 21, 27, 33, 39, 45, 51, 57]
+    qa = VideoQA(model, proc, method="evs", keep=0.5, num_frames=4, max_new_tokens=2, min_pixels=32 * 32,
+                 max_pixels=32 * 40)  # fmt: skip
+    result = qa.answer((frames, original), "what?")  # Qwen2-VL needs no fps
+    assert result.frames == [original[i] for i in S.uniform_indices(10, 4)] == [9, 21, 39, 51]
+    with pytest.raises(Exception, match="original indices"):
+        qa.answer((frames, original[:5]), "what?")
