@@ -319,6 +319,8 @@ def _run_bench(
             return value
         return QUICK.get(key, DEFAULTS[key]) if quick else DEFAULTS[key]
 
+    if n_samples is None and quick and bench_task.quick_samples:
+        n_samples = bench_task.quick_samples
     n_samples = int(pick(n_samples, "n_samples"))
     repeats = int(pick(repeats, "repeats"))
     warmup = int(pick(warmup, "warmup"))

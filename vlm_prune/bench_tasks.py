@@ -27,6 +27,7 @@ class BenchTask:
     default_model: the embedded model the task is meant for.
     default_keeps / quick_keeps: the budgets run by default (1.0 = the unpruned reference).
     own_budget: methods also run once with keep=None (their own data-dependent count, e.g. PruneVid).
+    quick_samples: samples per run under `quick` (None: the bench's QUICK default), sized to stay < 3 minutes.
     """
 
     name: str
@@ -42,6 +43,7 @@ class BenchTask:
     focus_name: str = "all questions"
     default_methods: tuple[str, ...] | None = None
     own_budget: tuple[str, ...] = field(default_factory=tuple)
+    quick_samples: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------- mosaic
@@ -131,6 +133,7 @@ TASKS: dict[str, BenchTask] = {
         quick_keeps=(1.0, 0.5, 0.25, 0.1),
         default_methods=("random", "pool", "divprune", "zoo", "fastv", "evs", "prunevid", "evs+divprune"),
         own_budget=("prunevid",),
+        quick_samples=30,  # 6 per question type: 25 runs of the 8-layer video model in < 3 minutes
     ),
     "icl": BenchTask(
         name="icl",
