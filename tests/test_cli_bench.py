@@ -281,3 +281,30 @@ def test_bench_rows_are_consistent(tiny_bench):
     else:
         adaptinfer = rows[("adaptinfer", 64)]
         assert adaptinfer["keep_passed"] != 64 or adaptinfer["equivalent_average_tokens"] == pytest.approx(64, abs=1)
+
+
+def test_video_bench_task(tmp_path):
+    """`bench --task video` on the embedded video model: EVS keeps exactly its count, PruneVid also runs at its
+    own budget, answers are scored per temporal question type, and the JSON follows the schema."""
+    from vlm_prune.methods.evs import retained_count
+
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run_bench(
+            task="video", methods=["evs", "prunevid"], keeps=[1.0, 0.5], n_samples=5, repeats=1, warmup=0,
+            decode_tokens=1, progress=False, out_dir=tmp_path, threads=1,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert result["model"]["name"] == "qwen2_vl_video" and result["task"]["media"] == "video"
+    rows = {(r["method"], r["keep"]): r for r in result["results"]}
+    assert set(rows) == {("unpruned", 1.0), ("evs", 0.5), ("prunevid", 0.5), ("prunevid", None)}
+    n_video = result["model"]["visual_tokens_per_image"]
+    from vlm_prune.tasks.video import eval_samples, video_inputs
+
+    _, processor, _ = bench.load_bench_model("qwen2_vl_video")
+    grid = video_inputs(processor, eval_samples(1, seed=0))["video_grid_thw"][0]
+    assert rows[("evs", 0.5)]["visual_tokens_kept"] == retained_count(grid, 0.5, spatial_merge_size=2) < n_video
+    assert rows[("prunevid", None)]["keep_label"] == "own budget"
+    assert set(rows[("evs", 0.5)]["per_qtype"]) == {"appeared_last", "moved", "recolored", "start", "end"}
+    bench.validate(json.loads(Path(result["files"]["json"]).read_text()))
