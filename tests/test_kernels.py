@@ -262,21 +262,22 @@ def test_interpreted_compact_sequence_without_side_outputs_and_bool_mask():
 
 @interpreted
 @pytest.mark.parametrize(
-    "seed, dtypes, batch, heads, strided",
+    "seed, dtypes, batch, heads, strided, head_dim",
     [
-        (0, (torch.bfloat16,), 1, (2,), False),
-        (1, (torch.float16, torch.float16), 2, (1, 3), True),
-        (2, (torch.float32, torch.bfloat16, torch.float32), 4, (2, 2, 1), True),
-        (3, (torch.bfloat16,) * 4, 8, (2, 2, 2, 2), False),
+        (0, (torch.bfloat16,), 1, (2,), False, None),
+        (1, (torch.float16, torch.float16), 2, (1, 3), True, None),
+        (2, (torch.float32, torch.bfloat16, torch.float32), 4, (2, 2, 1), True, None),
+        (3, (torch.bfloat16,) * 4, 8, (2, 2, 2, 2), False, 16),  # 16-byte vectors: the ALIGNED path
+        (4, (torch.float32,) * 2, 3, (2, 1), True, 4),  # ALIGNED, strided
     ],
 )
-def test_interpreted_trim_layers_bit_equal(seed, dtypes, batch, heads, strided):
+def test_interpreted_trim_layers_bit_equal(seed, dtypes, batch, heads, strided, head_dim):
     generator = torch.Generator().manual_seed(seed)
     length = int(torch.randint(2, 8, (1,), generator=generator))
     index = ragged_index(generator, batch, length)
     tensors = []
     for dtype, head_count in zip(dtypes, heads):
-        head_dim = int(torch.randint(1, 9, (1,), generator=generator))
+        head_dim = head_dim or int(torch.randint(1, 9, (1,), generator=generator))
         if strided:  # (B, S, H, d) storage seen as (B, H, S, d), as some attention kernels leave caches
             tensors.append(noisy(generator, (batch, length, head_count, head_dim), dtype).transpose(1, 2))
         else:
@@ -301,18 +302,37 @@ def test_interpreted_gather_tokens_bit_equal(shape, dim, fill):
     assert same_bits(gather_tokens(x, index, dim, fill, backend="triton"), gather_reference(x, index, dim, fill))
 
 
-def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
+def test_aligned_rule_for_vectorised_trim():
+    """The launcher promises 16-byte rows and whole vectors only when they hold (else the kernel would misread)."""
+    if INTERPRETED:
+        pytest.skip("checked in the parent pytest")
+    pytest.importorskip("triton", reason="the dev extra installs triton")
+    from vlm_prune.kernels.triton_gather import _aligned
+
+    base = torch.zeros(2, 4, 6, 16, dtype=torch.bfloat16)
+    assert _aligned(base, 8)
+    assert _aligned(torch.zeros(2, 6, 4, 16, dtype=torch.bfloat16).transpose(1, 2), 8)  # strided, still aligned
+    assert _aligned(base[:1], 8)
+    assert not _aligned(base[..., :12], 8)  # head dim not whole vectors
+    assert not _aligned(base[:, :, 1:, 1:9], 8)  # rows start off 16 bytes
+    assert not _aligned(torch.zeros(2, 4, 8, 16, dtype=torch.bfloat16).transpose(2, 3)[:, :, :6], 8)  # d strided
+    assert not _aligned(torch.zeros(2, 4, 6, 8, dtype=torch.float32)[:, :, :, :4].contiguous()[:, :, :, 1:], 4)
+
+
+def _signature(kernel, pointers: dict[str, str], constants: dict) -> dict[str, str]:
     """Triton's signature of `kernel` as the launchers call it: named pointer types, the rest *i64 / i32 / constexpr."""
     return {
-        name: "constexpr" if name.isupper() else pointers.get(name, "*i64") if name.endswith("_ptr") else "i32"
+        name: "constexpr" if name in constants else pointers.get(name, "*i64") if name.endswith("_ptr") else "i32"
         for name in kernel.arg_names
     }
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice; these kernels do no math
-@pytest.mark.parametrize("bits, arch", [("i16", 90), ("i32", 80)])
-def test_kernels_compile_for_nvidia_gpus(bits, arch):
-    """Both kernels lower to PTX and a cubin for sm_90 / sm_80 (ptxas ships with triton; no GPU needed)."""
+@pytest.mark.parametrize("bits, arch, fast", [("i16", 90, True), ("i32", 80, False)])
+def test_kernels_compile_for_nvidia_gpus(bits, arch, fast):
+    """Both kernels lower to a cubin for sm_90 / sm_80 (ptxas ships with triton; no GPU needed), and on aligned
+    inputs (`fast`: what Triton's launcher specialises for contiguous 16-byte-aligned tensors, and ALIGNED for the
+    trim) every copy is a 128-bit load and store."""
     if INTERPRETED:
         pytest.skip("under the interpreter the kernels are not compiled")
     triton = pytest.importorskip("triton", reason="the dev extra installs triton")
@@ -324,31 +344,28 @@ def test_kernels_compile_for_nvidia_gpus(bits, arch):
     from vlm_prune.kernels import triton_gather
 
     target = GPUTarget("cuda", arch, 32)
-    element = {"i16": tl.int16, "i32": tl.int32}[bits]
-    full = bits == "i16"  # every side output; with i32, the hidden states alone
+    element, vector = {"i16": (tl.int16, 8), "i32": (tl.int32, 4)}[bits]
+    compact = triton_gather._compact_kernel
+    compact_constants = {"HAS_COLUMNS": fast, "HAS_MASK": fast, "ROPE_ROWS": 3 if fast else 0}
+    compact_constants |= {"BLOCK_T": 2, "BLOCK_D": 2048, "BLOCK_P": 64}
+    compact_attrs = {}
+    if fast:  # Triton specialises a stride of 1 to a constant and marks multiples of 16 (values and addresses)
+        compact_constants["s_hd"] = 1
+        divisible = ("hidden_ptr", "hidden_out_ptr", "dim", "s_hb", "s_hl")
+        compact_attrs = {(compact.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    trim_constants = {"ELEMENT": element, "TABLE_COLUMNS": 8, "BLOCK_S": 32, "BLOCK_D": 128}
+    trim_constants |= {"ALIGNED": fast, "VECTOR": vector}
     cases = [
-        (
-            triton_gather._compact_kernel,
-            {"hidden_ptr": f"*{bits}", "hidden_out_ptr": f"*{bits}", "mask_ptr": "*i8", "mask_out_ptr": "*i8"},
-            {
-                "HAS_COLUMNS": full,
-                "HAS_MASK": full,
-                "ROPE_ROWS": 3 if full else 0,
-                "BLOCK_T": 2,
-                "BLOCK_D": 2048,
-                "BLOCK_P": 64,
-            },
-        ),
-        (
-            triton_gather._trim_kernel,
-            {},
-            {"ELEMENT": element, "TABLE_COLUMNS": 8, "BLOCK_S": 32, "BLOCK_D": 128},
-        ),
+        (compact, {"hidden_ptr": f"*{bits}", "hidden_out_ptr": f"*{bits}", "mask_ptr": "*i8"}, compact_constants),
+        (triton_gather._trim_kernel, {}, trim_constants),
     ]
-    for kernel, pointers, constants in cases:
-        source = ASTSource(fn=kernel, signature=_signature(kernel, pointers), constexprs=constants)
-        compiled = triton.compile(source, target=target)
-        assert "ld.global" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0
+    for (kernel, pointers, constants), attrs in zip(cases, (compact_attrs, {})):
+        signature = _signature(kernel, pointers, constants)
+        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target)
+        ptx = compiled.asm["ptx"]
+        assert len(compiled.asm["cubin"]) > 0 and "ld.global" in ptx
+        vectorised = "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+        assert vectorised == fast, kernel.fn.__name__
 
 
 def test_triton_kernels_bit_equal_under_the_interpreter():

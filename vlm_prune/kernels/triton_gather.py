@@ -95,8 +95,14 @@ def _compact_kernel(
 def _trim_kernel(
     table_ptr, index_ptr, new_length, max_heads, fill, s_ib, s_is,
     ELEMENT: tl.constexpr, TABLE_COLUMNS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGNED: tl.constexpr, VECTOR: tl.constexpr,
 ):  # fmt: skip
-    """Grid (slot blocks, B * max_heads, tensors). Table row: source, destination, H, d, 4 source strides."""
+    """Grid (slot blocks, B * max_heads, tensors). Table row: source, destination, H, d, 4 source strides.
+
+    The addresses come from a table, so the compiler cannot know their alignment: ALIGNED (checked by the
+    launcher for every tensor) tells it that rows start on 16 bytes, features are contiguous and head dims are
+    whole 16-byte vectors of VECTOR elements, which turns the copies into 128-bit loads and stores.
+    """
     entry = table_ptr + tl.program_id(2).to(tl.int64) * TABLE_COLUMNS
     batch_head = tl.program_id(1).to(tl.int64)
     row = batch_head // max_heads
@@ -107,6 +113,12 @@ def _trim_kernel(
     stride_slot = tl.load(entry + 6)
     stride_feature = tl.load(entry + 7)
     target_base = tl.load(entry + 1).to(tl.pointer_type(ELEMENT)) + ((row * heads + head) * new_length) * head_dim
+    if ALIGNED:
+        source_base = tl.multiple_of(source_base, 16)
+        target_base = tl.multiple_of(target_base, 16)
+        stride_slot = tl.multiple_of(stride_slot, VECTOR)
+        head_dim = tl.multiple_of(head_dim, VECTOR)
+        stride_feature = 1
     slot = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = slot < tl.where(head < heads, new_length, 0)  # heads past this tensor's H (mixed H) write nothing
     source = tl.load(index_ptr + row * s_ib + slot * s_is, mask=in_range, other=-1)
@@ -123,6 +135,17 @@ def _trim_kernel(
         tl.store(
             target_base + slot[:, None] * head_dim + feature[None, :], values, mask=in_range[:, None] & inside[None, :]
         )
+
+
+def _aligned(tensor: torch.Tensor, vector: int) -> bool:
+    """Whether every (row, head, slot) of a (B, H, S, d) tensor starts on 16 bytes and holds whole vectors."""
+    *outer, feature = tensor.stride()
+    return (
+        tensor.data_ptr() % 16 == 0
+        and feature == 1
+        and tensor.shape[3] % vector == 0
+        and all(stride % vector == 0 for stride, size in zip(outer, tensor.shape[:3]) if size > 1)
+    )
 
 
 def _blocks(length: int, width: int) -> tuple[int, int]:
@@ -203,10 +226,12 @@ def trim_triton(tensors: list[torch.Tensor], index: torch.Tensor, fill: float | 
         max_heads = max(tensors[i].shape[1] for i in positions)
         block_s, block_d = _blocks(new_length, max(tensors[i].shape[3] for i in positions))
         grid = (triton.cdiv(new_length, block_s), batch * max_heads, len(positions))
+        vector = 16 // tensors[positions[0]].element_size()
+        aligned = all(_aligned(tensors[i], vector) and _aligned(outputs[i], vector) for i in positions)
         if batch * max_heads and new_length:
             _trim_kernel[grid](
                 table, index, new_length, max_heads, _fill_bits(dtype, fill), *index.stride(),
                 ELEMENT=_TL_BITS[tensors[positions[0]].element_size()], TABLE_COLUMNS=table.shape[1],
-                BLOCK_S=block_s, BLOCK_D=block_d,
+                BLOCK_S=block_s, BLOCK_D=block_d, ALIGNED=aligned, VECTOR=vector,
             )  # fmt: skip
     return outputs
