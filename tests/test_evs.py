@@ -251,3 +251,23 @@ def test_frames_that_disagree_with_the_grid_are_refused(qwen):
         qwen(**inputs)
     with vlm_prune.pruned(qwen, "evs", keep=0.5), pytest.raises(vlm_prune.errors.InputError, match="grid"):
         qwen.generate(**inputs, max_new_tokens=2)  # generate() encodes the video before the forward
+
+
+def test_embedded_video_model_keeps_the_vllm_set():
+    """On the embedded video model and real clips (a batch of 3, left padded): the engine keeps exactly the
+    tokens vLLM's rule keeps on the model's own video embeddings."""
+    from vlm_prune.demo import demo_model
+    from vlm_prune.tasks.video import eval_samples, video_inputs
+
+    model, processor = demo_model("qwen2_vl_video")
+    inputs = video_inputs(processor, eval_samples(3, seed=5))
+    cap = capture(model, inputs)
+    video_id = model.config.video_token_id
+    with vlm_prune.pruned(model, "evs", rate=0.6) as handle:
+        model(**inputs)
+    for row, grid in enumerate(inputs["video_grid_thw"].tolist()):
+        cols = (inputs["input_ids"][row] == video_id).nonzero(as_tuple=True)[0]
+        expected = vllm_reference_mask(cap.inputs_embeds[row, cols], tuple(grid), 2, 0.6)
+        kept = torch.isin(cols, handle.last_kept_index[row])
+        assert torch.equal(kept, expected)
+        assert int(kept.sum()) == retained_count(grid, 0.6, spatial_merge_size=2)
