@@ -199,6 +199,17 @@ def test_trim_reference_against_a_hand_loop():
             assert torch.equal(trimmed[row, :, slot], expected)
 
 
+def test_reference_reads_nothing_back_off_the_cpu():
+    """On meta tensors any host read (`bool`, `item`) raises: the reference path must need none off the CPU."""
+    hidden = torch.empty(3, 6, 4, device="meta")
+    index = torch.empty(3, 4, dtype=torch.long, device="meta")
+    columns = torch.empty(3, 6, dtype=torch.long, device="meta")
+    out = compact_sequence(hidden, index, columns=columns, mask=torch.empty(3, 8, device="meta"), rope=columns)
+    assert out.hidden.shape == (3, 4, 4) and out.mask.shape == (3, 6) and out.rope.shape == (3, 4)
+    (trimmed,) = trim_layers([torch.empty(3, 2, 6, 5, device="meta")], index)
+    assert trimmed.shape == (3, 2, 4, 5)
+
+
 # ---------------------------------------------------------------- Triton, interpreted (child pytest only)
 
 
