@@ -28,6 +28,7 @@ Determinism
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,6 +80,15 @@ def cell_image(cell: Cell) -> Image.Image:
     return Image.fromarray(_pixels(cell.path))
 
 
+@functools.lru_cache(maxsize=8)
+def _cells_by_value(split: str, attribute: str) -> dict[str, list[Cell]]:
+    values = COLORS if attribute == "color" else SHAPES
+    by_value: dict[str, list[Cell]] = {value: [] for value in values}
+    for cell in load_cells(split):
+        by_value[getattr(cell, attribute)].append(cell)
+    return by_value
+
+
 def make_episodes(
     split: str,
     n: int,
@@ -97,9 +107,7 @@ def make_episodes(
         raise DataError(f"ways={ways}: it must be in 1..{min(len(values), len(words))} for {attribute} and the words")
     if shots < 0:
         raise DataError(f"shots={shots}: it must be >= 0")
-    by_value: dict[str, list[Cell]] = {value: [] for value in values}
-    for cell in load_cells(split):
-        by_value[getattr(cell, attribute)].append(cell)
+    by_value = _cells_by_value(split, attribute)
     usable = [value for value in values if len(by_value[value]) > shots + 1]
     rng = random.Random(f"icl/{split}/{seed}/{shots}/{ways}/{attribute}/{','.join(words)}")
     episodes = []
