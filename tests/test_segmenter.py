@@ -334,3 +334,34 @@ def test_segmentation_samples_masks_and_prompts():
             assert target.color == anchor_cell.color and target is not anchor_cell
     train = make_samples("train", 4, grid=2)
     assert all(c.split == "train" for s in train for c in s.cells)
+
+
+def test_bench_segmentation_on_a_saved_segmenter(tmp_path):
+    """bench --task segmentation: gIoU is the mean per-sample IoU of the teacher-forced masks, cIoU pooled."""
+    pytest.importorskip("easy_vqa")
+    from vlm_prune.bench import run_bench
+    from vlm_prune.demo import demo_model
+    from vlm_prune.models.segmenter import add_seg_token
+    from vlm_prune.tasks.segmentation import make_samples, sam_pixel_values, teacher_forced_inputs
+
+    vlm, processor = demo_model("llava")
+    seg_id = add_seg_token(vlm, processor)
+    segmenter = Segmenter(vlm, tiny_sam(), SegmenterConfig(seg_token_id=seg_id))
+    segmenter.save_pretrained(tmp_path / "seg", processor=processor)
+    result = run_bench(str(tmp_path / "seg"), task="segmentation", methods=["random", "lvlm_csp"], keeps=[1.0, 0.25],
+                       n_samples=4, repeats=1, warmup=0, decode_tokens=1, progress=False)  # fmt: skip
+    reference = result["reference"]
+    loaded = Segmenter.from_pretrained(tmp_path / "seg")
+    samples = make_samples("test", 4, seed=0)
+    inputs = dict(teacher_forced_inputs(loaded.vlm, processor, samples))
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    with torch.no_grad():
+        masks = loaded.predict_masks(ids, sam_pixel_values([s.image for s in samples], 64), attention_mask=mask,
+                                     output_size=(128, 128), **inputs)  # fmt: skip
+    expected = giou_ciou([m[0] for m in masks], [s.mask for s in samples])
+    assert reference["accuracy"] == pytest.approx(expected["giou"])
+    assert reference["ciou"] == pytest.approx(expected["ciou"])
+    rows = {(r["method"], r["keep"]): r for r in result["results"]}
+    csp = rows[("lvlm_csp", 0.25)]
+    assert csp["stages"][1]["tokens_out"] == csp["visual_tokens_in"] and "relative_ciou" in csp
+    assert not result["skipped"], result["skipped"]

@@ -171,12 +171,16 @@ def _evaluate(
     from .demo import normalize_answer
 
     preds: list[str] = []
+    scored: list[dict] = []  # tasks scored per sample instead of by exact-match answers (segmentation: IoU)
     tokens_in = tokens_out = 0
     equivalent = 0.0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        answers = task.answers(model, processor, chunk, max_new_tokens)
-        preds.extend(normalize_answer(a) for a in answers)
+        if task.score_samples is not None:
+            scored.extend(task.score_samples(model, processor, chunk))
+        else:
+            answers = task.answers(model, processor, chunk, max_new_tokens)
+            preds.extend(normalize_answer(a) for a in answers)
         if handle is not None:
             st = handle.stats
             tokens_in += st.visual_tokens_in
@@ -187,7 +191,10 @@ def _evaluate(
     n = len(samples)
 
     def score(idx: list[int]) -> dict[str, Any]:
-        correct = sum(preds[j] == normalize_answer(samples[j].answer) for j in idx)
+        if scored:
+            correct = sum(scored[j]["score"] for j in idx)
+        else:
+            correct = sum(preds[j] == normalize_answer(samples[j].answer) for j in idx)
         return {"accuracy": correct / len(idx) if idx else None, "n": len(idx), "correct": correct}
 
     idx = list(range(n))
@@ -197,7 +204,8 @@ def _evaluate(
         **score(idx),
         "cell_accuracy": score([j for j in idx if focus is None or samples[j].qtype in focus])["accuracy"],
         "per_qtype": per,
-        "predictions": preds,
+        "predictions": preds or [round(s["score"], 4) for s in scored],
+        "pooled": task.pooled(scored) if scored and task.pooled is not None else {},
     }
     if handle is not None and n:
         out["visual_tokens_in"] = tokens_in / n
@@ -343,7 +351,8 @@ def _run_bench(
 
     # ---- model and data
     if model is None:
-        model, processor, model_info = load_bench_model(model_spec, dtype=torch_dtype, device=device)
+        load = bench_task.load_model or load_bench_model
+        model, processor, model_info = load(model_spec, dtype=torch_dtype, device=device)
     else:
         if processor is None:
             raise BenchError("pass the processor together with the model")
@@ -457,6 +466,8 @@ def _run_bench(
     for row in results:
         row["relative_accuracy"] = _rel(row["accuracy"], ref.get("accuracy"))
         row["relative_cell_accuracy"] = _rel(row["cell_accuracy"], ref.get("cell_accuracy"))
+        for key in row["pooled"]:  # a task's pooled metrics (segmentation: cIoU)
+            row[f"relative_{key}"] = _rel(row["pooled"][key], ref.get("pooled", {}).get(key))
         for q, d in row["per_qtype"].items():
             d["relative_accuracy"] = _rel(d["accuracy"], ref.get("per_qtype", {}).get(q, {}).get("accuracy"))
         lat = row["latency"]
@@ -529,6 +540,8 @@ def _row(ev: dict, probe: dict, fixed, shape, visual_per_image: int, num_layers:
         "n": ev["n"],
         "correct": ev["correct"],
         "per_qtype": ev["per_qtype"],
+        "pooled": ev["pooled"],
+        **ev["pooled"],
         "visual_tokens_in": tokens_in,
         "visual_tokens_kept": tokens_kept,
         "keep_ratio": tokens_kept / tokens_in if tokens_in else None,

@@ -28,6 +28,11 @@ class BenchTask:
     default_keeps / quick_keeps: the budgets run by default (1.0 = the unpruned reference).
     own_budget: methods also run once with keep=None (their own data-dependent count, e.g. PruneVid).
     quick_samples: samples per run under `quick` (None: the bench's QUICK default), sized to stay < 3 minutes.
+    score_samples: for a task scored otherwise than by exact-match answers (segmentation), (model, processor,
+        samples) -> per sample {"score": in [0, 1], ...}; "accuracy" is then the mean score (segmentation: gIoU).
+    pooled: (scored samples) -> metrics pooled over the set, reported with relative values (segmentation: cIoU).
+    load_model: (spec, dtype, device) -> (model, processor, info) when the task needs more than a VLM.
+    metric_name: what "accuracy" means for this task in reports.
     """
 
     name: str
@@ -44,6 +49,10 @@ class BenchTask:
     default_methods: tuple[str, ...] | None = None
     own_budget: tuple[str, ...] = field(default_factory=tuple)
     quick_samples: int | None = None
+    score_samples: Callable[[Any, Any, Sequence[Any]], list[dict]] | None = None
+    pooled: Callable[[Sequence[dict]], dict[str, float]] | None = None
+    load_model: Callable[..., tuple] | None = None
+    metric_name: str = "accuracy"
 
 
 # --------------------------------------------------------------------------------------------------- mosaic
@@ -105,6 +114,37 @@ def _icl_answers(model, processor, samples, max_new_tokens: int) -> list[str]:
     return generate_answers(model, processor, samples, max_new_tokens)
 
 
+# ------------------------------------------------------------------------------------------------ segmentation
+def _segmentation_samples(n: int, seed: int) -> list:
+    from vlm_prune.tasks.segmentation import make_samples
+
+    return make_samples("test", n, seed=seed)
+
+
+def _segmentation_prepare(model, processor, samples):
+    from vlm_prune.tasks.segmentation import teacher_forced_inputs
+
+    return teacher_forced_inputs(model, processor, samples)
+
+
+def _segmentation_scores(model, processor, samples) -> list[dict]:
+    from vlm_prune.tasks.segmentation import score_samples
+
+    return score_samples(model, processor, samples)
+
+
+def _segmentation_pooled(scored) -> dict[str, float]:
+    from vlm_prune.tasks.segmentation import pooled_scores
+
+    return pooled_scores(scored)
+
+
+def _segmentation_load(spec: str, dtype=None, device: str = "cpu"):
+    from vlm_prune.tasks.segmentation import load_bench_segmenter
+
+    return load_bench_segmenter(spec, dtype=dtype, device=device)
+
+
 TASKS: dict[str, BenchTask] = {
     "mosaic": BenchTask(
         name="mosaic",
@@ -147,6 +187,24 @@ TASKS: dict[str, BenchTask] = {
         default_keeps=(1.0, 0.333, 0.222, 0.111),  # R = 66.7 / 77.8 / 88.9 % removed
         quick_keeps=(1.0, 0.333, 0.222, 0.111),
         default_methods=("catp", "random", "pool", "divprune", "fastv", "zoo"),
+    ),
+    "segmentation": BenchTask(
+        name="segmentation",
+        description="2x2 mosaics of easy-VQA shapes (held-out test split) with referring and reasoning prompts "
+        "('segment the shape that has the same color as the triangle'); gIoU and cIoU of the teacher-forced mask",
+        media="image",
+        default_model="llava_seg",  # vlm_prune/demo_models/llava_seg when shipped; or --model DIR
+        samples=_segmentation_samples,
+        prepare=_segmentation_prepare,
+        answers=lambda model, processor, samples, max_new_tokens: [],
+        default_keeps=(1.0, 0.5, 0.35, 0.25, 0.1),
+        quick_keeps=(1.0, 0.35, 0.1),
+        default_methods=("random", "pool", "divprune", "fastv", "zoo", "lvlm_csp"),
+        quick_samples=16,
+        score_samples=_segmentation_scores,
+        pooled=_segmentation_pooled,
+        load_model=_segmentation_load,
+        metric_name="gIoU",
     ),
 }
 

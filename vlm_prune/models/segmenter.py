@@ -21,6 +21,7 @@ text, so it is always kept, and the engine's `last_kept_index` maps it.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ CONFIG_NAME = "segmenter_config.json"
 HEAD_WEIGHTS = "text_hidden_fcs.safetensors"
 SEG_TOKEN = "[SEG]"
 SEG_HIDDEN_OFFSETS = {"lisa": -1, "sa2va": 0}
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VLM -> the Segmenter built on it
 
 
 class SegTokenError(PruneError, ValueError):
@@ -81,6 +83,19 @@ def seg_token_id(tokenizer) -> int:
     return int(vocab[SEG_TOKEN])
 
 
+def add_seg_token(vlm: nn.Module, processor) -> int:
+    """Add `[SEG]` to the processor's tokenizer (if missing) and grow the VLM's embeddings to it; returns its id.
+
+    New embedding rows are the mean of the existing ones (transformers' resize default)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if SEG_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([SEG_TOKEN], special_tokens=True)
+    size = max(len(tokenizer), vlm.config.get_text_config().vocab_size)
+    if size > vlm.get_input_embeddings().weight.shape[0]:
+        vlm.resize_token_embeddings(size)
+    return seg_token_id(tokenizer)
+
+
 class Segmenter(nn.Module):
     """VLM + `[SEG]` + `text_hidden_fcs` + SAM. See the module docstring."""
 
@@ -99,6 +114,15 @@ class Segmenter(nn.Module):
         self.config = config
         self.text_hidden_fcs = text_hidden_fcs(text.hidden_size, sam.config.prompt_encoder_config.hidden_size)
         self.handle = None
+        _ATTACHED[vlm] = self
+
+    @staticmethod
+    def of(vlm: nn.Module) -> Segmenter:
+        """The Segmenter built on `vlm` (what a bench task finds from the pruned VLM alone)."""
+        segmenter = _ATTACHED.get(vlm)
+        if segmenter is None:
+            raise PruneError("this VLM is not part of a Segmenter; load one with Segmenter.from_pretrained(dir)")
+        return segmenter
 
     # ---------------------------------------------------------------- pruning
     def apply_pruning(self, method, keep=None, **options):
@@ -149,9 +173,10 @@ class Segmenter(nn.Module):
         )
         last = out.hidden_states[-1]
         kept = None
-        if self.handle is not None and not self.handle._removed and self.handle.last_kept_index is not None:
-            if self.handle.last_kept_index.shape[1] == last.shape[1]:
-                kept = self.handle.last_kept_index.to(last.device)
+        handle = _active_handle(self.vlm)
+        kept_index = None if handle is None else handle.last_kept_index
+        if kept_index is not None and kept_index.shape[1] == last.shape[1]:
+            kept = kept_index.to(last.device)  # this prefill's slots -> original columns
         seg_hidden = []
         for row, row_columns in enumerate(columns):
             slots = row_columns.to(last.device)
@@ -205,13 +230,16 @@ class Segmenter(nn.Module):
         return {"sequences": sequences, "masks": masks, "stats": stats}
 
     # ---------------------------------------------------------------- save / load
-    def save_pretrained(self, directory: str | Path) -> None:
-        """`vlm/` and `sam/` (each its own `save_pretrained`), the head's weights and `segmenter_config.json`."""
+    def save_pretrained(self, directory: str | Path, processor=None) -> None:
+        """`vlm/` and `sam/` (each its own `save_pretrained`; the VLM's `processor` beside it when given), the head's
+        weights and `segmenter_config.json`."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.vlm.save_pretrained(directory / "vlm")
+        if processor is not None:
+            processor.save_pretrained(directory / "vlm")
         self.sam.save_pretrained(directory / "sam")
         state = {key: value.detach().contiguous() for key, value in self.text_hidden_fcs.state_dict().items()}
         save_file(state, str(directory / HEAD_WEIGHTS))
@@ -231,6 +259,14 @@ class Segmenter(nn.Module):
         model = cls(vlm, sam, config)
         model.text_hidden_fcs.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
         return model.eval()
+
+
+def _active_handle(vlm: nn.Module):
+    """The PruneHandle applied to `vlm` (through `apply_pruning` or `vlm_prune.apply`), or None."""
+    from vlm_prune.api import _ACTIVE  # the registry apply() keeps of handles per model
+
+    handle = _ACTIVE.get(vlm)
+    return None if handle is None or handle._removed else handle
 
 
 def _follow_up_inputs(inputs: dict, sequences: torch.Tensor) -> dict:

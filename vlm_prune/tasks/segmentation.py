@@ -73,6 +73,15 @@ class SegSample:
     split: str
     answer: str = ANSWER
 
+    @property
+    def qtype(self) -> str:
+        """The prompt kind (what the bench groups by)."""
+        return self.kind
+
+    @property
+    def question(self) -> str:
+        return self.prompt
+
 
 def shape_mask(cell: Cell) -> np.ndarray:
     """(64, 64) bool: the pixels of the cell's shape (off its own background)."""
@@ -165,3 +174,85 @@ def task_words() -> list[str]:
     words |= {w for i in range(9) for w in position_name(i, 3).split()}
     words |= {w for i in range(4) for w in position_name(i, 2).split()}
     return sorted(words)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+SAM_MEAN, SAM_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SamImageProcessor's defaults (ImageNet)
+
+
+def sam_pixel_values(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """(B, 3, size, size): the images resized (bilinear) to SAM's square input and normalised as SAM's processor."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255 for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (x - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
+
+
+def teacher_forced_inputs(model, processor, samples: Sequence[SegSample]):
+    """The left-padded VLM inputs of the prompts with the answer "[SEG]." appended (LISA's evaluation)."""
+    from vlm_prune.demo import prepare_inputs
+    from vlm_prune.models.segmenter import Segmenter, SegTokenError
+
+    inputs = prepare_inputs(model, processor, [s.image for s in samples], [s.prompt for s in samples])
+    tokenizer = getattr(processor, "tokenizer", processor)
+    answer = tokenizer(ANSWER, add_special_tokens=False, return_tensors="pt").input_ids.to(inputs["input_ids"].device)
+    seg_id = Segmenter.of(model).config.seg_token_id
+    if not bool((answer == seg_id).any()):
+        raise SegTokenError(f"the tokenizer does not encode {ANSWER!r} with the [SEG] id {seg_id}; add [SEG] to it")
+    tail = answer.expand(inputs["input_ids"].shape[0], -1)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], tail], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tail)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tail)], dim=1)
+    return inputs
+
+
+def score_samples(model, processor, samples: Sequence[SegSample]) -> list[dict]:
+    """Per sample {"score": IoU, "intersection", "union"} of the teacher-forced mask of the Segmenter built on
+    `model` (`Segmenter.of`). A pruning LVLM_CSP without a query token is pointed at `[SEG]`."""
+    from vlm_prune.methods.lvlm_csp import LVLMCSP
+    from vlm_prune.models.segmenter import Segmenter, _active_handle
+
+    segmenter = Segmenter.of(model)
+    handle = _active_handle(model)
+    for method in [] if handle is None else handle.methods:
+        if isinstance(method, LVLMCSP) and method.query_token_id is None:
+            method.query_token_id = segmenter.config.seg_token_id
+    inputs = dict(teacher_forced_inputs(model, processor, samples))
+    input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    size = segmenter.sam.config.vision_config.image_size
+    sam = sam_pixel_values([s.image for s in samples], size).to(input_ids.device)
+    masks = segmenter.predict_masks(
+        input_ids, sam, attention_mask=attention_mask, output_size=tuple(samples[0].mask.shape), **inputs
+    )
+    out = []
+    for predicted, sample in zip(masks, samples):
+        intersection, union = intersection_union(predicted[0].cpu(), sample.mask)
+        out.append({"score": 1.0 if union == 0 else intersection / union, "intersection": intersection, "union": union})
+    return out
+
+
+def pooled_scores(scored: Sequence[dict]) -> dict[str, float]:
+    """{"ciou": sum I / sum U} over the scored samples (their mean "score" is the gIoU)."""
+    union = sum(s["union"] for s in scored)
+    return {"ciou": 1.0 if union == 0 else sum(s["intersection"] for s in scored) / union}
+
+
+def load_bench_segmenter(spec: str, dtype=torch.float32, device: str = "cpu"):
+    """(the segmenter's VLM, its processor, info) for `bench --task segmentation --model DIR` (a saved Segmenter
+    whose `vlm/` folder holds the processor too)."""
+    from pathlib import Path
+
+    from vlm_prune.demo import load_processor
+    from vlm_prune.models.segmenter import Segmenter
+
+    path = Path(spec).expanduser()
+    embedded = Path(__file__).resolve().parent.parent / "demo_models" / spec
+    if not (path / "segmenter_config.json").exists() and (embedded / "segmenter_config.json").exists():
+        path = embedded  # an embedded demo segmenter by name
+    if not (path / "segmenter_config.json").exists():
+        raise DataError(
+            f"{spec!r} is not a saved Segmenter (no segmenter_config.json); the segmentation task needs one: "
+            "Segmenter.save_pretrained(dir, processor=...) or benchmarks/train_segmenter.py"
+        )
+    segmenter = Segmenter.from_pretrained(path, dtype=dtype).to(device).eval()
+    return segmenter.vlm, load_processor(path / "vlm"), {"spec": str(spec), "source": "segmenter"}
