@@ -266,6 +266,13 @@ def test_relevance_samplers_pick_from_scored_candidates(demo_qwen, sampler):
     assert result.stats.seconds["frame_selection"] > 0
 
 
+def test_unsupported_family_is_refused_with_what_to_do(demo_qwen):
+    from vlm_prune.toy_models import build_tiny
+
+    with pytest.raises(Exception, match="VideoQA builds video inputs for"):
+        VideoQA(build_tiny("llava_onevision"), demo_qwen[1])
+
+
 def test_memory_cap_is_checked_before_decoding(demo_qwen, monkeypatch):
     model, proc = demo_qwen
 

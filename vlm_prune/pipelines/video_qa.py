@@ -176,8 +176,8 @@ def _resize_short(frames: np.ndarray, side: int) -> np.ndarray:
 class VideoQA:
     """Answer questions about videos with a (pruned) Qwen-family VLM.
 
-    model / processor: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model and its processor (other families when the
-        processor's video processor loads, which needs torchvision).
+    model / processor: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model and its processor (with torchvision installed
+        the processor's own video processor builds the inputs; without it, `qwen_inputs.numpy_inputs`).
     method / keep / method_options: passed to `vlm_prune.pruned`; method "none" (or None) answers unpruned.
     num_frames: frames given to the model. sampler: "uniform", "clip_topk", "bolt" or "aks" (the last three need
         `scorer`). score_fps: frames per second scored for relevance. sampler_options: e.g. {"alpha": 3.0}.
@@ -217,6 +217,11 @@ class VideoQA:
         self.score_fps, self.sampler_options = float(score_fps), dict(sampler_options or {})
         self.max_vision_patches, self.backend, self.max_new_tokens = int(max_vision_patches), backend, max_new_tokens
         self.family = Q.family_of(model)
+        if self.family not in Q.QWEN_VIDEO_FAMILIES:
+            raise InputError(
+                f"VideoQA builds video inputs for {Q.QWEN_VIDEO_FAMILIES}; {self.family} is not one of them yet "
+                "(prune its video with vlm_prune.apply on inputs from its own processor instead)"
+            )
         self.settings = Q.settings_for(processor, model, min_pixels, max_pixels)
 
     # ------------------------------------------------------------------ sizes and budgets
