@@ -112,13 +112,14 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)
 
     index = ragged_keep(generator, args.batch, args.length, args.visual, args.keep).to(device)
-    hidden = torch.randn(args.batch, args.length, args.dim, generator=generator).to(device, dtype)
+    on_device = torch.Generator(device=device).manual_seed(1)  # gigabytes of caches: draw them where they live
+    hidden = torch.randn(args.batch, args.length, args.dim, generator=on_device, device=device, dtype=dtype)
     past = 64
     columns = torch.arange(args.length).expand(args.batch, -1).contiguous().to(device)
     mask = torch.ones(args.batch, past + args.length, dtype=torch.long, device=device)
     rope = torch.arange(args.length).view(1, 1, -1).expand(3, args.batch, -1).contiguous().to(device)
     shape = (args.batch, args.kv_heads, args.length, args.head_dim)
-    caches = [torch.randn(shape, generator=generator).to(device, dtype) for _ in range(2 * args.layers)]
+    caches = [torch.randn(shape, generator=on_device, device=device, dtype=dtype) for _ in range(2 * args.layers)]
 
     def compact(backend: str):
         return compact_sequence(hidden, index, columns=columns, mask=mask, rope=rope, backend=backend)
