@@ -70,13 +70,17 @@ def test_seg_hidden_equals_unwrapped_model_and_keep_all_pruning(family, offset):
         segmenter.apply_pruning("random", keep=0.5)
         pruned = segmenter(ids, sam_pixels, attention_mask=mask, **media)
         kept = segmenter.handle.last_kept_index
+        vlm_out = segmenter.vlm(input_ids=ids, attention_mask=mask, output_hidden_states=True, **media)
+        pruned_hidden = vlm_out.hidden_states[-1]
         segmenter.remove_pruning()
     seg_column = ids.shape[1] - 2
     for row in range(2):
         expected = hidden[row, seg_column + offset]
         torch.testing.assert_close(plain.seg_hidden[row][0], expected)
         torch.testing.assert_close(kept_all.seg_hidden[row][0], expected, rtol=1e-5, atol=1e-5)
-        assert int(kept[row, -2 - (offset == -1)]) == seg_column + offset  # text after the image stays in place
+        slot = -2 - (offset == -1)  # text after the image stays at the end of each row
+        assert int(kept[row, slot]) == seg_column + offset
+        torch.testing.assert_close(pruned.seg_hidden[row][0], pruned_hidden[row, slot])
     assert pruned.mask_logits[0].shape == (1, 64, 64)
 
 
