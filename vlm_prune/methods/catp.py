@@ -87,7 +87,7 @@ def plain_greedy(similarity: torch.Tensor, bonus: torch.Tensor, k: int) -> list[
     return chosen
 
 
-def lazy_greedy(similarity: torch.Tensor, bonus: torch.Tensor, k: int, refresh: int = 32) -> list[int]:
+def lazy_greedy(similarity: torch.Tensor, bonus: torch.Tensor, k: int, refresh: int = 4) -> list[int]:
     """The same choice as `plain_greedy`, by lazy evaluation (Minoux's accelerated greedy).
 
     Gains only shrink as Y grows (the objective is submodular), so a stale gain is an upper bound. Candidates sit in
