@@ -77,6 +77,29 @@ def batch_loss(segmenter, processor, samples):
 
 
 @torch.no_grad()
+def cache_seg_hidden(segmenter, processor, samples, batch: int = 16) -> torch.Tensor:
+    """(N, D) the frozen VLM's hidden states at the [SEG] reading position of each teacher-forced sample."""
+    from vlm_prune.tasks.segmentation import teacher_forced_inputs
+
+    out = []
+    for i in range(0, len(samples), batch):
+        inputs = dict(teacher_forced_inputs(segmenter.vlm, processor, samples[i : i + batch]))
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        hidden = segmenter.vlm(input_ids=ids, attention_mask=mask, output_hidden_states=True, **inputs)
+        columns = segmenter.seg_positions(ids, mask)
+        out += [hidden.hidden_states[-1][row, c[0]] for row, c in enumerate(columns)]
+    return torch.stack(out)
+
+
+def frozen_batch_loss(segmenter, hidden, pixels, targets):
+    """LISA's mask loss for cached [SEG] hidden states (the VLM frozen)."""
+    prompts = [e[None] for e in segmenter.text_hidden_fcs(hidden)]
+    logits = torch.stack([m[0] for m in segmenter.decode_masks(pixels, prompts, output_size=(64, 64))])
+    loss = 2.0 * F.binary_cross_entropy_with_logits(logits, targets) + 0.5 * dice_loss(logits, targets)
+    return loss, float(loss.detach()), 0.0
+
+
+@torch.no_grad()
 def evaluate(segmenter, processor, samples, batch: int = 16) -> dict:
     from vlm_prune.tasks.segmentation import giou_ciou, sam_pixel_values, teacher_forced_inputs
 
@@ -108,6 +131,7 @@ def main() -> None:
     parser.add_argument("--lm-lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--freeze-vlm", action="store_true", help="train SAM + text_hidden_fcs on cached hidden states")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -129,11 +153,26 @@ def main() -> None:
         step, log, best = state["step"], state["log"], state["best"]
     train = make_samples("train", args.train_samples, seed=args.seed)
     held_out = make_samples("test", args.eval_samples, seed=1234)
+    if args.freeze_vlm:
+        from vlm_prune.tasks.segmentation import sam_pixel_values
+
+        segmenter.vlm.requires_grad_(False)
+        segmenter.vlm.eval()
+        cached = cache_seg_hidden(segmenter, processor, train)
+        pixels = sam_pixel_values([s.image for s in train], SAM_FIELDS["vision_config"]["image_size"])
+        masks = torch.stack([s.mask for s in train]).float()[:, None]
+        targets = F.interpolate(masks, size=(64, 64), mode="area")[:, 0]
+        print(f"cached {len(train)} hidden states in {time.time() - started:.0f}s", flush=True)
     rng = random.Random(f"train_segmenter/{args.seed}/{step}")
     segmenter.train()
+    if args.freeze_vlm:
+        segmenter.vlm.eval()
     while time.time() - started < args.minutes * 60:
-        batch = rng.sample(train, args.batch)
-        loss, mask_loss, ce = batch_loss(segmenter, processor, batch)
+        if args.freeze_vlm:
+            index = torch.tensor(rng.sample(range(len(train)), args.batch))
+            loss, mask_loss, ce = frozen_batch_loss(segmenter, cached[index], pixels[index], targets[index])
+        else:
+            loss, mask_loss, ce = batch_loss(segmenter, processor, rng.sample(train, args.batch))
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm + head, 1.0)

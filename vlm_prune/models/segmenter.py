@@ -192,7 +192,7 @@ class Segmenter(nn.Module):
     ) -> list[torch.Tensor]:
         """SAM's mask decoder with each row's (S, P) prompts as sparse embeddings -> per row (S, H, W) logits."""
         sam = self.sam
-        image_embeddings = sam.get_image_embeddings(sam_pixel_values)
+        image_embeddings = sam.vision_encoder(sam_pixel_values).last_hidden_state  # (get_image_embeddings is no_grad)
         positional = sam.get_image_wide_positional_embeddings()
         size = output_size or (sam.config.vision_config.image_size,) * 2
         grid = sam.config.prompt_encoder_config.image_embedding_size
