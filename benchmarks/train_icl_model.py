@@ -6,7 +6,9 @@
 The task is `vlm_prune.tasks.icl` (easy-VQA train images only; words `NONCE_WORDS`, bound at random per episode):
 the model must read the binding from the demonstrations, so 0-shot accuracy stays at chance while 4-shot accuracy
 measures in-context learning. Images are 64 px (easy-VQA's own size), patch 16: 16 visual tokens per image, so a
-4-shot prompt holds 80 visual tokens. The loss covers the answer word and the end token only.
+4-shot prompt holds 80 visual tokens. The loss covers the answer word and the end token only. Each batch also
+holds `--perception` single-image questions "name the color" -> the colour word (auxiliary supervision of
+perception; a wording the episodes never use, and colour words are never an episode's answer).
 
 Writes the model and processor to `vlm_prune/demo_models/llava_icl/` (fp16) and the report to
 `benchmarks/results/demo_icl_model.json`. Checkpoints (model, optimiser, step, history) go to --work.
@@ -21,6 +23,7 @@ is unverified.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -33,11 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlm_prune.tasks.icl import NONCE_WORDS, QUESTIONS, cell_image, episode_inputs, evaluate, make_episodes  # noqa: E402
+from vlm_prune.data.mosaic import COLORS, SHAPES  # noqa: E402
+from vlm_prune.tasks.icl import NONCE_WORDS, QUESTIONS, cell_image, evaluate, make_episodes  # noqa: E402
 
 IMAGE_PX, PATCH = 64, 16
 TOKENS_PER_IMAGE = (IMAGE_PX // PATCH) ** 2
 LAYERS = 8
+#: the auxiliary single-image question (a different wording from the episodes' query, so the two never mix)
+PERCEPTION_QUESTION = "name the color"
 OUT = ROOT / "vlm_prune" / "demo_models" / "llava_icl"
 RESULTS = ROOT / "benchmarks" / "results"
 CHAT = (
@@ -56,7 +62,7 @@ def build_processor():
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-    corpus = ["USER: ASSISTANT:", *QUESTIONS.values(), " ".join(NONCE_WORDS)]
+    corpus = ["USER: ASSISTANT:", *QUESTIONS.values(), PERCEPTION_QUESTION, " ".join(NONCE_WORDS), *COLORS, *SHAPES]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
@@ -106,22 +112,50 @@ def build_model(tokenizer):
     return model
 
 
-def training_batch(processor, rng: random.Random, batch_size: int, step: int):
-    """A batch of train episodes (1-4 shots) with labels on the answer word and the end token."""
+@functools.lru_cache(maxsize=2)
+def cell_pixels(processor, split: str) -> dict[int, torch.Tensor]:
+    """image id -> (3, 64, 64) processed pixels of every cell of `split` (computed once)."""
+    from vlm_prune.data.mosaic import load_cells
+
+    cells = load_cells(split)
+    pixels = processor.image_processor([cell_image(c) for c in cells], return_tensors="pt")["pixel_values"]
+    return {cell.image_id: row for cell, row in zip(cells, pixels)}
+
+
+def training_batch(processor, rng: random.Random, batch_size: int, step: int, perception: int = 0):
+    """A batch of train episodes (1-4 shots) with labels on the answer word and the end token; the first
+    `perception` rows are single-image colour questions instead (auxiliary supervision of perception).
+
+    Builds exactly what `episode_inputs` builds (the prompt through the chat template, each <image> expanded to the
+    image's tokens, left padding), with the cells' pixels processed once instead of per batch.
+    """
+    from vlm_prune.engine.segments import interleaved_prompt
+
     episodes = []
     for index in range(batch_size):
         shots = rng.choice((1, 2, 3, 4, 4, 4))
-        seed = step * batch_size + index
-        episodes += make_episodes("train", 1, seed=seed, shots=shots, words=NONCE_WORDS)
-    inputs = episode_inputs(processor, episodes)
+        episodes += make_episodes("train", 1, seed=step * batch_size + index, shots=shots, words=NONCE_WORDS)
+    table = cell_pixels(processor, "train")
     tokenizer = processor.tokenizer
-    answers = tokenizer([f" {e.answer}" for e in episodes], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    ids = torch.cat([inputs["input_ids"], torch.tensor([[a[0], eos] for a in answers])], dim=1)
-    mask = torch.cat([inputs["attention_mask"], torch.ones(len(episodes), 2, dtype=torch.long)], dim=1)
+    prompts, pixels = [], []
+    for index, episode in enumerate(episodes):
+        if index < perception:  # auxiliary: one image, its colour name (teaches perception; no binding)
+            prompt, _ = interleaved_prompt(processor, [], (0, PERCEPTION_QUESTION))
+            answer = episode.query.color
+            pixels.append(table[episode.query.image_id])
+        else:
+            demos = [(0, word) for _, word in episode.demonstrations]  # placeholders: pixels come from the table
+            prompt, _ = interleaved_prompt(processor, demos, (0, episode.question))
+            answer = episode.answer
+            pixels += [table[cell.image_id] for cell, _ in episode.demonstrations] + [table[episode.query.image_id]]
+        prompts.append(prompt.replace("<image>", "<image>" * TOKENS_PER_IMAGE) + f" {answer}</s>")
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids = encoded["input_ids"]
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs["pixel_values"], "labels": labels}
+    return {"input_ids": ids, "attention_mask": encoded["attention_mask"], "pixel_values": torch.stack(pixels),
+            "labels": labels}  # fmt: skip
 
 
 def lr_at(step: int, total: int, base: float, warm: int = 100) -> float:
@@ -137,6 +171,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--perception", type=int, default=8, help="rows per batch of single-image colour questions")
     parser.add_argument("--work", default="/tmp/icl_train", help="checkpoint folder (resumable)")
     parser.add_argument("--evaluate-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -162,7 +197,7 @@ def main(argv=None) -> int:
         step = state["step"]
         for group in optimiser.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
-        batch = training_batch(processor, rng, args.batch_size, step)
+        batch = training_batch(processor, rng, args.batch_size, step, perception=args.perception)
         loss = model(**batch).loss
         optimiser.zero_grad()
         loss.backward()
