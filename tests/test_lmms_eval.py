@@ -1,0 +1,65 @@
+"""The lmms-eval plugin, end to end offline through `lmms_eval.evaluator.simple_evaluate` (the CLI exits 0 even
+when evaluation fails): registration by entry point, model_args as lmms-eval casts them, the local video task,
+pruned and unpruned, with scores equal to VideoQA's answers scored as `vlm_prune.tasks.video.score` scores them
+(and VideoQA's inputs and answers equal the video task's own: tests/test_video_qa.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval")
+pytest.importorskip("easy_vqa")
+
+import vlm_prune  # noqa: E402
+from vlm_prune.integrations import lmms_eval as plugin  # noqa: E402
+from vlm_prune.pipelines import Frames, VideoQA  # noqa: E402
+from vlm_prune.tasks import video as V  # noqa: E402
+
+torch.set_num_threads(1)
+TASKS = Path(plugin.__file__).parent / "lmms_tasks"
+LIMIT = 5
+
+
+def _evaluate(model_args: str) -> tuple[dict, list[str]]:
+    """(the task's results, the answers per doc in doc order)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(TASKS), include_defaults=False)
+    out = simple_evaluate(model="vlm_prune", model_args=model_args, tasks=["vlm_prune_video"], task_manager=tm,
+                          limit=LIMIT, batch_size="1", log_samples=True)  # fmt: skip
+    samples = sorted(out["samples"]["vlm_prune_video"], key=lambda x: x["doc_id"])
+    answers = [x["filtered_resps"][0] for x in samples]
+    return out["results"]["vlm_prune_video"], [a if isinstance(a, str) else a[0] for a in answers]
+
+
+def test_entry_point_registers_a_simple_model():
+    from lmms_eval import models
+
+    cls = models.get_model("vlm_prune")
+    assert cls is plugin.VlmPrune and cls.is_simple
+
+
+@pytest.mark.parametrize("method", ["none", "evs"])
+def test_video_task_scores_equal_videoqa_answers(method):
+    got, got_answers = _evaluate(f"base=qwen2_vl,pretrained=demo:qwen2_vl,method={method},keep=0.25,num_frames=8")
+    model, proc = vlm_prune.demo_model("qwen2_vl")
+    qa = VideoQA(model, proc, method=method, keep=0.25, num_frames=8, max_new_tokens=4)
+    samples = V.make_clips("test", 20, seed=0)[:LIMIT]
+    answers = [qa.answer(Frames(s.video, list(range(len(s.video))), fps=2.0), s.question).text for s in samples]
+    assert got_answers == answers
+    assert got["exact_match,none"] == pytest.approx(V.score(answers, samples)["accuracy"])
+
+
+def test_model_args_are_checked_and_clean_drops_the_model():
+    with pytest.raises(plugin.LmmsEvalError, match="is a 'qwen2_vl' model"):
+        plugin.VlmPrune(pretrained="demo:qwen2_vl", base="llava")
+    with pytest.raises(plugin.LmmsEvalError, match="unknown model_args"):
+        plugin.VlmPrune(pretrained="demo:qwen2_vl", rate=0.5)
+    lm = plugin.VlmPrune(pretrained="demo:qwen2_vl", batch_size="1", keep=0.5)
+    assert isinstance(lm._model, torch.nn.Module)
+    lm.clean()
+    assert not hasattr(lm, "_model")

@@ -1,0 +1,156 @@
+"""lmms-eval plugin: `--model vlm_prune` evaluates any supported model pruned (or not) with no fork of lmms-eval.
+
+    lmms-eval --model vlm_prune \\
+        --model_args base=qwen2_vl,pretrained=/path/to/model,method=evs,keep=0.25,num_frames=16 \\
+        --tasks vlm_prune_video --include_path vlm_prune/integrations/lmms_tasks
+
+Registration is the entry point group `lmms_eval.models` (pyproject: `vlm_prune = "vlm_prune.integrations.
+lmms_eval:manifest"`), which returns a `ModelManifest` pointing at `VlmPrune`, a simple (`is_simple = True`)
+`lmms_eval.api.model.lmms` model. lmms-eval swallows entry-point load errors, so `manifest()` imports nothing
+heavy and the class is imported only when the model is requested.
+
+model_args (lmms-eval casts them to bool / int / float / str; `batch_size` arrives as a string):
+    pretrained   a saved model folder, or "demo:<name>" for an embedded demo model (e.g. demo:qwen2_vl)
+    base         the family the checkpoint must be (e.g. qwen2_vl); a mismatch is an error, not a silent run
+    method       a vlm_prune method or composition; "none" answers unpruned through the same wrapper, so
+                 prompts are identical
+    keep         the budget (fraction or int count); num_frames, sampler: VideoQA's
+    max_new_tokens (default 16, overridden by the task's generation_kwargs), device, dtype
+
+Requests (`generate_until`): `(context, gen_kwargs, doc_to_visual, doc_id, task, split)`. A visual that is a video
+path, a `vlm_prune.pipelines.Frames` or (frames, indices, fps) goes through `VideoQA`; PIL images through the same
+prompt / inputs as `vlm-prune bench` (`vlm_prune.demo.prepare_inputs`), greedy. The evaluator calls `clean()` at
+the end, which deletes every nn.Module attribute: this class keeps the model only in `self._model`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import PruneError
+
+MODEL_ID = "vlm_prune"
+
+
+class LmmsEvalError(PruneError, ValueError):
+    """model_args or requests the plugin cannot serve."""
+
+
+def manifest():
+    """The `lmms_eval.models` entry point: vlm_prune's ModelManifest (simple model class)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.VlmPrune")
+
+
+def _load(pretrained: str, dtype: torch.dtype, device: str):
+    from .. import demo
+
+    if pretrained.startswith("demo:"):
+        return demo.demo_model(pretrained[len("demo:") :], dtype=dtype, device=device)
+    return demo.load_model(pretrained, dtype=dtype, device=device)
+
+
+def _is_video(visual: Any) -> bool:
+    from ..pipelines import Frames
+
+    if isinstance(visual, Frames) or isinstance(visual, tuple):
+        return True
+    return isinstance(visual, str) and visual.lower().endswith((".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"))
+
+
+try:
+    from lmms_eval.api.model import lmms as _LmmsBase
+except ImportError:  # the plugin class exists only where lmms-eval is installed
+    _LmmsBase = None
+
+if _LmmsBase is not None:
+
+    class VlmPrune(_LmmsBase):
+        """A vlm_prune-wrapped model as an lmms-eval simple model (see the module docstring for model_args)."""
+
+        is_simple = True
+
+        def __init__(
+            self,
+            pretrained: str,
+            base: str | None = None,
+            method: str = "none",
+            keep: float | int = 0.25,
+            num_frames: int = 16,
+            sampler: str = "uniform",
+            max_new_tokens: int = 16,
+            batch_size: int | str = 1,
+            device: str = "cpu",
+            dtype: str = "float32",
+            **kwargs: Any,
+        ) -> None:
+            super().__init__()
+            if kwargs:
+                raise LmmsEvalError(f"unknown model_args {sorted(kwargs)}; see vlm_prune.integrations.lmms_eval")
+            if int(batch_size) != 1:
+                raise LmmsEvalError(f"batch_size={batch_size}: the vlm_prune plugin runs one request at a time")
+            torch_dtype = getattr(torch, str(dtype), None)
+            if not isinstance(torch_dtype, torch.dtype):
+                raise LmmsEvalError(f"dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+            self._model, self._processor = _load(str(pretrained), torch_dtype, str(device))
+            family = str(getattr(self._model.config, "model_type", ""))
+            if base is not None and str(base) != family:
+                raise LmmsEvalError(f"base={base!r} but {pretrained!r} is a {family!r} model")
+            self.method = None if str(method) == "none" else str(method)
+            self.keep, self.num_frames, self.sampler = keep, int(num_frames), str(sampler)
+            self.max_new_tokens = int(max_new_tokens)
+            self.batch_size_per_gpu = 1
+
+        # ---------------------------------------------------------------- one request
+
+        def _answer_video(self, visual: Any, context: str, max_new_tokens: int) -> str:
+            from ..pipelines import VideoQA
+
+            qa = VideoQA(self._model, self._processor, method=self.method, keep=self.keep,
+                         num_frames=self.num_frames, sampler=self.sampler, max_new_tokens=max_new_tokens)  # fmt: skip
+            return qa.answer(visual, context).text
+
+        @torch.no_grad()
+        def _answer_images(self, images: list, context: str, max_new_tokens: int) -> str:
+            import vlm_prune
+
+            from ..demo import prepare_inputs
+
+            if len(images) != 1:
+                raise LmmsEvalError(f"the vlm_prune plugin takes one image per request, got {len(images)}")
+            inputs = prepare_inputs(self._model, self._processor, images, [context])
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+            if self.method is None:
+                out = self._model.generate(**inputs, **kwargs)
+            else:
+                with vlm_prune.pruned(self._model, self.method, keep=self.keep):
+                    out = self._model.generate(**inputs, **kwargs)
+            tok = getattr(self._processor, "tokenizer", self._processor)
+            return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+        def generate_until(self, requests) -> list[str]:
+            out = []
+            for request in requests:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+                visuals = visuals if isinstance(visuals, list) else [visuals]
+                max_new = int((gen_kwargs or {}).get("max_new_tokens", self.max_new_tokens))
+                if len(visuals) == 1 and _is_video(visuals[0]):
+                    text = self._answer_video(visuals[0], context, max_new)
+                else:
+                    text = self._answer_images(visuals, context, max_new)
+                for stop in (gen_kwargs or {}).get("until", []) or []:
+                    if stop and stop in text:
+                        text = text.split(stop)[0]
+                out.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            return out
+
+        def loglikelihood(self, requests):
+            raise LmmsEvalError("the vlm_prune plugin serves generate_until tasks only (no loglikelihood)")
+
+        def generate_until_multi_round(self, requests):
+            raise LmmsEvalError("the vlm_prune plugin serves single-round generate_until tasks only")
