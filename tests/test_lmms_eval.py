@@ -14,6 +14,7 @@ pytest.importorskip("lmms_eval")
 pytest.importorskip("easy_vqa")
 
 import vlm_prune  # noqa: E402
+from vlm_prune.demo import normalize_answer  # noqa: E402
 from vlm_prune.integrations import lmms_eval as plugin  # noqa: E402
 from vlm_prune.pipelines import Frames, VideoQA  # noqa: E402
 from vlm_prune.tasks import video as V  # noqa: E402
@@ -23,17 +24,17 @@ TASKS = Path(plugin.__file__).parent / "lmms_tasks"
 LIMIT = 5
 
 
-def _evaluate(model_args: str) -> tuple[dict, list[str]]:
+def _evaluate(model_args: str, task: str = "vlm_prune_video") -> tuple[dict, list[str]]:
     """(the task's results, the answers per doc in doc order)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(TASKS), include_defaults=False)
-    out = simple_evaluate(model="vlm_prune", model_args=model_args, tasks=["vlm_prune_video"], task_manager=tm,
+    out = simple_evaluate(model="vlm_prune", model_args=model_args, tasks=[task], task_manager=tm,
                           limit=LIMIT, batch_size="1", log_samples=True)  # fmt: skip
-    samples = sorted(out["samples"]["vlm_prune_video"], key=lambda x: x["doc_id"])
+    samples = sorted(out["samples"][task], key=lambda x: x["doc_id"])
     answers = [x["filtered_resps"][0] for x in samples]
-    return out["results"]["vlm_prune_video"], [a if isinstance(a, str) else a[0] for a in answers]
+    return out["results"][task], [a if isinstance(a, str) else a[0] for a in answers]
 
 
 def test_entry_point_registers_a_simple_model():
@@ -52,6 +53,23 @@ def test_video_task_scores_equal_videoqa_answers(method):
     answers = [qa.answer(Frames(s.video, list(range(len(s.video))), fps=2.0), s.question).text for s in samples]
     assert got_answers == answers
     assert got["exact_match,none"] == pytest.approx(V.score(answers, samples)["accuracy"])
+
+
+@pytest.mark.parametrize("method", ["none", "divprune"])
+def test_mosaic_task_scores_equal_the_bench_evaluation(method):
+    from vlm_prune.data.mosaic import make_mosaics
+    from vlm_prune.demo import evaluate
+
+    got, got_answers = _evaluate(f"base=llava,pretrained=demo:llava,method={method},keep=0.25", "vlm_prune_mosaic")
+    model, proc = vlm_prune.demo_model("llava")
+    samples = make_mosaics("test", 40, seed=0)[:LIMIT]
+    if method == "none":
+        want = evaluate(model, proc, samples, batch_size=1, progress=False)
+    else:
+        with vlm_prune.pruned(model, method, keep=0.25):
+            want = evaluate(model, proc, samples, batch_size=1, progress=False)
+    assert [normalize_answer(a) for a in got_answers] == want["predictions"]
+    assert got["exact_match,none"] == pytest.approx(want["accuracy"])
 
 
 def test_model_args_are_checked_and_clean_drops_the_model():
