@@ -7,6 +7,15 @@
 Every function takes `backend="auto" | "triton" | "torch"` (rule in `kernels/backend.py`): "auto" runs Triton on
 CUDA tensors when it imports, the torch reference (`kernels/reference.py`) everywhere else. Both give the same bits.
 Index convention everywhere: (B, L') long, the slot of the input to take for each output slot, -1 = pad slot.
+
+Engine adoption (a drop-in: same bits as the gathers it replaces; verified by running the engine tests with the
+kernels forced under Triton's interpreter): in `PruneHandle._run_stage` the four gathers after `_left_pad` become
+
+    hidden, forward.columns, forward.mask, forward.rope = compact_sequence(
+        hidden, index, columns=forward.columns, mask=forward.mask, rope=forward.rope)
+
+(before the feature replacements), and in `ragged.trim_segments` the per-layer loop becomes one
+`trim_layers([e.keys for e in entries] + [e.values for e in entries], index)` over the segment's layers.
 """
 
 from __future__ import annotations
