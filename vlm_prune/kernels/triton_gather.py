@@ -10,10 +10,11 @@ Two kernels, each one launch:
   strides) per tensor, the multi-tensor pattern of PyTorch's `_foreach` kernels and Apex's multi_tensor_apply.
 
 Both kernels move bits, not numbers: every tensor is viewed as the signed integer type of its element size
-(bf16 / fp16 -> int16, fp32 -> int32, bool -> int8), so the result is bit-equal to `torch.gather` for every dtype
-(NaN payloads and -0.0 included), and pad slots hold the bit pattern of the fill value in the tensor's dtype.
-All strides are passed, so non-contiguous inputs are read in place; outputs are contiguous like the reference's.
-Offsets are computed in int64 (B * L * D may exceed 2**31 at B = 8, L = 3000, D = 4096 with several layers).
+(bf16 / fp16 -> int16, fp32 -> int32, bool -> int8), so the result equals `torch.gather`'s bit for bit in every
+dtype (-0.0 included; NaNs keep their payload, where torch's CPU gather rewrites a bf16 NaN's bits), and pad slots
+hold the bit pattern of the fill value in the tensor's dtype. All strides are passed, so non-contiguous inputs are
+read in place; outputs are contiguous like the reference's. Row and slot offsets are int64, so one tensor may hold
+more than 2**31 elements.
 """
 
 from __future__ import annotations
