@@ -15,5 +15,5 @@ printf '%s\n%s\n' "$main_site" "$PWD" > "$site/zz_vlm_prune_main_venv.pth"
 .venv-lmms/bin/pip install -q --no-deps "lmms-eval==0.7.3" "filelock<4.3" \
   accelerate aiohappyeyeballs aiohttp aiosignal certifi colorama datasets dill evaluate frozenlist loguru lxml \
   multidict multiprocess pandas portalocker propcache pyarrow pytz requests sacrebleu tabulate tenacity urllib3 \
-  xxhash yarl
+  xxhash yarl pytablewriter DataProperty mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet
 .venv-lmms/bin/python -c "import lmms_eval.evaluator, torch; assert not __import__('importlib').util.find_spec('torchvision'); print('lmms-eval env ok, torch', torch.__version__)"
