@@ -108,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     run = json.loads(Path(args.run).read_text())
     if previous["model"] != run["model"]:
         raise SystemExit(f"--previous is {previous['model']}, --run is {run['model']}")
-    run.update(
-        extend_lineage(
-            previous,
-            phases_of_run(run["loss_history"], {k: v["steps"] for k, v in run["stages"].items()}, args.name, args.note),
-        )
-    )
+    steps = {k: v["steps"] for k, v in run["stages"].items()}
+    phases = phases_of_run(run["loss_history"], steps, args.name, args.note)
+    if not phases:  # e.g. a depth expansion saved without training: still a step of the lineage
+        phases = [{"phase": args.name, "stage": "expand", "steps": 0, "seconds": 0, "log_every_50": [],
+                   "note": args.note}]  # fmt: skip
+    run.update(extend_lineage(previous, phases))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"demo_{run['model']}_train.json").write_text(json.dumps(run, indent=1))

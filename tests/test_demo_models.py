@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,10 @@ from vlm_prune import demo  # noqa: E402
 from vlm_prune.data import CELL_QTYPES, make_mosaics  # noqa: E402
 from vlm_prune.errors import PruneError  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.demo_depth import expand_state_dict, expansion_plan, mapped_layer  # noqa: E402
+
+MIN_DECODER_LAYERS = 12
 MIN_CELL_ACCURACY = 0.875  # unpruned, on the fixed 40-question test sample; see benchmarks/results/demo_models.md
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
@@ -112,7 +119,6 @@ def test_prompt_and_answers(loaded):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
-
 def test_transformers_pipeline_is_a_drop_in(loaded):
     """`pipeline("image-text-to-text")` on a wrapped model prunes and answers as generate() on the same inputs."""
     from transformers import pipeline
@@ -142,3 +148,80 @@ def test_unknown_name_and_bad_paths(tmp_path):
     with pytest.raises(demo.DemoModelError, match="not a saved model"):
         demo.load_model(tmp_path / "empty")
     assert demo.demo_model_path("Qwen2-VL").name == "qwen2_vl"
+
+
+def test_expansion_plan_spreads_new_layers_before_the_originals():
+    plan = expansion_plan(4, 12)
+    assert [pos for pos, (_, is_orig) in enumerate(plan) if is_orig] == [0, 4, 8, 11]
+    assert [src for src, _ in plan] == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    assert [mapped_layer(expansion_plan(4, 16), i) for i in range(4)] == [0, 5, 10, 15]
+    assert expansion_plan(4, 4) == [(0, True), (1, True), (2, True), (3, True)]
+    with pytest.raises(ValueError):
+        expansion_plan(4, 3)
+
+
+def test_expanded_decoder_starts_as_the_original(loaded):
+    """A decoder expanded by benchmarks/demo_depth.py gives exactly the original logits before training: every
+    new layer copies the next original one with zeroed output projections, so it adds nothing to the residual."""
+    name, model, processor = loaded
+    text = model.config.text_config
+    depth = text.num_hidden_layers
+    plan = expansion_plan(depth, depth + 2 * (depth - 1))
+    config = copy.deepcopy(model.config)
+    config.text_config.num_hidden_layers = len(plan)
+    if getattr(config.text_config, "layer_types", None) is not None:
+        config.text_config.layer_types = [text.layer_types[0]] * len(plan)
+    deeper = type(model)(config).eval()
+    state = expand_state_dict(model.state_dict(), plan)
+    deeper.load_state_dict(state, strict=True)
+    new = next(pos for pos, (_, is_orig) in enumerate(plan) if not is_orig)
+    layer = deeper.model.language_model.layers[new]
+    assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+    follower = model.model.language_model.layers[plan[new][0]]
+    assert torch.equal(layer.self_attn.q_proj.weight, follower.self_attn.q_proj.weight)
+    sample = make_mosaics("test", 1, seed=3)[0]
+    enc = processor(text=[demo.build_prompt(processor, sample.question)], images=[sample.image], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc).logits
+        got = deeper(**enc).logits
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_demo_models_are_deep_enough_for_in_llm_methods():
+    """Issue 16: multi-stage in-LLM schedules need at least 12 decoder layers."""
+    for name in filter(_built, demo.DEMO_MODELS):
+        cfg = json.loads((demo.demo_model_path(name) / "config.json").read_text())
+        assert cfg["text_config"]["num_hidden_layers"] >= MIN_DECODER_LAYERS, name
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=requires_built[n]) for n in demo.DEMO_MODELS])
+def test_calibrated_adaptinfer_presets_ship_and_resolve(name, tmp_path):
+    """Each embedded model ships `vlm-prune calibrate` presets for 192 / 128 / 64 equivalent average tokens, and
+    AdaptInfer bound to that model picks them for those budgets (as an int count or the matching fraction)."""
+    from types import SimpleNamespace
+
+    from vlm_prune.methods.adaptinfer import AdaptInfer
+    from vlm_prune.methods.calibration import DEMO_PRESET_FOLDER, demo_preset
+
+    path = demo.demo_model_path(name)
+    depth = json.loads((path / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    info = SimpleNamespace(name_or_path=str(path), num_layers=depth, family=name)
+    for tokens in (192, 128, 64):
+        preset = path / DEMO_PRESET_FOLDER / f"adaptinfer_{tokens}.json"
+        data = json.loads(preset.read_text())
+        assert data["num_layers"] == depth and data["layers"][0] >= 1
+        # equivalent average tokens by hand: every layer before the first stage sees all 576 tokens
+        bounds = [*data["layers"], depth]
+        per_layer = [1.0] * data["layers"][0]
+        for i, keep in enumerate(data["stage_keep"]):
+            per_layer += [keep] * (bounds[i + 1] - bounds[i])
+        assert len(per_layer) == depth
+        assert abs(sum(per_layer) / depth * 576 - tokens) < 1.0, (name, tokens, data)
+        assert demo_preset(info, tokens) == preset and demo_preset(info, tokens / 576) == preset
+        schedule = AdaptInfer(keep=tokens).bind(info).resolve_schedule()
+        assert list(schedule.layers) == data["layers"]
+        assert list(schedule.keep) == pytest.approx(data["stage_keep"])
+    assert demo_preset(info, 100) is None
+    assert demo_preset(SimpleNamespace(name_or_path=str(path), num_layers=depth + 1), 192) is None  # stale depth
+    assert demo_preset(SimpleNamespace(name_or_path=str(tmp_path), num_layers=depth), 192) is None  # not embedded
