@@ -1,7 +1,7 @@
 """The lmms-eval plugin, end to end offline through `lmms_eval.evaluator.simple_evaluate` (the CLI exits 0 even
 when evaluation fails): registration by entry point, model_args as lmms-eval casts them, the local video task,
-pruned and unpruned, with scores equal to VideoQA's answers scored as `vlm_prune.tasks.video.score` scores them
-(and VideoQA's inputs and answers equal the video task's own: tests/test_video_qa.py)."""
+pruned and unpruned, with per-doc answers and scores equal to the bench's evaluation of the same samples (the
+video task's generate on the embedded video model, `vlm_prune.demo.evaluate` on the embedded LLaVA)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ pytest.importorskip("easy_vqa")
 import vlm_prune  # noqa: E402
 from vlm_prune.demo import normalize_answer  # noqa: E402
 from vlm_prune.integrations import lmms_eval as plugin  # noqa: E402
-from vlm_prune.pipelines import Frames, VideoQA  # noqa: E402
 from vlm_prune.tasks import video as V  # noqa: E402
 
 torch.set_num_threads(1)
@@ -45,12 +44,16 @@ def test_entry_point_registers_a_simple_model():
 
 
 @pytest.mark.parametrize("method", ["none", "evs"])
-def test_video_task_scores_equal_videoqa_answers(method):
-    got, got_answers = _evaluate(f"base=qwen2_vl,pretrained=demo:qwen2_vl,method={method},keep=0.25,num_frames=8")
-    model, proc = vlm_prune.demo_model("qwen2_vl")
-    qa = VideoQA(model, proc, method=method, keep=0.25, num_frames=8, max_new_tokens=4)
+def test_video_task_scores_equal_the_bench_evaluation(method):
+    """On the embedded video model, against the video task's own generate (bench's path), one sample per batch."""
+    got, got_answers = _evaluate(f"base=qwen2_vl,pretrained=demo:qwen2_vl_video,method={method},keep=0.5,num_frames=8")
+    model, proc = vlm_prune.demo_model("qwen2_vl_video")
     samples = V.make_clips("test", 20, seed=0)[:LIMIT]
-    answers = [qa.answer(Frames(s.video, list(range(len(s.video))), fps=2.0), s.question).text for s in samples]
+    if method == "none":
+        answers = V.generate_answers(model, proc, samples, batch_size=1)
+    else:
+        with vlm_prune.pruned(model, method, keep=0.5):
+            answers = V.generate_answers(model, proc, samples, batch_size=1)
     assert got_answers == answers
     assert got["exact_match,none"] == pytest.approx(V.score(answers, samples)["accuracy"])
 
