@@ -41,7 +41,7 @@ from vlm_prune.engine.segments import segments_fn
 from vlm_prune.engine.signals import SignalRecorder
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
-from vlm_prune.kernels import gather_tokens
+from vlm_prune.kernels import compact_sequence, gather_tokens
 from vlm_prune.methods.base import Stage
 
 _KEEP_RECORDINGS = 2  # recordings per kind kept across calls (an image and a video encoder call)
@@ -682,18 +682,14 @@ class PruneHandle:
                 removed[visual_slots[~keep_mask]] = 1
                 forward.rope[:, row] -= torch.cumsum(removed, 0).to(forward.rope.dtype).view(1, -1)
         index = _left_pad(keep_slots, device)
-        hidden = gather_tokens(hidden, index)
+        # one fused launch on CUDA (Triton), the torch reference elsewhere: hidden, columns, mask, rope
+        compacted = compact_sequence(hidden, index, columns=forward.columns, mask=forward.mask, rope=forward.rope)
+        hidden, forward.columns, forward.mask, forward.rope = compacted
         for row, replacement in enumerate(replacements):
             if replacement is not None:
                 target, features = replacement
                 offset = index.shape[1] - len(keep_slots[row])
                 hidden[row, target + offset] = features.to(hidden.dtype)
-        past = forward.mask.shape[1] - length
-        forward.columns = gather_tokens(forward.columns.unsqueeze(-1), index, fill=-1).squeeze(-1)
-        current_mask = gather_tokens(forward.mask[:, past:].unsqueeze(-1), index).squeeze(-1)
-        forward.mask = torch.cat([forward.mask[:, :past], current_mask], dim=1)
-        rope = forward.rope.permute(1, 2, 0)  # (B, L, R)
-        forward.rope = gather_tokens(rope, index).permute(2, 0, 1).contiguous()
         forward.stats.stages.append(
             StageStats(stage.name, stage.layer, tokens_in, tokens_out, time.perf_counter() - started)
         )
