@@ -67,11 +67,12 @@ def cosine_kmeans(
 
 def _fill_empty(labels: torch.Tensor, similarity: torch.Tensor, num_clusters: int) -> torch.Tensor:
     """Give every empty label the token least similar to its own centre (from clusters of >= 2 members)."""
+    counts = torch.bincount(labels, minlength=num_clusters)
+    if bool((counts > 0).all()):
+        return labels  # the common case: one bincount, no Python loop
     labels = labels.clone()
-    for label in range(num_clusters):
+    for label in (counts == 0).nonzero(as_tuple=True)[0].tolist():
         counts = torch.bincount(labels, minlength=num_clusters)
-        if counts[label] > 0:
-            continue
         own = similarity.gather(1, labels[:, None])[:, 0].clone()
         own[counts[labels] < 2] = float("inf")
         labels[int(own.argmin())] = label
