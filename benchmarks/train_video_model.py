@@ -494,6 +494,8 @@ def train(args) -> dict:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         history, elapsed, checks = state["history"], state["elapsed"], state["checks"]
+        if checks.setdefault("init_sha256", init_sha) != init_sha:
+            raise RuntimeError(f"{image_dir} is not the image model {args.init_from} started from: {checks}")
         phases = checks.setdefault("phases", [{"steps": state["step"], "lr": TRAIN["lr"]}])
         phases.append({"steps": None, "lr": lr_base, "init_from": str(args.init_from)})
         checks.pop("total_steps", None)
