@@ -485,6 +485,7 @@ def _run_bench(
             "name": task,
             "description": bench_task.description,
             "media": bench_task.media,
+            "metric": bench_task.metric_name,
             "focus": bench_task.focus_name,
             "split": "test",
             "n_samples": len(samples),

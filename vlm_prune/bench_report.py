@@ -46,6 +46,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     m, t, s = result["model"], result["task"], result["settings"]
     qtypes = list(t["qtypes"])
     media = t.get("media", "image")
+    metric = t.get("metric", "accuracy")
     lines = [
         f"## vlm-prune bench: {m['name']} ({m['class']}, {m['parameters'] / 1e6:.2f}M parameters, "
         f"{m['num_layers']} decoder layers, {m['visual_tokens_per_image']} visual tokens per {media})",
@@ -53,7 +54,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- task: {t['name']} ({t['description']}); {t['n_samples']} test samples (seed {t['seed']}): "
         + ", ".join(f"{q} {n}" for q, n in t["qtypes"].items()),
         f"- machine: {_machine_line(result['machine'])}",
-        f"- accuracy: exact match of the greedy answer (batch {s['batch_size']}, left padding); relative = ÷ unpruned",
+        (
+            f"- accuracy: exact match of the greedy answer (batch {s['batch_size']}, left padding); "
+            "relative = ÷ unpruned"
+            if metric == "accuracy"
+            else f"- {metric}: the task's score per sample, averaged (batch {s['batch_size']}); relative = ÷ unpruned"
+        ),
         f"- latency: batch 1 on one fixed sample, median of {s['repeats']} runs after {s['warmup']} warm-up; "
         "prefill = time to first token (vision encoder + LLM prefill, scoring included); "
         "speedup = unpruned prefill ÷ pruned prefill",
@@ -61,7 +67,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "layers (in-LLM schedules); FLOPs: LLM prefill (formula in vlm_prune/engine/stats.py); KV: cache after prefill",
         "",
     ]
-    head = ["method", "keep", "tokens kept", "eq. avg tokens", "accuracy %", "rel. acc %"]
+    head = ["method", "keep", "tokens kept", "eq. avg tokens", f"{metric} %", f"rel. {metric} %"]
     head += [f"{q} %" for q in qtypes]
     head += ["prefill GFLOPs", "FLOPs %", "KV MiB", "prefill ms", "speedup", "select ms", "decode ms/tok"]
     lines.append("| " + " | ".join(head) + " |")
