@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_prune.kernels import gather_tokens
+from vlm_prune.kernels import trim_layers
 
 Segments = list[tuple[int, torch.Tensor]]
 
@@ -60,10 +60,11 @@ def trim_segments(cache, segments: Segments, final_columns: torch.Tensor, num_la
         if contains(seg_columns, final_columns):
             if seg_columns.shape != final_columns.shape or not torch.equal(seg_columns, final_columns):
                 index = positions_within(seg_columns, final_columns)
-                for layer in range(first, end):
-                    entry = cache.layers[layer]
-                    entry.keys = gather_tokens(entry.keys, index.to(entry.keys.device), dim=2)
-                    entry.values = gather_tokens(entry.values, index.to(entry.values.device), dim=2)
+                # every layer's keys and values in one launch on CUDA (Triton), the torch reference elsewhere
+                entries = [cache.layers[layer] for layer in range(first, end)]
+                trimmed = trim_layers([e.keys for e in entries] + [e.values for e in entries], index)
+                for entry, keys, values in zip(entries, trimmed, trimmed[len(entries) :]):
+                    entry.keys, entry.values = keys, values
             seg_columns = final_columns
         previous = result[-1][1] if result else None
         if previous is not None and previous.shape == seg_columns.shape and torch.equal(previous, seg_columns):
