@@ -104,7 +104,7 @@ def test_segments_match_the_hand_built_map_for_one_to_five_images(family):
 def test_segments_under_padding_with_different_image_counts_per_row(family, padding):
     model = build_tiny(family)
     inputs = make_inputs(model, batch=3, num_images=[3, 1, 2], padding=padding)
-    recorder = Recorder(layer=in_llm_layer(family))  # in-LLM: the segments are mapped onto the current (unpadded) sequence
+    recorder = Recorder(layer=in_llm_layer(family))  # in-LLM: mapped onto the current (unpadded) sequence
     with vlm_prune.pruned(model, recorder), torch.no_grad():
         model(**inputs)
     expected = _expected_rows(inputs)
