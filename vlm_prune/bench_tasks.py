@@ -75,10 +75,14 @@ def _mosaic_answers(model, processor, samples, max_new_tokens: int) -> list[str]
 
 
 # ---------------------------------------------------------------------------------------------------- video
-def _video_samples(n: int, seed: int) -> list:
+def _video_samples(n: int, seed: int, frames_per_step: int = 2) -> list:
     from vlm_prune.tasks.video import eval_samples
 
-    return eval_samples(n, seed=seed)
+    return eval_samples(n, seed=seed, frames_per_step=frames_per_step)
+
+
+def _video16_samples(n: int, seed: int) -> list:
+    return _video_samples(n, seed, frames_per_step=4)
 
 
 def _video_prepare(model, processor, samples):
@@ -174,6 +178,22 @@ TASKS: dict[str, BenchTask] = {
         default_methods=("random", "pool", "divprune", "zoo", "fastv", "evs", "prunevid", "evs+divprune"),
         own_budget=("prunevid",),
         quick_samples=30,  # 6 per question type: 25 runs of the 8-layer video model in < 3 minutes
+    ),
+    "video16": BenchTask(
+        name="video16",
+        description="16-frame clips (each state held for 2 temporal steps) of easy-VQA shapes that appear, move "
+        "and change colour on a 2x2 board "
+        "(held-out test split); questions that need time (what appeared last, what moved, start / end)",
+        media="video",
+        default_model="qwen2_vl_video",
+        samples=_video16_samples,
+        prepare=_video_prepare,
+        answers=_video_answers,
+        default_keeps=(1.0, 0.5, 0.25, 0.1),
+        quick_keeps=(1.0, 0.5, 0.25, 0.1),
+        default_methods=("random", "pool", "divprune", "zoo", "fastv", "evs", "prunevid", "evs+divprune"),
+        own_budget=("prunevid",),
+        quick_samples=15,  # 3 per question type: 512 tokens a clip
     ),
     "icl": BenchTask(
         name="icl",
