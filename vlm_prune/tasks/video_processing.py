@@ -149,19 +149,13 @@ def video_inputs(
     }
 
 
-def _device_and_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
-    try:
-        p = next(model.parameters())
-        return p.device, p.dtype
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device(getattr(model, "device", "cpu")), getattr(model, "dtype", torch.float32)
-
-
 @torch.no_grad()
 def generate_answers(
     model: Any, processor: Any, samples: Sequence[Any], batch_size: int = 16, max_new_tokens: int = 4
 ) -> list[str]:
     """Greedy answers (decoded new tokens, stripped) of `model` to each sample, batched with left padding."""
+    from ..demo import _device_and_dtype
+
     device, dtype = _device_and_dtype(model)
     tok = getattr(processor, "tokenizer", processor)
     out: list[str] = []
