@@ -23,14 +23,13 @@ from test_invariants import (
     VIDEO_MEDIA,
     _second_turn,
     _without_media,
+    assert_rows_equal_rows_alone,
     forward,
     generate,
     inputs_for,
     keep_all_method,
-    kept_index,
     model_for,
     pattern_method,
-    real_slots,
     stage_layer,
 )
 
@@ -63,24 +62,9 @@ def test_video_identity_keep_all(family, media):
 @pytest.mark.parametrize("family", VIDEO_CAPABLE)
 def test_video_batch_row_equals_row_alone(family, stage, padding):
     """Invariant 6 with an image and a video in every row (video first under left padding)."""
-    from vlm_prune.toy_models import single_row
-
     model = model_for(family, "sdpa")
     inputs = inputs_for(model, 2, padding, video=True, video_first=padding == "left")
-    with vlm_prune.pruned(model, pattern_method(stage_layer(family, stage))) as handle:
-        logits = forward(model, inputs).logits
-        index = kept_index(handle).clone()
-        new = generate(model, inputs)[0] if padding == "left" else None
-        for row in range(2):
-            alone = single_row(inputs, row)
-            alone_logits = forward(model, alone).logits[0]
-            alone_index = kept_index(handle)[0]
-            offset = int((~inputs["attention_mask"][row].bool()).sum()) if padding == "left" else 0
-            valid = real_slots(index, inputs["attention_mask"])[row]
-            assert torch.equal(index[row][valid] - offset, alone_index[alone_index >= 0])
-            torch.testing.assert_close(logits[row][valid], alone_logits[alone_index >= 0], **TOL)
-            if new is not None:
-                assert generate(model, alone)[0][0].tolist() == new[row].tolist()
+    assert_rows_equal_rows_alone(model, inputs, pattern_method(stage_layer(family, stage)), padding)
 
 
 # On Qwen, generate() builds a follow-up's M-RoPE positions from `mm_token_type_ids[:, physical cache length:]`;
@@ -119,13 +103,18 @@ def test_video_beams(family):
         expected = model.generate(**inputs, **BEAMS)
         with vlm_prune.pruned(model, keep_all_method(0)):
             assert torch.equal(model.generate(**inputs, **BEAMS), expected)
-        with vlm_prune.pruned(model, pattern_method(0)) as handle:
-            model.generate(**inputs, max_new_tokens=1, do_sample=False)
-            greedy_kept = handle.last_kept_index.clone()
-            model.generate(**inputs, **BEAMS)
-            beam_kept = handle.last_kept_index.clone()
+        assert_beams_keep_their_rows_tokens(model, inputs, pattern_method(0))
+
+
+def assert_beams_keep_their_rows_tokens(model, inputs: dict, method, **options) -> None:
+    """Under beam search every beam keeps exactly the tokens greedy decoding of its row keeps (and some are pruned)."""
+    with torch.no_grad(), vlm_prune.pruned(model, method, **options) as handle:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        greedy_kept = handle.last_kept_index.clone()
+        model.generate(**inputs, **BEAMS)
+        beam_kept = handle.last_kept_index.clone()
     assert (greedy_kept >= 0).sum() < inputs["attention_mask"].sum(), "something was pruned"
-    for row in range(2):
+    for row in range(inputs["input_ids"].shape[0]):
         for beam in range(BEAMS["num_beams"]):
             assert torch.equal(beam_kept[row * BEAMS["num_beams"] + beam], greedy_kept[row])
 
@@ -168,13 +157,4 @@ def test_video_beams_with_vision_recordings(family, method):
     encoder's order (images, then videos) while generate() expands the rows: each beam keeps its row's tokens."""
     model = model_for(family, "sdpa")
     inputs = inputs_for(model, 2, "left", video=True, video_first=True)
-    options = {"keep": 0.5} if method == "zoo" else {"keep": 4}
-    with torch.no_grad(), vlm_prune.pruned(model, method, **options) as handle:
-        model.generate(**inputs, max_new_tokens=1, do_sample=False)
-        greedy_kept = handle.last_kept_index.clone()
-        model.generate(**inputs, **BEAMS)
-        beam_kept = handle.last_kept_index.clone()
-    assert (greedy_kept >= 0).sum() < inputs["attention_mask"].sum(), "something was pruned"
-    for row in range(2):
-        for beam in range(BEAMS["num_beams"]):
-            assert torch.equal(beam_kept[row * BEAMS["num_beams"] + beam], greedy_kept[row])
+    assert_beams_keep_their_rows_tokens(model, inputs, method, keep=0.5 if method == "zoo" else 4)
