@@ -38,13 +38,12 @@ from vlm_prune.engine.ragged import positions_within as _positions_within
 from vlm_prune.engine.ragged import trim_segments
 from vlm_prune.engine.reentry import reenter_tokens, remember
 from vlm_prune.engine.segments import segments_fn
-from vlm_prune.engine.signals import SignalRecorder
+from vlm_prune.engine.signals import KEEP_RECORDINGS, SignalRecorder
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
 from vlm_prune.kernels import compact_sequence, gather_tokens
 from vlm_prune.methods.base import Stage
 
-_KEEP_RECORDINGS = 2  # recordings per kind kept across calls (an image and a video encoder call)
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 POSITION_POLICIES = ("preserve", "compact")
 
@@ -312,7 +311,7 @@ class PruneHandle:
         # generate(use_cache=False) re-runs the prefill from pre-encoded features without calling the
         # vision tower again, so the latest recordings are kept (bounded) rather than cleared.
         self._signals.trim()
-        del self._vision_calls[:-_KEEP_RECORDINGS]
+        del self._vision_calls[:-KEEP_RECORDINGS]
         self._forward = None
         self._pending_rope = None
         return output if labels is not None else None

@@ -22,7 +22,7 @@ from vlm_prune.engine.context import IMAGE, VIDEO, SelectionContext
 from vlm_prune.errors import PruneError
 
 KINDS = (("image", IMAGE), ("video", VIDEO))
-_KEEP_RECORDINGS = 2  # recordings per kind kept across calls (an image and a video encoder call)
+KEEP_RECORDINGS = 2  # recordings per kind kept across calls (an image and a video encoder call)
 
 
 class SignalRecorder:
@@ -61,8 +61,8 @@ class SignalRecorder:
 
     def trim(self) -> None:
         """Keep only the latest recordings (generate(use_cache=False) re-runs a prefill without the tower)."""
-        del self.projector_inputs[:-_KEEP_RECORDINGS], self.vision_attention[:-_KEEP_RECORDINGS]
-        del self.pixel_inputs[:-_KEEP_RECORDINGS]
+        del self.projector_inputs[:-KEEP_RECORDINGS], self.vision_attention[:-KEEP_RECORDINGS]
+        del self.pixel_inputs[:-KEEP_RECORDINGS]
 
     # ---- hooks
     def _on_projector(self, module, args, output) -> None:
