@@ -370,3 +370,40 @@ def test_frames_input_is_sampled_and_reports_original_indices(demo_qwen):
     assert result.frames == [original[i] for i in S.uniform_indices(10, 4)] == [9, 21, 39, 51]
     with pytest.raises(Exception, match="original indices"):
         qa.answer((frames, original[:5]), "what?")
+
+
+# ------------------------------------------------------------------------------------------------ frame change, CLI
+
+
+def test_frame_change_scorer_is_the_mean_absolute_difference():
+    from vlm_prune.video.scorers import FrameChangeScorer
+
+    frames = np.zeros((4, 4, 6, 3), np.uint8)
+    frames[1, :2] = 255  # frame 1: top half white -> differs from frame 0 in half the pixels
+    frames[2] = frames[1]  # no change
+    frames[3] = 51  # everything 51 (0.2): from frame 2, half the pixels move by 0.8 and half by 0.2
+    got = FrameChangeScorer(stride=1).score(frames, "ignored").numpy()
+    np.testing.assert_allclose(got, [0.5, 0.5, 0.0, 0.5 * 0.8 + 0.5 * 0.2], atol=1e-6)
+    assert FrameChangeScorer(stride=2).score(frames[:1], "").tolist() == [0.0]
+
+
+def test_cli_video_prints_the_videoqa_answer_frames_and_tokens(demo_qwen, capsys):
+    import json
+
+    from vlm_prune.cli import main
+    from vlm_prune.video.scorers import FrameChangeScorer
+
+    assert main(["video", "--sampler", "bolt", "--num-frames", "8", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    video_model = demo.demo_model("qwen2_vl_video")
+    qa = VideoQA(*video_model, method="evs", keep=0.25, num_frames=8, sampler="bolt", scorer=FrameChangeScorer(),
+                 max_new_tokens=3)  # fmt: skip
+    want = qa.answer(MP4, "what is in the top left at the start?")
+    assert out["video"] == MP4 and out["scorer"] == "frame_change"
+    assert (out["answer"], out["frames"]) == (want.text, want.frames)
+    s = out["stats"]
+    assert s["tokens_kept"] == s["tokens_requested"] == want.stats.tokens_kept < s["video_tokens"]
+    assert set(s["seconds"]) == {"decode", "frame_selection", "vision", "prefill", "generation"}
+    assert main(["video", MP4, "--method", "none", "--num-frames", "4", "--max-new-tokens", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "frames:   4 by uniform: [180, 540, 900, 1260]" in text and "tokens:   " in text

@@ -5,6 +5,7 @@ vlm-prune bench --model qwen2_vl     # accuracy and speed of every method at 1.0
 vlm-prune methods                    # registered pruning methods
 vlm-prune models                     # supported model families and the embedded demo models
 vlm-prune calibrate --model llava    # propose AdaptInfer pruning layers and save a preset
+vlm-prune video --sampler bolt       # VideoQA: a video file and a question, answered with fewer tokens
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ TOP_EPILOG = _dedent(
       vlm-prune bench --model llava-hf/llava-1.5-7b-hf --device cuda --dtype bfloat16
       vlm-prune methods
       vlm-prune calibrate --model llava --keep 0.5 --out adaptinfer_llava.json
+      vlm-prune video clip.mp4 --question "what happens?" --method evs --keep 0.25 --sampler bolt
 
     Run `vlm-prune <command> --help` for the options of each command.
     """
@@ -264,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--n-stages", type=int, default=3, help="pruning stages to place")
     cal.add_argument("--min-gap", type=int, default=None, help="min layers between stages (default max(1, L // 2n))")
     cal.add_argument("--out", default=None, help="preset path (default adaptinfer_<model>.json)")
+    from vlm_prune.video.cli_video import add_parser as add_video_parser
+
+    add_video_parser(sub, _Formatter)
     return parser
 
 
@@ -492,6 +497,7 @@ COMMANDS = {
     "methods": cmd_methods,
     "models": cmd_models,
     "calibrate": cmd_calibrate,
+    "video": lambda args: __import__("vlm_prune.video.cli_video", fromlist=["run"]).run(args),
 }
 
 

@@ -105,3 +105,33 @@ class TransformersClipScorer:
     def score(self, frames: np.ndarray, text: str) -> torch.Tensor:
         """(N,) cosine similarity of each frame with `text`."""
         return (self.image_embeddings(frames) @ self.text_embedding(text)).float().cpu()
+
+
+class FrameChangeScorer:
+    """Text-agnostic relevance with no weights: how much each frame differs from the frame before it.
+
+    score[i] = mean |frame[i] - frame[i-1]| / 255 over pixels and channels (frames compared at the size given,
+    subsampled by `stride` in both directions); the first frame of a call, having no frame before it, gets its
+    difference to the next one (0 for a single frame). Frames scored in several calls (VideoQA scores in
+    batches of `batch_size`) restart that rule at each call's first frame.
+
+    It marks where the picture changes (cuts, events, motion), the keyframe cue used when no text-frame model
+    is at hand: the `vlm-prune video` CLI and `benchmarks/video_samplers.py` use it offline, where no
+    pretrained CLIP weights can be loaded. The question is ignored.
+    """
+
+    def __init__(self, stride: int = 2, batch_size: int = 256) -> None:
+        if stride < 1 or batch_size < 2:
+            raise ScorerError(f"stride must be >= 1 and batch_size >= 2, got {stride} and {batch_size}")
+        self.stride, self.batch_size = int(stride), int(batch_size)
+
+    def score(self, frames: np.ndarray, text: str = "") -> torch.Tensor:
+        """(N,) float32 mean absolute difference to the previous frame, in [0, 1]."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ScorerError(f"frames must be (N, H, W, 3) uint8, got shape {frames.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(frames[:, :: self.stride, :: self.stride])).float() / 255.0
+        if len(x) < 2:
+            return torch.zeros(len(x))
+        diff = (x[1:] - x[:-1]).abs().flatten(1).mean(1)
+        return torch.cat([diff[:1], diff]).float()
