@@ -17,9 +17,9 @@ class ModelSpecError(PruneError, ValueError):
 
 
 def _model_spec_help() -> str:
-    from .demo import DEMO_MODELS, VIDEO_DEMO_MODELS
+    from .demo import DEMO_MODELS, ICL_DEMO_MODELS, VIDEO_DEMO_MODELS
 
-    names = " or ".join(repr(m) for m in DEMO_MODELS + VIDEO_DEMO_MODELS)
+    names = " or ".join(repr(m) for m in DEMO_MODELS + VIDEO_DEMO_MODELS + ICL_DEMO_MODELS)
     return (
         f"pass an embedded demo model ({names}), a local folder written by "
         "model.save_pretrained + processor.save_pretrained (it holds config.json and *.safetensors), or a "
@@ -39,13 +39,13 @@ def load_bench_model(model_spec: str, dtype: torch.dtype = torch.float32, device
 
     Raises `ModelSpecError` saying what to pass when the spec cannot be loaded.
     """
-    from .demo import DEMO_MODELS, VIDEO_DEMO_MODELS, DemoModelError, demo_model, load_model
+    from .demo import DEMO_MODELS, ICL_DEMO_MODELS, VIDEO_DEMO_MODELS, DemoModelError, demo_model, load_model
 
     spec = str(model_spec).strip()
     if not spec:
         raise ModelSpecError(f"no model given: {_model_spec_help()}")
     key = spec.lower().replace("-", "_")
-    if key in DEMO_MODELS + VIDEO_DEMO_MODELS or key in ("qwen2vl", "qwen", "llava_1.5", "video"):
+    if key in DEMO_MODELS + VIDEO_DEMO_MODELS + ICL_DEMO_MODELS or key in ("qwen2vl", "qwen", "llava_1.5", "video"):
         try:
             model, processor = demo_model(spec, dtype=dtype, device=device)
         except DemoModelError as e:

@@ -28,9 +28,11 @@ from .errors import PruneError
 DEMO_MODELS: tuple[str, ...] = ("llava", "qwen2_vl")
 # the video demo model (vlm_prune.tasks.video; benchmarks/train_video_model.py): loadable by name, not an image model
 VIDEO_DEMO_MODELS: tuple[str, ...] = ("qwen2_vl_video",)
+# the few-shot demo model (vlm_prune.tasks.icl; benchmarks/train_icl_model.py): loadable by name, 16 tokens per image
+ICL_DEMO_MODELS: tuple[str, ...] = ("llava_icl",)
 DEMO_MODELS_DIR = Path(__file__).resolve().parent / "demo_models"
 _ALIASES = {"qwen2-vl": "qwen2_vl", "qwen2vl": "qwen2_vl", "qwen": "qwen2_vl", "llava-1.5": "llava",
-            "qwen2-vl-video": "qwen2_vl_video", "video": "qwen2_vl_video"}  # fmt: skip
+            "qwen2-vl-video": "qwen2_vl_video", "video": "qwen2_vl_video", "llava-icl": "llava_icl"}  # fmt: skip
 
 
 class DemoModelError(PruneError, ValueError):
@@ -45,10 +47,11 @@ class UnknownDemoModelError(DemoModelError, KeyError):
 
 
 def demo_model_path(name: str = "llava") -> Path:
-    """Folder of the embedded checkpoint `name` ("llava", "qwen2_vl" or the video model "qwen2_vl_video")."""
+    """Folder of the embedded checkpoint `name` ("llava", "qwen2_vl", the video model "qwen2_vl_video" or the
+    few-shot model "llava_icl")."""
     key = _ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in DEMO_MODELS + VIDEO_DEMO_MODELS:
-        names = ", ".join(DEMO_MODELS + VIDEO_DEMO_MODELS)
+    if key not in DEMO_MODELS + VIDEO_DEMO_MODELS + ICL_DEMO_MODELS:
+        names = ", ".join(DEMO_MODELS + VIDEO_DEMO_MODELS + ICL_DEMO_MODELS)
         raise UnknownDemoModelError(f"unknown demo model {name!r}; the embedded models are {names}")
     return DEMO_MODELS_DIR / key
 
