@@ -20,6 +20,10 @@ try:
     from vlm_prune.methods import lvlm_csp  # noqa: F401
 except ImportError:
     pass
+try:
+    from vlm_prune.methods import adatoken3d  # noqa: F401
+except ImportError:
+    pass
 
 __all__ = [
     "Method",
