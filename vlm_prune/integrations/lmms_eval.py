@@ -5,9 +5,10 @@
         --tasks vlm_prune_video --include_path vlm_prune/integrations/lmms_tasks
 
 Registration is the entry point group `lmms_eval.models` (pyproject: `vlm_prune = "vlm_prune.integrations.
-lmms_eval:manifest"`), which returns a `ModelManifest` pointing at `VlmPrune`, a simple (`is_simple = True`)
-`lmms_eval.api.model.lmms` model. lmms-eval swallows entry-point load errors, so `manifest()` imports nothing
-heavy and the class is imported only when the model is requested.
+lmms_eval:manifest"`), which returns a `ModelManifest` with both faces: `VlmPruneChat` (the chat_class_path,
+`is_simple = False`, what lmms-eval picks by default) and `VlmPrune` (the simple_class_path, `is_simple = True`,
+picked with `--force_simple`). lmms-eval swallows entry-point load errors, so `manifest()` imports nothing heavy
+and the classes are imported only when the model is requested.
 
 model_args (lmms-eval casts them to bool / int / float / str; `batch_size` arrives as a string):
     pretrained   a saved model folder, or "demo:<name>" for an embedded demo model (e.g. demo:qwen2_vl)
@@ -17,9 +18,11 @@ model_args (lmms-eval casts them to bool / int / float / str; `batch_size` arriv
     keep         the budget (fraction or int count); num_frames, sampler: VideoQA's
     max_new_tokens (default 16, overridden by the task's generation_kwargs), device, dtype
 
-Requests (`generate_until`): `(context, gen_kwargs, doc_to_visual, doc_id, task, split)`. A visual that is a video
-path, a `vlm_prune.pipelines.Frames` or (frames, indices, fps) goes through `VideoQA`; PIL images through the same
-prompt / inputs as `vlm-prune bench` (`vlm_prune.demo.prepare_inputs`), greedy. The evaluator calls `clean()` at
+Requests (`generate_until`). Simple: `(context, gen_kwargs, doc_to_visual, doc_id, task, split)`; chat:
+`(context, doc_to_messages, gen_kwargs, doc_id, task, split)`, whose one user turn gives the visuals and the text.
+A visual that is a video path, a `vlm_prune.pipelines.Frames` or (frames, indices, fps) goes through `VideoQA`;
+PIL images through the same prompt / inputs as `vlm-prune bench` (`vlm_prune.demo.prepare_inputs`), greedy;
+both faces answer the same visuals and text identically. The evaluator calls `clean()` at
 the end, which deletes every nn.Module attribute: this class keeps the model only in `self._model`.
 """
 
@@ -39,10 +42,13 @@ class LmmsEvalError(PruneError, ValueError):
 
 
 def manifest():
-    """The `lmms_eval.models` entry point: vlm_prune's ModelManifest (simple model class)."""
+    """The `lmms_eval.models` entry point: vlm_prune's ModelManifest (chat class by default, simple with
+    --force_simple)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.VlmPrune")
+    return ModelManifest(
+        model_id=MODEL_ID, simple_class_path=f"{__name__}.VlmPrune", chat_class_path=f"{__name__}.VlmPruneChat"
+    )
 
 
 def _load(pretrained: str, dtype: torch.dtype, device: str):
@@ -59,6 +65,27 @@ def _is_video(visual: Any) -> bool:
     if isinstance(visual, Frames) or isinstance(visual, tuple):
         return True
     return isinstance(visual, str) and visual.lower().endswith((".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"))
+
+
+def _user_turn(messages: Any) -> tuple[list, str]:
+    """(media, text) of a one-turn chat: lmms-eval message dicts (or its ChatMessages) with content items
+    {"type": "image" | "video", "url": ...} and {"type": "text", "text": ...}."""
+    if hasattr(messages, "messages"):  # lmms_eval.protocol.ChatMessages
+        messages = [m.model_dump() if hasattr(m, "model_dump") else m for m in messages.messages]
+    roles = [m["role"] for m in messages]
+    if roles != ["user"]:
+        raise LmmsEvalError(f"the vlm_prune chat model answers one user turn; got roles {roles}")
+    visuals, texts = [], []
+    for item in messages[0]["content"]:
+        kind = item["type"] if isinstance(item, dict) else item.type
+        get = item.get if isinstance(item, dict) else lambda k, _i=item: getattr(_i, k, None)
+        if kind == "text":
+            texts.append(str(get("text")))
+        elif kind in ("image", "video"):
+            visuals.append(get("url") if get("url") is not None else get(kind))
+        else:
+            raise LmmsEvalError(f"the vlm_prune chat model takes image, video and text content, not {kind!r}")
+    return visuals, "\n".join(texts)
 
 
 try:
@@ -131,20 +158,25 @@ if _LmmsBase is not None:
             tok = getattr(self._processor, "tokenizer", self._processor)
             return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
+        def _respond(self, visuals: list, text: str, gen_kwargs: dict | None) -> str:
+            """One answer: a single video through VideoQA, images through the bench's inputs; `until` applied."""
+            max_new = int((gen_kwargs or {}).get("max_new_tokens", self.max_new_tokens))
+            if len(visuals) == 1 and _is_video(visuals[0]):
+                answer = self._answer_video(visuals[0], text, max_new)
+            else:
+                answer = self._answer_images(visuals, text, max_new)
+            for stop in (gen_kwargs or {}).get("until", []) or []:
+                if stop and stop in answer:
+                    answer = answer.split(stop)[0]
+            return answer
+
         def generate_until(self, requests) -> list[str]:
             out = []
             for request in requests:
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
                 visuals = doc_to_visual(self.task_dict[task][split][doc_id])
                 visuals = visuals if isinstance(visuals, list) else [visuals]
-                max_new = int((gen_kwargs or {}).get("max_new_tokens", self.max_new_tokens))
-                if len(visuals) == 1 and _is_video(visuals[0]):
-                    text = self._answer_video(visuals[0], context, max_new)
-                else:
-                    text = self._answer_images(visuals, context, max_new)
-                for stop in (gen_kwargs or {}).get("until", []) or []:
-                    if stop and stop in text:
-                        text = text.split(stop)[0]
+                text = self._respond(visuals, context, gen_kwargs)
                 out.append(text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             return out
@@ -154,3 +186,23 @@ if _LmmsBase is not None:
 
         def generate_until_multi_round(self, requests):
             raise LmmsEvalError("the vlm_prune plugin serves single-round generate_until tasks only")
+
+    class VlmPruneChat(VlmPrune):
+        """The chat-model face of the plugin (`is_simple = False`, the manifest's chat_class_path): requests carry
+        `(ctx, doc_to_messages, gen_kwargs, doc_id, task, split)`; the messages' one user turn (its media: one
+        video, or images; its text parts joined by newlines) is answered exactly as the simple class answers
+        the same visuals and text. Multi-turn chats (assistant turns) are refused; system text is not supported
+        by the bench prompt either, so it is refused too rather than dropped."""
+
+        is_simple = False
+
+        def generate_until(self, requests) -> list[str]:
+            out = []
+            for request in requests:
+                context, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
+                messages = doc_to_messages(self.task_dict[task][split][doc_id])
+                visuals, text = _user_turn(messages)
+                answer = self._respond(visuals, text, gen_kwargs)
+                out.append(answer)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
+            return out

@@ -33,6 +33,13 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
     return doc["question"]
 
 
+def doc_to_messages(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> list[dict]:
+    """The chat form of the same request (chat models): the clip as Frames in a video item, then the question.
+    lmms-eval's automatic messages take only PIL images, paths and dicts as visuals."""
+    (frames,) = doc_to_visual(doc)
+    return [{"role": "user", "content": [{"type": "video", "url": frames}, {"type": "text", "text": doc["question"]}]}]
+
+
 def process_results(doc: dict, results: list) -> dict:
     return {"exact_match": float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))}
 
