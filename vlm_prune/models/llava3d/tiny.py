@@ -186,6 +186,38 @@ def make_scene_inputs(
     return out
 
 
+WORDS = (
+    "USER ASSISTANT : ? , . [ ] what colour is the object nearest to of a an how many are there left right "
+    "red green blue yellow black white box sphere cylinder seen from door yes no one two three four five"
+).split()
+
+
+def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
+    """A word-level `PreTrainedTokenizerFast` with the tiny model's ids: <pad> 0, <s> 1, </s> 2, <image> 3,
+    <unk> 4, <boxes> 7 (`CLICK_ID`), then `WORDS` and fillers w0, w1, ... from `TEXT_ID_MIN` up to `vocab_size`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID, "<image>": IMAGE_ID, "<unk>": 4, "<video>": 5,
+                "<vision>": 6, "<boxes>": CLICK_ID, "<r8>": 8, "<r9>": 9}
+    vocab = dict(specials)
+    for index, word in enumerate(WORDS):
+        vocab[word] = TEXT_ID_MIN + index
+    filler = 0
+    while len(vocab) < vocab_size:
+        vocab[f"w{filler}"] = len(vocab)
+        filler += 1
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left",
+    )
+    hf.add_special_tokens({"additional_special_tokens": ["<image>", "<boxes>"]})
+    return hf
+
+
 SCENE_KEYS = ("pixel_values", "depths", "intrinsics", "poses", "axis_align", "clicks")
 
 
@@ -207,4 +239,5 @@ __all__ = [
     "random_scene",
     "single_scene_row",
     "tiny_llava3d_config",
+    "tiny_tokenizer",
 ]
