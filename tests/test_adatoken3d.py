@@ -174,3 +174,31 @@ def test_engine_gate_equals_eager_reference_on_toy_models(family):
         stages = handle.stats.stages
     assert [s.layer for s in stages] == [1, 2, 3]
     assert [s.total_out for s in stages] == [max(1, int(f * n + 0.5)) for f in (0.5, 0.25, 0.125)]
+
+
+def test_calibrate_runner_matches_eager_attention_on_a_toy_vlm():
+    """The runner's per-layer shares and low fractions equal the same measures on eager attention."""
+    from vlm_prune.calibrate_runner import calibrate_adatoken3d
+    from vlm_prune.toy_models import IMAGE_ID, build_tiny, make_inputs
+
+    model = build_tiny("llava", seed=3)
+    inputs = make_inputs(model, batch=2, padding="left", seed=4)
+    result = calibrate_adatoken3d(model, [inputs], n_stages=2, mass=0.05, media_ids=[IMAGE_ID])
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    shares, lows = [], []
+    for b in range(2):
+        visual = (inputs["input_ids"][b] == IMAGE_ID).nonzero(as_tuple=True)[0]
+        per_layer = [a[b, :, -1:, :] for a in out.attentions]  # (H, 1, L) of the last (real) token
+        shares.append([spatial_share(r, visual) for r in per_layer])
+        lows.append([low_contribution_fraction(r.mean(0)[0, visual], 0.05) for r in per_layer])
+    assert result["samples"] == 2 and result["num_layers"] == 4
+    assert result["shares"] == pytest.approx(torch.tensor(shares).mean(0).tolist(), abs=1e-5)
+    assert result["low_fractions"] == pytest.approx(torch.tensor(lows).mean(0).tolist(), abs=1e-6)
+    expected = propose_schedule(result["shares"], result["low_fractions"], 2)
+    assert tuple(result["schedule"]["layers"]) == expected.layers
+    assert model.config._attn_implementation == "sdpa"

@@ -99,3 +99,109 @@ def calibrate(
         "keep": keep,
         "schedule": schedule.to_dict(),
     }
+
+
+@torch.no_grad()
+def last_token_rows_per_layer(model: Any, inputs: dict[str, Any]) -> list[list[torch.Tensor]]:
+    """Per batch row, per decoder layer: the (H, 1, L_row) attention of the row's last token, recomputed from
+    q/k on what each layer's attention received (sdpa / flash stay on: no eager, no `output_attentions`).
+
+    L_row counts the row's real (non-padding) tokens; padding never receives attention.
+    """
+    from vlm_prune.adapters import adapter_for
+    from vlm_prune.engine.attention_rows import recompute_attention_rows
+
+    layers = adapter_for(model).layers
+    seen: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def recorder(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen[index] = (hidden.detach(), kwargs["position_embeddings"])
+
+        return hook
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    mask = inputs.get("attention_mask")
+    batch = inputs["input_ids"].shape[0]
+    out: list[list[torch.Tensor]] = []
+    for b in range(batch):
+        valid = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool) if mask is None else mask[b].bool().cpu()
+        slots = valid.nonzero(as_tuple=True)[0]
+        rows = []
+        for i, layer in enumerate(layers):
+            hidden, (cos, sin) = seen[i]
+            h = hidden[b : b + 1, slots.to(hidden.device)]
+            pick = min(b, cos.shape[0] - 1)  # rotary tables are per row, or one row shared by the batch
+            rope = (cos[pick : pick + 1, slots.to(cos.device)], sin[pick : pick + 1, slots.to(sin.device)])
+            query = torch.tensor([len(slots) - 1], device=h.device)
+            rows.append(recompute_attention_rows(layer.self_attn, h, rope, query, None)[0].cpu())
+        out.append(rows)
+    return out
+
+
+def calibrate_adatoken3d(
+    model: Any,
+    inputs_list: Iterable[dict[str, Any]],
+    *,
+    n_stages: int = 3,
+    mass: float = 0.05,
+    min_share: float = 0.02,
+    min_keep: float = 0.05,
+    media_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """AdaToken-3D's tailoring on sample inputs: per decoder layer, the share of the last instruction token's
+    attention that flows into spatial (media) tokens and the fraction of them carrying under `mass` of it,
+    then the proposed schedule (`vlm_prune.methods.adatoken3d.propose_schedule`).
+
+    Returns {"model", "num_layers", "samples", "shares", "low_fractions", "needed", "schedule", "keep"}: "keep"
+    is the proposal's equivalent average fraction of spatial tokens over layers.
+    """
+    from vlm_prune.methods.adaptinfer import equivalent_average_tokens
+    from vlm_prune.methods.adatoken3d import (
+        low_contribution_fraction,
+        needed_fractions,
+        propose_schedule,
+        spatial_share,
+    )
+
+    media = list(media_ids) if media_ids is not None else media_token_ids(model)
+    if not media:
+        raise ValueError("cannot find the media placeholder token ids in the model config: pass media_ids=[...]")
+    shares: list[list[float]] = []
+    lows: list[list[float]] = []
+    for inputs in inputs_list:
+        per_row = last_token_rows_per_layer(model, inputs)
+        mask = inputs.get("attention_mask")
+        for b, rows in enumerate(per_row):
+            ids = inputs["input_ids"][b].cpu()
+            if mask is not None:
+                ids = ids[mask[b].bool().cpu()]
+            visual = torch.isin(ids, torch.tensor(media)).nonzero(as_tuple=True)[0]
+            if visual.numel() == 0:
+                continue
+            shares.append([spatial_share(r, visual) for r in rows])
+            lows.append([low_contribution_fraction(r.float().mean(0)[0, visual], mass) for r in rows])
+    if not shares:
+        raise ValueError("no sample had media tokens: nothing to calibrate on")
+    mean_shares = torch.tensor(shares).mean(0).tolist()
+    mean_lows = torch.tensor(lows).mean(0).tolist()
+    schedule = propose_schedule(mean_shares, mean_lows, n_stages, min_share=min_share, min_keep=min_keep)
+    return {
+        "model": str(getattr(model.config, "_name_or_path", "") or ""),
+        "num_layers": len(mean_shares),
+        "samples": len(shares),
+        "shares": mean_shares,
+        "low_fractions": mean_lows,
+        "needed": needed_fractions(mean_shares, mean_lows, min_share=min_share, min_keep=min_keep),
+        "mass": mass,
+        "schedule": schedule.to_dict(),
+        "keep": equivalent_average_tokens(schedule, len(mean_shares), 1),
+    }

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser(
         "calibrate",
-        help="measure cross-modal attention per layer and save an AdaptInfer preset",
+        help="measure cross-modal attention per layer and save an AdaptInfer (or AdaToken-3D) preset",
         description=_dedent(
             """
             Runs the model (eager attention, for this offline measurement only) on a few task samples, measures
@@ -248,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
             layers where it shifts most (inflection layers), proposes an AdaptInfer schedule for --keep and
             saves it as a JSON preset. Use it with
                 vlm_prune.apply(model, "adaptinfer", preset="<out>.json")
+            With --method adatoken3d it does AdaToken-3D's tailoring instead (attention rows recomputed from q/k,
+            no eager): per layer, the share of the last instruction token's attention that flows into the
+            spatial tokens and the fraction of them carrying under --mass (5 %) of it; it proposes the stage
+            layers and keep ratios that need the fewest tokens, for
+                vlm_prune.apply(model, "adatoken3d", preset="<out>.json")
             """
         ),
         epilog=_dedent(
@@ -255,12 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
             examples:
               vlm-prune calibrate --model llava --out adaptinfer_llava.json
               vlm-prune calibrate --model qwen2_vl --keep 0.5 --n-stages 2 --n-samples 16
+              vlm-prune calibrate --method adatoken3d --model llava3d_scene --task scene3d --out at3d.json
             """
         ),
         formatter_class=_Formatter,
     )
     _add_model_args(cal)
-    cal.add_argument("--task", default="mosaic", help="task whose test samples are used")
+    cal.add_argument("--method", choices=("adaptinfer", "adatoken3d"), default="adaptinfer", help="what to calibrate")
+    cal.add_argument(
+        "--task", default=None, help="task whose test samples are used (default: mosaic, scene3d for adatoken3d)"
+    )
+    cal.add_argument("--mass", type=float, default=0.05, help="adatoken3d: attention mass that counts as 'low'")
     cal.add_argument("--n-samples", type=int, default=8, help="samples to measure on")
     cal.add_argument("--keep", type=float, default=0.5, help="equivalent average fraction of visual tokens to keep")
     cal.add_argument("--n-stages", type=int, default=3, help="pruning stages to place")
@@ -458,11 +468,15 @@ def cmd_calibrate(args) -> int:
     from vlm_prune.methods.adaptinfer import Schedule
     from vlm_prune.methods.calibration import save_preset
 
+    args.task = args.task or ("scene3d" if args.method == "adatoken3d" else "mosaic")
     task = get_task(args.task)
     _set_threads(args.threads, None)
-    model, processor, _ = load_bench_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    load = task.load_model or load_bench_model
+    model, processor, _ = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     samples = task.samples(args.n_samples, args.seed)
     inputs = [task.prepare(model, processor, [s]) for s in samples]
+    if args.method == "adatoken3d":
+        return _calibrate_adatoken3d(args, model, inputs)
     with torch.no_grad():
         found = calibrate(model, inputs, keep=args.keep, n_stages=args.n_stages, min_gap=args.min_gap)
     sched = found["schedule"]
@@ -488,6 +502,33 @@ def cmd_calibrate(args) -> int:
         f"keeping {keeps} of the visual tokens after each stage"
     )
     print(f"Saved preset {out}; use it with vlm_prune.apply(model, 'adaptinfer', preset={str(out)!r})")
+    return 0
+
+
+def _calibrate_adatoken3d(args, model, inputs) -> int:
+    import torch
+
+    from vlm_prune.bench import _short_name
+    from vlm_prune.calibrate_runner import calibrate_adatoken3d
+    from vlm_prune.methods.adaptinfer import Schedule
+    from vlm_prune.methods.adatoken3d import save_preset
+
+    with torch.no_grad():
+        found = calibrate_adatoken3d(model, inputs, n_stages=args.n_stages, mass=args.mass)
+    sched = found["schedule"]
+    schedule = Schedule(tuple(sched["layers"]), tuple(sched["keep"]), "calibrated")
+    out = Path(args.out or f"adatoken3d_{_short_name(args.model)}.json")
+    measured = {k: found[k] for k in ("num_layers", "keep", "samples", "shares", "low_fractions", "needed", "mass")}
+    save_preset(out, schedule, model=found["model"] or args.model, task=args.task, seed=args.seed, **measured)
+    print(f"Last instruction token's attention per decoder layer ({found['samples']} samples):")
+    for layer, (share, low) in enumerate(zip(found["shares"], found["low_fractions"])):
+        print(f"  layer {layer:>3}: {share:.3f} into spatial tokens, {100 * low:5.1f} % of them under {args.mass:.0%}")
+    keeps = ", ".join(f"{k:.3f}" for k in schedule.keep)
+    print(
+        f"Proposed AdaToken-3D schedule: prune on the input of layers {list(schedule.layers)}, keeping {keeps} of "
+        f"the spatial tokens after each stage (equivalent average {found['keep']:.3f})"
+    )
+    print(f"Saved preset {out}; use it with vlm_prune.apply(model, 'adatoken3d', preset={str(out)!r})")
     return 0
 
 
