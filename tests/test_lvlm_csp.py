@@ -174,6 +174,32 @@ def test_decode_with_ragged_cache_equals_full_recompute(family, trim_cache):
     assert stats.kv_cache_bytes < stats.kv_cache_bytes_unpruned
 
 
+@pytest.mark.parametrize("trim_cache", [False, True])
+def test_beam_search_on_ragged_cache_equals_full_recompute_of_every_beam(trim_cache):
+    """Beam search reorders the ragged cache (rows x beams, different lengths per layer segment): every returned
+    beam's score equals the sum of its tokens' log-probabilities under a full recompute of its own sequence."""
+    model = build_tiny("llava")
+    inputs = make_inputs(model, batch=2, padding="left")
+    cap = capture(model, inputs, mode="generate")
+    steps, beams = 3, 3
+    options = dict(num_beams=beams, num_return_sequences=beams, max_new_tokens=steps, min_new_tokens=steps,
+                   length_penalty=0.0, do_sample=False, early_stopping=True, return_dict_in_generate=True,
+                   output_scores=True)  # fmt: skip
+    with vlm_prune.pruned(model, FixedCSP(1, 3), trim_cache=trim_cache), torch.no_grad():
+        out = model.generate(**inputs, **options)
+    generated = out.sequences[:, inputs["input_ids"].shape[1] :]
+    assert generated.shape == (2 * beams, steps)
+    for row in range(2):
+        assert len({tuple(t) for t in generated[row * beams : (row + 1) * beams].tolist()}) == beams
+        for beam in range(beams):
+            tokens = generated[row * beams + beam].tolist()
+            total = 0.0
+            for step in range(steps):
+                logits = csp_reference(model, cap, row, 1, 3, extra=tokens[:step], trimmed=trim_cache)[-1]
+                total += float(logits.float().log_softmax(-1)[tokens[step]])
+            torch.testing.assert_close(out.sequences_scores[row * beams + beam].item(), total, rtol=1e-4, atol=1e-4)
+
+
 def test_ragged_cache_lengths_per_layer():
     """Layers < s1 hold text + representatives; s1..s2 all tokens (untrimmed) or the final set; >= s2 final."""
     model = build_tiny("llava")
