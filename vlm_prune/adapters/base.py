@@ -64,6 +64,10 @@ class Adapter:
     def media_token_ids(self) -> list[int]:
         raise NotImplementedError
 
+    def kind_token_ids(self) -> dict[str, int]:
+        """Media kind name ("image", "video", "scene") -> its placeholder token id (signal tables per kind)."""
+        return dict(zip(("image", "video"), self.media_token_ids()))
+
     def check_media_inputs(self, call: dict) -> None:
         """Raise an InputError when the call's media inputs disagree with their metadata (default: no check)."""
 

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from vlm_prune.engine.segments import Segments
 
-IMAGE, VIDEO = 0, 1
+IMAGE, VIDEO, SCENE = 0, 1, 2
 
 
 @dataclass
@@ -27,7 +27,7 @@ class VisualLayout:
     Shapes (N = number of visual tokens described):
         media_index: (N,) long. Which media item of the sample the token belongs to (0-based, order of
             appearance in the prompt).
-        kind: (N,) long. `IMAGE` (0) or `VIDEO` (1).
+        kind: (N,) long. `IMAGE` (0), `VIDEO` (1) or `SCENE` (2: a 3-D scene's voxel tokens, LLaVA-3D).
         frame: (N,) long. Temporal grid index inside the media item (0 for images).
         grid_thw: (N, 3) long. The token's (t, h, w) coordinate in its media grid; -1 for tokens that sit
             outside any grid (e.g. LLaVA-NeXT row-newline tokens).
@@ -36,6 +36,10 @@ class VisualLayout:
         group: (N,) long or None. A label a merging stage gave each surviving token (e.g. PruneVid's
             static group of a segment or a frame's dynamic group), for the method's later stages; None
             until a stage sets one (`Selection.group`).
+        voxel: (N, 3) long or None. SCENE tokens: the integer voxel coordinate (i, j, k), scene minimum at 0
+            (grid_thw holds it too); other tokens -1. None when the sample has no scene.
+        xyz: (N, 3) float or None. SCENE tokens: the voxel centre in metres (axis-aligned world frame); other
+            tokens NaN. None when the sample has no scene.
     """
 
     media_index: torch.Tensor
@@ -44,6 +48,8 @@ class VisualLayout:
     grid_thw: torch.Tensor
     media_grid: list[tuple[int, int, int]] = field(default_factory=list)
     group: torch.Tensor | None = None
+    voxel: torch.Tensor | None = None
+    xyz: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.media_index.numel())
@@ -57,6 +63,8 @@ class VisualLayout:
             grid_thw=self.grid_thw[keep],
             media_grid=list(self.media_grid),
             group=None if self.group is None else self.group[keep],
+            voxel=None if self.voxel is None else self.voxel[keep],
+            xyz=None if self.xyz is None else self.xyz[keep],
         )
 
     @property

@@ -18,10 +18,10 @@ import torch
 
 from vlm_prune.adapters.base import Adapter
 from vlm_prune.adapters.expansion import expanded_token_index, row_totals
-from vlm_prune.engine.context import IMAGE, VIDEO, SelectionContext
+from vlm_prune.engine.context import IMAGE, SCENE, VIDEO, SelectionContext
 from vlm_prune.errors import PruneError
 
-KINDS = (("image", IMAGE), ("video", VIDEO))
+KINDS = (("image", IMAGE), ("video", VIDEO), ("scene", SCENE))
 KEEP_RECORDINGS = 2  # recordings per kind kept across calls (an image and a video encoder call)
 
 
@@ -101,10 +101,10 @@ class SignalRecorder:
             tables["pixels"] = adapter.pixel_rows(self.pixel_inputs, call)
         if not tables:
             return None
-        _expand_tables(tables, call["input_ids"], adapter.media_token_ids())
+        _expand_tables(tables, call["input_ids"], adapter.kind_token_ids())
         if "projector_inputs" in tables:
             _verify_projector_rows(adapter, tables["projector_inputs"], call["input_ids"], original_embeds)
-        per_sample, offsets = [], {"image": 0, "video": 0}
+        per_sample, offsets = [], {name: 0 for name, _ in KINDS}
         for layout in layouts:
             kinds = layout.kind
             table_rows = torch.empty(len(kinds), dtype=torch.long)
@@ -138,13 +138,15 @@ class SignalRecorder:
             ctx.projector_tail = parts.tail
 
 
-def _expand_tables(tables: dict[str, dict[str, torch.Tensor]], input_ids: torch.Tensor, token_ids: list[int]) -> None:
+def _expand_tables(
+    tables: dict[str, dict[str, torch.Tensor]], input_ids: torch.Tensor, token_ids: dict[str, int]
+) -> None:
     """Repeat encoder-order table rows to follow generate()'s row expansion (beams, several sequences).
 
     A table holds one row per media token the vision tower encoded; after the expansion the call holds each
     original row's tokens `e` times (see `adapters.expansion`). No-op when the counts already match.
     """
-    for (name, _), token_id in zip(KINDS, token_ids):
+    for name, token_id in token_ids.items():
         totals = row_totals(input_ids, token_id)
         for per_kind in tables.values():
             table = per_kind.get(name)
@@ -158,7 +160,7 @@ def _verify_projector_rows(
 ) -> None:
     """The recorded projector inputs must project onto the media embeddings (guards stale recordings)."""
     parts = adapter.projector_parts()
-    for (name, _), token_id in zip(KINDS, adapter.media_token_ids()):
+    for name, token_id in adapter.kind_token_ids().items():
         if name not in rows:
             continue
         expected = embeds[input_ids == token_id]
