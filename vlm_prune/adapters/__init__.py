@@ -6,6 +6,7 @@ from torch import nn
 
 from vlm_prune.adapters.base import Adapter, ProjectorParts, SampleMedia
 from vlm_prune.adapters.llava import LlavaAdapter, LlavaNextAdapter
+from vlm_prune.adapters.llava3d import Llava3DAdapter
 from vlm_prune.adapters.llava_video import LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from vlm_prune.adapters.qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter, QwenVLAdapter
 from vlm_prune.errors import UnsupportedModelError
@@ -19,6 +20,7 @@ ADAPTERS: dict[str, tuple[type[Adapter], str]] = {
     "Qwen2VLForConditionalGeneration": (QwenVLAdapter, "Qwen2-VL"),
     "Qwen2_5_VLForConditionalGeneration": (Qwen25VLAdapter, "Qwen2.5-VL"),
     "Qwen3VLForConditionalGeneration": (Qwen3VLAdapter, "Qwen3-VL (dense)"),
+    "Llava3DForConditionalGeneration": (Llava3DAdapter, "LLaVA-3D (vlm_prune.models.llava3d; scenes and images)"),
 }
 
 
