@@ -109,6 +109,7 @@ MODELS = {
 }  # fmt: skip
 
 IMAGE_PX = 192
+VAL_SEED = 4321  # --val-every: held-out monitoring mosaics, another seed than TRAIN["eval_seed"]
 # decoder layers (of the 4-layer recipe) whose head 0 / head 1 get the attention losses; a deeper decoder built
 # with --expand-layers keeps them on the same original layers, at their new positions (benchmarks/demo_depth.py)
 RETRIEVAL_LAYER, YESNO_LAYER = 2, 3
@@ -715,10 +716,10 @@ def train_one(family: str, args) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
-    def checkpoint(tag: str, step: int) -> None:
+    def checkpoint(tag: str, step: int, suffix: str = "") -> None:
         state = {"model": model.state_dict(), "heads": heads.state_dict(), "stage": tag, "step": step,
                  "expansion": expansion}  # fmt: skip
-        torch.save(state, work / f"{family}_{tag}.pt")
+        torch.save(state, work / f"{family}_{tag}{suffix}.pt")
 
     if init is not None:
         state = init
@@ -758,6 +759,8 @@ def train_one(family: str, args) -> dict:
     # stage 2: everything, several questions per mosaic on a shared prefix
     jcfg = dict(TRAIN["joint"])
     jcfg["lr"] *= args.lr_scale
+    if args.joint_mosaics:
+        jcfg["mosaics"] = args.joint_mosaics
     checks["shared_prefix_max_logit_diff"] = check_shared_prefix(model, stream)
     log(f"checks: {checks}")
     if checks["shared_prefix_max_logit_diff"] > 1e-3:
@@ -813,8 +816,28 @@ def train_one(family: str, args) -> dict:
         {"params": [p for p in model.parameters() if id(p) not in fast_ids] + list(heads.parameters())},
         {"params": fast_params, "lr_mult": jcfg["yesno_lr_mult"]},
     ]
+    val = M.make_mosaics("test", args.val_n, seed=VAL_SEED, qtypes=M.CELL_QTYPES) if args.val_every else []
+    val_history: list[dict] = []
+
+    def joint_on_step(st: int) -> None:
+        if st % 50 == 0:
+            checkpoint("joint", st)
+        if args.val_every and st % args.val_every == 0:
+            # monitoring only: held-out mosaics of another seed than the final test set (eval_seed); every
+            # validated state is kept, so a run stopped by SIGUSR1 can ship the last state that passed
+            model.eval()
+            with torch.no_grad():
+                r = evaluate(model, processor, val, batch_size=16, progress=False)
+            model.train()
+            row = {"step": st, "t": round(time.time() - t_start, 1),
+                   **{q: v["accuracy"] for q, v in r["per_qtype"].items()}}  # fmt: skip
+            val_history.append(row)
+            checkpoint("joint", st, suffix=f"_val{st}")
+            log(f"val {args.val_n} (seed {VAL_SEED}) at joint step {st}: "
+                + ", ".join(f"{q} {v['accuracy']:.3f}" for q, v in r["per_qtype"].items()))  # fmt: skip
+
     j_steps = run_stage("joint", args.joint_steps, args.joint_minutes, all_params, joint_step, jcfg, history, log,
-                        on_step=lambda st: st % 50 == 0 and checkpoint("joint", st))  # fmt: skip
+                        on_step=joint_on_step)  # fmt: skip
     checkpoint("joint", j_steps)
     hook.remove()
     train_s = time.time() - t_start
@@ -868,6 +891,8 @@ def train_one(family: str, args) -> dict:
         "yesno_attention": args.yesno_attention,
         "expansion": expansion,
         "lr_scale": args.lr_scale,
+        "validation": {"n": args.val_n, "seed": VAL_SEED, "every": args.val_every, "history": val_history}
+        if args.val_every else None,
         "attention_loss_layers": {"key_words": 0, "cell": retrieval_layer, "yesno": yesno_layer},
         "train_config": json.loads(json.dumps(TRAIN)),
         "model_config": model_config(family, num_layers),
@@ -1028,6 +1053,13 @@ def main(argv=None) -> int:
                     help="multiplies the joint stage's learning rates (fine-tuning an initialised model)")  # fmt: skip
     ap.add_argument("--yesno-attention", type=float, default=1.0,
                     help="relative weight of the yes/no attention loss (0 turns it off)")  # fmt: skip
+    ap.add_argument("--joint-mosaics", type=int, default=None,
+                    help="mosaics per joint step (default: the recipe's); fewer makes a step cheaper")  # fmt: skip
+    ap.add_argument("--val-every", type=int, default=0,
+                    help="every K joint steps, greedy accuracy on --val-n held-out cell questions (seed "
+                         f"{VAL_SEED}, not the final test set); each validated state is kept in --work-dir",
+                    )  # fmt: skip
+    ap.add_argument("--val-n", type=int, default=48)
     ap.add_argument("--report-only", action="store_true", help="only rewrite demo_models.md")
     args = ap.parse_args(argv)
     if args.threads:
