@@ -6,8 +6,8 @@ A `BenchTask` is data plus three functions, so `bench.run_bench` stays generic o
 - `prepare(model, processor, samples)`: the left-padded batch of model inputs for them;
 - `answers(model, processor, samples, max_new_tokens)`: the greedy answers (strings).
 
-Tasks: "mosaic" (images, `vlm_prune.data.mosaic`), "video" (`vlm_prune.tasks.video`) and "icl" (few-shot
-prompts, `vlm_prune.tasks.icl`).
+Tasks: "mosaic" (images, `vlm_prune.data.mosaic`), "video" (`vlm_prune.tasks.video`), "icl" (few-shot
+prompts, `vlm_prune.tasks.icl`) and "scene3d" (LLaVA-3D scenes, `vlm_prune.tasks.scene3d`).
 """
 
 from __future__ import annotations
@@ -149,6 +149,32 @@ def _segmentation_load(spec: str, dtype=None, device: str = "cpu"):
     return load_bench_segmenter(spec, dtype=dtype, device=device)
 
 
+# ---------------------------------------------------------------------------------------------------- scene3d
+def _scene3d_samples(n: int, seed: int) -> list:
+    from vlm_prune.tasks.scene3d import DEMO_IMAGE_SIZE, make_samples
+
+    return make_samples("test", n, seed=1234 + seed, image_size=DEMO_IMAGE_SIZE)
+
+
+def _scene3d_prepare(model, processor, samples):
+    from vlm_prune.tasks.scene3d import scene_inputs
+
+    parameter = next(model.parameters())
+    return scene_inputs(processor, samples, parameter.device, parameter.dtype)
+
+
+def _scene3d_answers(model, processor, samples, max_new_tokens: int) -> list[str]:
+    from vlm_prune.tasks.scene3d import generate_answers
+
+    return generate_answers(model, processor, samples, max_new_tokens)
+
+
+def _scene3d_load(spec: str, dtype=None, device: str = "cpu"):
+    from vlm_prune.tasks.scene3d import load_scene_model
+
+    return load_scene_model(spec, dtype=dtype, device=device)
+
+
 TASKS: dict[str, BenchTask] = {
     "mosaic": BenchTask(
         name="mosaic",
@@ -209,6 +235,23 @@ TASKS: dict[str, BenchTask] = {
         pooled=_segmentation_pooled,
         load_model=_segmentation_load,
         metric_name="gIoU",
+    ),
+    "scene3d": BenchTask(
+        name="scene3d",
+        description="rooms of easy-VQA-textured boxes, spheres and cylinders seen from 4 posed RGB-D views (held-out "
+        "test split, LLaVA-3D voxel tokens); questions that need 3-D: the nearest object, counts, left of seen "
+        "from the door",
+        media="scene",
+        default_model="llava3d_scene",
+        samples=_scene3d_samples,
+        prepare=_scene3d_prepare,
+        answers=_scene3d_answers,
+        default_keeps=(1.0, 0.469, 0.35, 0.25, 0.125),  # 0.469 = AdaToken-3D's own schedule, 15/32
+        quick_keeps=(1.0, 0.35, 0.25),
+        default_methods=("adatoken3d", "random", "pool", "divprune", "fastv", "zoo"),
+        own_budget=("adatoken3d",),
+        quick_samples=30,
+        load_model=_scene3d_load,
     ),
 }
 

@@ -428,3 +428,72 @@ def task_corpus() -> list[str]:
     for a in COLORS:
         texts.append(f"is the {a} object left of the {a} one, seen from the door?")
     return texts + ["yes", "no", *(str(k) for k in range(MAX_PER_KIND + 1))]
+
+
+# ---------------------------------------------------------------------------------------------- model inputs
+#: the embedded LLaVA-3D demo model trained on this task (benchmarks/train_scene3d_model.py)
+DEMO_MODEL = "llava3d_scene"
+#: the side of its views: render at the vision tower's input size so the processor does not resize
+DEMO_IMAGE_SIZE = 96
+
+
+def scene_prompt(processor, question: str) -> str:
+    """The chat prompt of one question about a scene (the scene placeholder first)."""
+    content = [{"type": "scene"}, {"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}])
+
+
+def scene_inputs(processor, samples: Sequence[SceneSample], device=None, dtype=None) -> dict:
+    """`Llava3DProcessor` inputs (left-padded) for rendered samples, floats cast to `dtype` on `device`."""
+    if any(s.views is None for s in samples):
+        raise DataError("scene3d samples must be rendered (make_samples(..., render=True)) to build model inputs")
+    views = [s.views for s in samples]
+    inputs = processor(
+        [scene_prompt(processor, s.question) for s in samples],
+        rgb=[v.rgb for v in views],
+        depth=[v.depth for v in views],
+        intrinsics=[v.intrinsics for v in views],
+        poses=[v.poses for v in views],
+        axis_align=[v.axis_align for v in views],
+    )
+    out = {}
+    for key, value in inputs.items():
+        if device is not None:
+            value = value.to(device)
+        if dtype is not None and value.is_floating_point() and key == "pixel_values":
+            value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def generate_answers(model, processor, samples: Sequence[SceneSample], max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers (decoded text after the prompt) of a batch of samples."""
+    import torch
+
+    parameter = next(model.parameters())
+    inputs = scene_inputs(processor, samples, parameter.device, parameter.dtype)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def load_scene_model(spec: str = DEMO_MODEL, dtype=None, device: str = "cpu"):
+    """(model, processor, info) of the embedded demo model (spec "llava3d_scene") or a saved LLaVA-3D folder."""
+    from pathlib import Path
+
+    import torch
+
+    import vlm_prune.models.llava3d  # noqa: F401  (registers the architecture)
+    from vlm_prune.models.llava3d.modeling import Llava3DForConditionalGeneration
+    from vlm_prune.models.llava3d.processing import Llava3DProcessor
+
+    folder = Path(__file__).resolve().parents[1] / "demo_models" / DEMO_MODEL if spec == DEMO_MODEL else Path(spec)
+    if not (folder / "config.json").is_file():
+        raise DataError(
+            f"no LLaVA-3D model at {folder}: train the demo with benchmarks/train_scene3d_model.py, or pass a folder "
+            "written by model.save_pretrained + Llava3DProcessor.save_pretrained"
+        )
+    model = Llava3DForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.float32).to(device).eval()
+    processor = Llava3DProcessor.from_pretrained(folder)
+    source = "embedded" if spec == DEMO_MODEL else "local"
+    return model, processor, {"spec": str(spec), "source": source}
