@@ -1,0 +1,42 @@
+"""vlm_prune as a vLLM general plugin: pre-LLM visual-token pruning inside vLLM's multimodal embedding path.
+
+Entry point (pyproject.toml): group `vllm.general_plugins`, `vlm_prune = "vlm_prune.integrations.vllm:register"`.
+vLLM calls `register()` in every process it starts (front end, engine core, workers, the model-inspection
+subprocess). It is idempotent and changes nothing for models that do not opt in: it registers NEW architecture
+names (`ModelRegistry.register_model(name, "module:Class")`, lazily imported; vLLM's own classes are never
+replaced) and wraps the model runners' `load_model` to set the pruning flag for models that ask for it
+(`runner.py`). A model opts in with
+
+    --hf-overrides '{"architectures": ["VlmPruneQwen2_5_VLForConditionalGeneration"],
+                     "vlm_prune": {"method": "divprune", "keep": 64}}'
+
+Modules: `spec` (the setting and `count(grid, spec)`, pure), `select` (one item's selection with vlm_prune's own
+method code, pure), `positions` (M-RoPE of a pruned prompt, pure), `processor` (placeholder counts, cache key),
+`models` (the subclasses), `runner` (the flag fix), `compat` (every vLLM-internal import, version-checked).
+"""
+
+from __future__ import annotations
+
+from vlm_prune.integrations.vllm.spec import METHODS, PruneSpec, count, parse_spec
+
+__all__ = ["METHODS", "PruneSpec", "count", "parse_spec", "register"]
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """vLLM's general-plugin hook: register our architecture names and the runner fix (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vlm_prune.integrations.vllm import compat
+    from vlm_prune.integrations.vllm.models import ARCHITECTURES
+    from vlm_prune.integrations.vllm.runner import patch_runners
+
+    vllm = compat.load()
+    supported = set(vllm.ModelRegistry.get_supported_archs())
+    for name in ARCHITECTURES:
+        if name not in supported:
+            vllm.ModelRegistry.register_model(name, f"vlm_prune.integrations.vllm.models:{name}")
+    patch_runners()
+    _REGISTERED = True
