@@ -1,196 +1,494 @@
-"""Train the embedded demo segmenter: the embedded LLaVA demo model + `[SEG]` + a tiny SAM, on segmentation mosaics.
+"""Train the embedded demo segmenter `llava_seg`: a dedicated tiny LLaVA + `[SEG]` + a tiny SAM, end to end.
 
-    nohup nice -n 10 .venv/bin/python benchmarks/train_segmenter.py --out /tmp/seg_train --minutes 40 &
+The command that built `vlm_prune/demo_models/llava_seg/` (one process, 1 thread, on the shared 2-core CPU):
 
-Data: `vlm_prune.tasks.segmentation` train mosaics only (2x2 easy-VQA train images, referring and reasoning
-prompts, masks from the shapes' pixels); evaluation on held-out test mosaics. The prompt words the demo tokenizer
-lacks are added as tokens, with `[SEG]`. Trained: the LLM (not its vision tower or projector), `text_hidden_fcs`
-and the whole tiny SAM (from scratch: no pretrained SAM is available offline). Loss: LISA's mask loss (2.0 x BCE +
-0.5 x dice, at the mask decoder's low resolution, targets downsampled) + the LM's cross-entropy on "[SEG].".
+    OMP_NUM_THREADS=1 nohup nice -n 5 .venv/bin/python benchmarks/train_segmenter.py \\
+        --out /tmp/seg/run --steps 1500 --minutes 76 --ship > /tmp/seg/log 2>&1 &
 
-Resumable: `--out` holds `state.pt` (model, optimiser, step, log) after every evaluation; `--minutes` bounds this
-run's wall time. The best model by held-out gIoU is saved as a `Segmenter` to `--out/best` (with its processor).
+Model (`build`): a LLaVA of the embedded demo style but dedicated to 2x2 mosaics (128 px): CLIP vision tower at
+128 px with 16 px patches (64 visual tokens instead of the demo LLaVA's 576), 8 Llama decoder layers (so that
+LVLM_CSP's s1 < s2 < depth leaves each stage room), the demo LLaVA's word-level tokenizer plus the prompt words
+and `[SEG]`; transformers' `SamModel` at 128 px (patch 8: a 16x16 image embedding, 64x64 low-res masks); LISA's
+`text_hidden_fcs`, reading the hidden state one before `[SEG]` (`seg_hidden_offset=-1`). Everything from scratch
+(no pretrained SAM or VLM is available offline).
+
+Data: `vlm_prune.tasks.segmentation`'s layouts and prompts (referring_name, referring_position, same_color,
+odd_one_out, in turn), drawn afresh every step from the TRAIN easy-VQA images only (`TrainStream`: the same
+layouts, prompts and shape masks as `make_samples`, composed from cached arrays); held-out evaluation on
+`make_samples("test", ...)` through the real processor and `Segmenter.predict_masks` (test images only).
+
+Loss: LISA's mask loss (2.0 x BCE + 0.5 x dice on SAM's 64x64 low-res masks, targets area-downsampled), the LM's
+cross-entropy on the answer "[SEG].", and training-only auxiliaries that are not shipped: SAM also decodes, in the
+same call, a learned prompt of a random cell (the same mask loss against that cell's shape: always decidable, so SAM
+learns foreground masks while the VLM learns to read the prompt); the target cell from the `[SEG]` reading state
+(4-way CE, x0.5); each cell's shape and colour from the mean of its projected visual tokens (CE, x0.5). AdamW,
+linear warm-up then cosine decay over the run's progress = max(step / --steps, training time / --minutes).
+
+Resumable: `--out/state.pt` (model, heads, optimiser, step, history) after every evaluation (training time adds up
+over resumed runs). `--ship` writes the final model (fp16) to `vlm_prune/demo_models/llava_seg/` and the report
+(`benchmarks/results/demo_segmenter_train.json`, `demo_segmenter_loss.png`, `demo_segmenter.md`) with gIoU and
+cIoU per prompt kind on `--report-samples` held-out mosaics.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import platform
 import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-SAM_FIELDS = dict(
-    vision_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_dim=128, image_size=128,
-                       patch_size=8, output_channels=64, global_attn_indexes=[1, 3], window_size=4, num_pos_feats=32),
-    prompt_encoder_config=dict(hidden_size=64, image_size=128, image_embedding_size=16),
-    mask_decoder_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
-                             iou_head_hidden_dim=64),
+ROOT = Path(__file__).resolve().parent.parent
+SHIP_DIR = ROOT / "vlm_prune" / "demo_models" / "llava_seg"
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGE_PX = 128  # a 2x2 mosaic of 64 px cells, at its own size
+CONFIG = dict(
+    vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_PX,
+                patch_size=16, hidden_act="quick_gelu"),
+    text=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=8, num_attention_heads=2, num_key_value_heads=2,
+              head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-6),
+    sam=dict(
+        vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
+                           image_size=IMAGE_PX, patch_size=8, output_channels=64, global_attn_indexes=[1],
+                           window_size=4, num_pos_feats=32, use_rel_pos=False),
+        prompt_encoder_config=dict(hidden_size=64, image_size=IMAGE_PX, image_embedding_size=16),
+        mask_decoder_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
+                                 iou_head_hidden_dim=64),
+    ),
 )  # fmt: skip
+LOW_RES = 64  # SAM's low-res mask side: 4 x its 16x16 image embedding
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_processor():
+    """The demo LLaVA's tokenizer + the prompt words + `[SEG]`, with a 128 px CLIP image processor (16 px patches)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from vlm_prune.demo import demo_model_path, load_processor
+    from vlm_prune.models.segmenter import SEG_TOKEN
+    from vlm_prune.tasks.segmentation import task_words
+
+    base = load_processor(demo_model_path("llava"))
+    tokenizer = base.tokenizer
+    missing = [w for w in task_words() if tokenizer.unk_token_id in tokenizer(w, add_special_tokens=False).input_ids]
+    tokenizer.add_tokens(missing)
+    tokenizer.add_tokens(["."])  # the answer "[SEG]." ends with one
+    tokenizer.add_tokens([SEG_TOKEN], special_tokens=True)
+    ip = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_PX}, crop_size={"height": IMAGE_PX, "width": IMAGE_PX},
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+    )  # fmt: skip
+    processor = LlavaProcessor(
+        image_processor=ip, tokenizer=tokenizer, patch_size=CONFIG["vision"]["patch_size"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=base.chat_template,
+    )  # fmt: skip
+    return processor, missing
 
 
 def build(seed: int):
-    from transformers import SamConfig, SamModel
+    """(segmenter, processor, added words): the untrained dedicated segmenter (see the module docstring)."""
+    from transformers import (
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        SamConfig,
+        SamModel,
+    )
 
-    from vlm_prune.demo import demo_model
-    from vlm_prune.models.segmenter import Segmenter, SegmenterConfig, add_seg_token
-    from vlm_prune.tasks.segmentation import task_words
+    from vlm_prune.models.segmenter import Segmenter, SegmenterConfig, seg_token_id
 
-    vlm, processor = demo_model("llava")
-    tokenizer = processor.tokenizer
-    unknown = {tokenizer.unk_token_id}
-    missing = [w for w in task_words() if set(tokenizer(w, add_special_tokens=False).input_ids) & unknown]
-    tokenizer.add_tokens(missing)
-    seg_id = add_seg_token(vlm, processor)
+    processor, missing = build_processor()
+    tok = processor.tokenizer
     torch.manual_seed(seed)
-    sam = SamModel(SamConfig(**SAM_FIELDS))
-    return Segmenter(vlm, sam, SegmenterConfig(seg_token_id=seg_id, seg_hidden_offset=-1)), processor, missing
+    text = LlamaConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **CONFIG["text"],
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**CONFIG["vision"]), text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=(IMAGE_PX // CONFIG["vision"]["patch_size"]) ** 2,
+        vision_feature_select_strategy="default", vision_feature_layer=-1, projector_hidden_act="gelu",
+    )  # fmt: skip
+    vlm = LlavaForConditionalGeneration(config)
+    vlm.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        do_sample=False, max_new_tokens=4,
+    )  # fmt: skip
+    sam = SamModel(SamConfig(**CONFIG["sam"]))
+    segmenter = Segmenter(vlm, sam, SegmenterConfig(seg_token_id=seg_token_id(tok), seg_hidden_offset=-1))
+    return segmenter, processor, missing
 
 
+# ------------------------------------------------------------------------------------------------ data
+class TrainStream:
+    """Fresh training batches from the TRAIN easy-VQA images: `tasks.segmentation`'s layouts and prompts, the
+    mosaic and its target mask composed from cached cell arrays (the same pixels as `compose_mosaic` /
+    `mosaic_mask`), the prompts tokenized once each (left-padded, as the processor pads)."""
+
+    def __init__(self, processor, seed: int, split: str = "train"):
+        from PIL import Image
+
+        from vlm_prune.data.mosaic import CELL_PX, COLORS, SHAPES, load_cells
+        from vlm_prune.tasks.segmentation import shape_mask
+
+        self.processor, self.cells = processor, load_cells(split)
+        self.index = {c: i for i, c in enumerate(self.cells)}
+        pixels = []
+        for c in self.cells:
+            with Image.open(c.path) as im:
+                pixels.append(np.asarray(im.convert("RGB").resize((CELL_PX, CELL_PX))))
+        self.pixels = torch.from_numpy(np.stack(pixels))  # (N, 64, 64, 3) uint8
+        self.masks = torch.from_numpy(np.stack([shape_mask(c) for c in self.cells]))  # (N, 64, 64) bool
+        self.shape_ids = torch.tensor([SHAPES.index(c.shape) for c in self.cells])
+        self.color_ids = torch.tensor([COLORS.index(c.color) for c in self.cells])
+        self.rng = random.Random(f"train_segmenter/{split}/{seed}")
+        self.ids: dict[str, list[int]] = {}
+        self.turn = 0
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        from PIL import Image
+
+        from vlm_prune.demo import build_prompt
+        from vlm_prune.tasks.segmentation import ANSWER
+
+        if prompt not in self.ids:
+            text = build_prompt(self.processor, prompt)
+            image = Image.new("RGB", (IMAGE_PX, IMAGE_PX))
+            ids = self.processor(text=[text], images=[image], return_tensors="pt").input_ids[0].tolist()
+            self.ids[prompt] = ids + self.processor.tokenizer(ANSWER, add_special_tokens=False).input_ids
+        return self.ids[prompt]
+
+    def batch(self, n: int) -> dict:
+        from vlm_prune.data.mosaic import CELL_PX
+        from vlm_prune.tasks.segmentation import KINDS, _layout_for, prompt_for
+
+        rows = []
+        while len(rows) < n:
+            kind = KINDS[self.turn % len(KINDS)]
+            cells = _layout_for(kind, self.cells, 2, self.rng)
+            found = prompt_for(kind, cells, 2, self.rng)
+            if found is None:
+                continue
+            self.turn += 1
+            rows.append((torch.tensor([self.index[c] for c in cells]), *found, kind))
+        cells = torch.stack([r[0] for r in rows])  # (B, 4)
+        tiles = self.pixels[cells].reshape(n, 2, 2, CELL_PX, CELL_PX, 3).permute(0, 1, 3, 2, 4, 5)
+        images = tiles.reshape(n, 2 * CELL_PX, 2 * CELL_PX, 3)  # (B, 128, 128, 3) uint8
+        target = torch.tensor([r[2] for r in rows])
+        every = torch.zeros(n, 4, 4, CELL_PX, CELL_PX, dtype=torch.bool)  # (B, cell k, place, 64, 64)
+        every[:, torch.arange(4), torch.arange(4)] = self.masks[cells]
+        every = every.reshape(n, 4, 2, 2, CELL_PX, CELL_PX).permute(0, 1, 2, 4, 3, 5)
+        every = every.reshape(n, 4, 2 * CELL_PX, 2 * CELL_PX)  # (B, 4, 128, 128): cell k's shape mask alone
+        masks = every[torch.arange(n), target]
+        ids = [self.prompt_ids(r[1]) for r in rows]
+        width = max(len(i) for i in ids)
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+        attention_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        return {"images": images, "masks": masks, "cell_masks": every, "input_ids": input_ids,
+                "attention_mask": attention_mask, "target": target, "shape": self.shape_ids[cells],
+                "color": self.color_ids[cells], "kinds": [r[3] for r in rows]}  # fmt: skip
+
+
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float, (x / 255 - mean) / std."""
+    x = images.permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ loss
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p = logits.sigmoid().flatten(1)
-    t = target.flatten(1)
+    p, t = logits.sigmoid().flatten(1), target.flatten(1)
     return (1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)).mean()
 
 
-def batch_loss(segmenter, processor, samples):
-    from vlm_prune.tasks.segmentation import sam_pixel_values, teacher_forced_inputs
+def make_heads(hidden: int) -> nn.ModuleDict:
+    """Training-only auxiliary heads (not shipped): target cell from [SEG]; per visual token shape and colour."""
+    from vlm_prune.data.mosaic import COLORS, SHAPES
 
-    inputs = dict(teacher_forced_inputs(segmenter.vlm, processor, samples))
-    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-    size = segmenter.sam.config.vision_config.image_size
-    out = segmenter(ids, sam_pixel_values([s.image for s in samples], size), attention_mask=mask,
-                    output_size=(64, 64), **inputs)  # fmt: skip
-    logits = torch.stack([m[0] for m in out.mask_logits])
-    target = F.interpolate(torch.stack([s.mask for s in samples]).float()[:, None], size=(64, 64), mode="area")[:, 0]
-    mask_loss = 2.0 * F.binary_cross_entropy_with_logits(logits, target) + 0.5 * dice_loss(logits, target)
-    from vlm_prune.tasks.segmentation import ANSWER
-
-    n = len(processor.tokenizer(ANSWER, add_special_tokens=False).input_ids)
-    answer = ids[:, -n:]  # the answer "[SEG]." is teacher-forced: train the LM to say it too
-    lm_logits = out.logits[:, -n - 1 : -1]
-    ce = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), answer.reshape(-1))
-    return mask_loss + ce, float(mask_loss.detach()), float(ce.detach())
+    heads = nn.ModuleDict({"cell": nn.Linear(hidden, 4), "shape": nn.Linear(hidden, len(SHAPES)),
+                           "color": nn.Linear(hidden, len(COLORS))})  # fmt: skip
+    heads["cell_prompts"] = nn.Embedding(4, CONFIG["sam"]["prompt_encoder_config"]["hidden_size"])
+    return heads
 
 
+def masks_loss(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(BCE, dice) of (B, 64, 64) low-res logits against (B, 128, 128) bool masks (area-downsampled)."""
+    target = F.interpolate(masks.float()[:, None], size=(LOW_RES, LOW_RES), mode="area")[:, 0]
+    return F.binary_cross_entropy_with_logits(logits, target), dice_loss(logits, target)
+
+
+def batch_loss(segmenter, heads, batch: dict, clip_mean, clip_std, generator) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch (see the module docstring). SAM decodes two prompts per image in one call:
+    the `[SEG]` embedding (the task's target) and, training only, a learned prompt of a random cell (that cell's
+    shape: SAM learns foreground masks from a prompt that is always decidable, while the VLM learns to read)."""
+    from vlm_prune.tasks.segmentation import SAM_MEAN, SAM_STD
+
+    vlm = segmenter.vlm
+    captured = {}
+    hook = vlm.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.setdefault("v", o))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    try:
+        out = vlm(input_ids=ids, attention_mask=mask, pixel_values=normalise(batch["images"], clip_mean, clip_std),
+                  output_hidden_states=True, use_cache=False)  # fmt: skip
+    finally:
+        hook.remove()
+    columns = torch.stack([c[0] for c in segmenter.seg_positions(ids, mask)])
+    n = ids.shape[0]
+    seg = out.hidden_states[-1][torch.arange(n), columns]  # (B, D) the [SEG] reading state
+    cell = torch.randint(0, 4, (n,), generator=generator)
+    prompts = torch.stack([segmenter.text_hidden_fcs(seg), heads["cell_prompts"](cell)], dim=1)  # (B, 2, P)
+    logits = torch.stack(segmenter.decode_masks(normalise(batch["images"], SAM_MEAN, SAM_STD), list(prompts),
+                                                output_size=(LOW_RES, LOW_RES)))  # (B, 2, 64, 64)  # fmt: skip
+    bce, dice = masks_loss(logits[:, 0], batch["masks"])
+    aux_bce, aux_dice = masks_loss(logits[:, 1], batch["cell_masks"][torch.arange(n), cell])
+    k = 2  # the answer "[SEG]." is 2 tokens: train the LM to say it
+    lm = out.logits[:, -k - 1 : -1]
+    ce = F.cross_entropy(lm.reshape(-1, lm.shape[-1]), ids[:, -k:].reshape(-1))
+    cell_ce = F.cross_entropy(heads["cell"](seg), batch["target"])
+    v = captured["v"]  # (B, 64, D) projected visual tokens; token (r, c) of the 8x8 grid lies in cell (r//4, c//4)
+    side = int(math.isqrt(v.shape[1]))
+    r, c = torch.div(torch.arange(side * side), side, rounding_mode="floor"), torch.arange(side * side) % side
+    cell_of = (r // (side // 2)) * 2 + c // (side // 2)
+    pooled = torch.zeros(n, 4, v.shape[-1], dtype=v.dtype).index_add_(1, cell_of, v) / (side * side // 4)
+    tok = F.cross_entropy(heads["shape"](pooled).flatten(0, 1), batch["shape"].flatten())
+    tok = tok + F.cross_entropy(heads["color"](pooled).flatten(0, 1), batch["color"].flatten())
+    loss = 2.0 * bce + 0.5 * dice + 2.0 * aux_bce + 0.5 * aux_dice + ce + 0.5 * cell_ce + 0.5 * tok
+    parts = {"bce": bce, "dice": dice, "aux_dice": aux_dice, "lm": ce, "cell": cell_ce, "recog": tok}
+    return loss, {key: float(value.detach()) for key, value in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------------ eval
 @torch.no_grad()
-def cache_seg_hidden(segmenter, processor, samples, batch: int = 16) -> torch.Tensor:
-    """(N, D) the frozen VLM's hidden states at the [SEG] reading position of each teacher-forced sample."""
-    from vlm_prune.tasks.segmentation import teacher_forced_inputs
-
-    out = []
-    for i in range(0, len(samples), batch):
-        inputs = dict(teacher_forced_inputs(segmenter.vlm, processor, samples[i : i + batch]))
-        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        hidden = segmenter.vlm(input_ids=ids, attention_mask=mask, output_hidden_states=True, **inputs)
-        columns = segmenter.seg_positions(ids, mask)
-        out += [hidden.hidden_states[-1][row, c[0]] for row, c in enumerate(columns)]
-    return torch.stack(out)
-
-
-def frozen_batch_loss(segmenter, hidden, pixels, targets):
-    """LISA's mask loss for cached [SEG] hidden states (the VLM frozen)."""
-    prompts = [e[None] for e in segmenter.text_hidden_fcs(hidden)]
-    logits = torch.stack([m[0] for m in segmenter.decode_masks(pixels, prompts, output_size=(64, 64))])
-    loss = 2.0 * F.binary_cross_entropy_with_logits(logits, targets) + 0.5 * dice_loss(logits, targets)
-    return loss, float(loss.detach()), 0.0
-
-
-@torch.no_grad()
-def evaluate(segmenter, processor, samples, batch: int = 16) -> dict:
+def evaluate(segmenter, processor, samples, batch: int = 32) -> dict:
+    """gIoU / cIoU overall and per prompt kind, through the real processor and `predict_masks` (128x128)."""
     from vlm_prune.tasks.segmentation import giou_ciou, sam_pixel_values, teacher_forced_inputs
 
+    was = segmenter.training
     segmenter.eval()
-    preds, targets = [], []
+    preds = []
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
         inputs = dict(teacher_forced_inputs(segmenter.vlm, processor, chunk))
         ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
         sam = sam_pixel_values([s.image for s in chunk], segmenter.sam.config.vision_config.image_size)
-        masks = segmenter.predict_masks(ids, sam, attention_mask=mask, output_size=(128, 128), **inputs)
+        masks = segmenter.predict_masks(ids, sam, attention_mask=mask, output_size=tuple(chunk[0].mask.shape), **inputs)
         preds += [m[0] for m in masks]
-        targets += [s.mask for s in chunk]
-    segmenter.train()
-    return giou_ciou(preds, targets)
+    segmenter.train(was)
+    out = giou_ciou(preds, [s.mask for s in samples])
+    for kind in sorted({s.kind for s in samples}):
+        pick = [i for i, s in enumerate(samples) if s.kind == kind]
+        out[kind] = giou_ciou([preds[i] for i in pick], [samples[i].mask for i in pick])
+    return out
 
 
+def lr_at(progress: float, warm: float = 0.08, floor: float = 0.03) -> float:
+    """The LR factor at `progress` in [0, 1] of the run: linear warm-up, then cosine decay to `floor`."""
+    if progress < warm:
+        return max(progress / warm, 0.01)
+    t = min(1.0, (progress - warm) / (1 - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ------------------------------------------------------------------------------------------------ ship
+def plot_loss(history: list[dict], evals: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [h["step"] for h in history]
+    for key in ("loss", "bce", "dice", "aux_dice", "cell", "recog"):
+        a.plot(steps, [h[key] for h in history], label=key)
+    a.set_yscale("log")
+    a.set_xlabel("step")
+    a.set_title("training losses (mean per 25 steps)")
+    a.legend()
+    b.plot([e["step"] for e in evals], [e["giou"] for e in evals], "o-", label="gIoU")
+    b.plot([e["step"] for e in evals], [e["ciou"] for e in evals], "s-", label="cIoU")
+    b.axhline(0.75, color="gray", ls="--", label="bar 0.75")
+    b.set_xlabel("step")
+    b.set_title("held-out test mosaics (unpruned)")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ship(segmenter, processor, report: dict) -> None:
+    import shutil
+
+    if SHIP_DIR.exists():
+        shutil.rmtree(SHIP_DIR)
+    segmenter.half().save_pretrained(SHIP_DIR, processor=processor)
+    segmenter.float()
+    report["files"] = {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                       for p in sorted(SHIP_DIR.rglob("*.safetensors"))}  # fmt: skip
+    (RESULTS / "demo_segmenter_train.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_loss(report["history"], report["evals"], RESULTS / "demo_segmenter_loss.png")
+    final = report["final"]
+    lines = [
+        "# The embedded demo segmenter `llava_seg`",
+        "",
+        f"Built by `{report['command']}` ({report['machine']}).",
+        f"{report['steps']} steps of batch {report['config']['batch']} in {report['minutes']:.0f} min, seed "
+        f"{report['config']['seed']}; {report['parameters']:,} parameters, {report['size_mb']:.1f} MB fp16.",
+        "",
+        f"Held-out: {final['n']} test mosaics (`make_samples('test', {final['n']}, seed={final['seed']})`, test "
+        "easy-VQA images only), reloaded from the saved fp16 checkpoint in float32, unpruned, teacher-forced "
+        "(\"[SEG].\" appended), masks at 128x128. gIoU = mean per-mask IoU, cIoU = sum I / sum U (LISA's).",
+        "",
+        "| prompt kind | group | n | gIoU | cIoU |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind in ("referring_name", "referring_position", "same_color", "odd_one_out", "referring", "reasoning"):
+        r = final[kind]
+        group = "referring" if kind.startswith("referring") else "reasoning"
+        lines.append(f"| {kind} | {group if kind not in ('referring', 'reasoning') else 'all'} | {r['n']} | "
+                     f"{r['giou']:.3f} | {r['ciou']:.3f} |")  # fmt: skip
+    lines.append(f"| **all** | | {final['n']} | **{final['giou']:.3f}** | **{final['ciou']:.3f}** |")
+    lines += ["", "Bar (issue 10): gIoU >= 0.75 unpruned: " + ("met." if final["giou"] >= 0.75 else "**missed**."),
+              "", "![loss](demo_segmenter_loss.png)", ""]  # fmt: skip
+    (RESULTS / "demo_segmenter.md").write_text("\n".join(lines))
+
+
+def final_report(directory: Path, n: int, seed: int) -> dict:
+    """gIoU / cIoU of the saved checkpoint (reloaded in float32) on `n` held-out test mosaics, per kind and group."""
+    from vlm_prune.demo import load_processor
+    from vlm_prune.models.segmenter import Segmenter
+    from vlm_prune.tasks.segmentation import make_samples
+
+    segmenter = Segmenter.from_pretrained(directory, dtype=torch.float32)
+    processor = load_processor(directory / "vlm")
+    samples = make_samples("test", n, seed=seed)
+    scores = evaluate(segmenter, processor, samples)
+    out = {"n": n, "seed": seed, "giou": scores["giou"], "ciou": scores["ciou"]}
+    for kind in ("referring_name", "referring_position", "same_color", "odd_one_out"):
+        out[kind] = dict(scores[kind], n=sum(s.kind == kind for s in samples))
+    for group in ("referring", "reasoning"):
+        pick = [s for s in samples if s.kind.startswith("referring") == (group == "referring")]
+        scored = evaluate(segmenter, processor, pick)
+        out[group] = {"giou": scored["giou"], "ciou": scored["ciou"], "n": len(pick)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     from vlm_prune.tasks.segmentation import make_samples
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="/tmp/seg_train")
-    parser.add_argument("--minutes", type=float, default=40.0)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--train-samples", type=int, default=4000)
-    parser.add_argument("--eval-samples", type=int, default=64)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lm-lr", type=float, default=2e-4)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", default="/tmp/seg/run", help="checkpoint folder (state.pt; resumable)")
+    parser.add_argument("--steps", type=int, default=1500, help="total optimiser steps (the LR schedule's length)")
+    parser.add_argument("--minutes", type=float, default=76.0,
+                        help="training-time cap (the LR schedule ends at --steps or --minutes, whichever is first)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-samples", type=int, default=96)
+    parser.add_argument("--report-samples", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--freeze-vlm", action="store_true", help="train SAM + text_hidden_fcs on cached hidden states")
+    parser.add_argument("--ship", action="store_true", help="at the end, write llava_seg and the report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     segmenter, processor, added = build(args.seed)
-    for p in segmenter.vlm.model.vision_tower.parameters():
-        p.requires_grad_(False)
-    for p in segmenter.vlm.model.multi_modal_projector.parameters():
-        p.requires_grad_(False)
-    lm = [p for p in segmenter.vlm.parameters() if p.requires_grad]
-    head = list(segmenter.sam.parameters()) + list(segmenter.text_hidden_fcs.parameters())
-    optimiser = torch.optim.AdamW([{"params": lm, "lr": args.lm_lr}, {"params": head, "lr": args.lr}])
-    step, log, best = 0, [], -1.0
+    heads = make_heads(segmenter.vlm.config.text_config.hidden_size)
+    params = list(segmenter.parameters()) + list(heads.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    flat = [p for p in params if p.ndim < 2]
+    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": flat, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.98))  # fmt: skip
+    step, history, evals, seconds = 0, [], [], 0.0
     if (out / "state.pt").exists():
         state = torch.load(out / "state.pt", weights_only=False)
         segmenter.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
         optimiser.load_state_dict(state["optimiser"])
-        step, log, best = state["step"], state["log"], state["best"]
-    train = make_samples("train", args.train_samples, seed=args.seed)
-    held_out = make_samples("test", args.eval_samples, seed=1234)
-    if args.freeze_vlm:
-        from vlm_prune.tasks.segmentation import sam_pixel_values
-
-        segmenter.vlm.requires_grad_(False)
-        segmenter.vlm.eval()
-        cached = cache_seg_hidden(segmenter, processor, train)
-        pixels = sam_pixel_values([s.image for s in train], SAM_FIELDS["vision_config"]["image_size"])
-        masks = torch.stack([s.mask for s in train]).float()[:, None]
-        targets = F.interpolate(masks, size=(64, 64), mode="area")[:, 0]
-        print(f"cached {len(train)} hidden states in {time.time() - started:.0f}s", flush=True)
-    rng = random.Random(f"train_segmenter/{args.seed}/{step}")
+        step, history, evals, seconds = state["step"], state["history"], state["evals"], state["seconds"]
+        print(f"resumed at step {step}", flush=True)
+    stream = TrainStream(processor, seed=args.seed * 100003 + step)
+    held_out = make_samples("test", args.eval_samples, seed=999)
+    ip = processor.image_processor
+    clip_mean, clip_std = ip.image_mean, ip.image_std
+    generator = torch.Generator().manual_seed(args.seed * 100003 + step)
     segmenter.train()
-    if args.freeze_vlm:
-        segmenter.vlm.eval()
-    while time.time() - started < args.minutes * 60:
-        if args.freeze_vlm:
-            index = torch.tensor(rng.sample(range(len(train)), args.batch))
-            loss, mask_loss, ce = frozen_batch_loss(segmenter, cached[index], pixels[index], targets[index])
-        else:
-            loss, mask_loss, ce = batch_loss(segmenter, processor, rng.sample(train, args.batch))
-        optimiser.zero_grad()
+    window: list[dict] = []
+    t0 = time.time()
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, initial=step, desc="train_segmenter", mininterval=30)
+    def progress() -> float:  # the schedule runs over --steps or --minutes of training, whichever ends first
+        return max(step / args.steps, (seconds + time.time() - t0) / (args.minutes * 60))
+
+    while progress() < 1:
+        for group in optimiser.param_groups:
+            group["lr"] = args.lr * lr_at(progress())
+        loss, parts = batch_loss(segmenter, heads, stream.batch(args.batch), clip_mean, clip_std, generator)
+        optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm + head, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         step += 1
-        if step % 10 == 0 or step < 5:
-            print(f"step {step} mask {mask_loss:.3f} ce {ce:.3f} {time.time() - started:.0f}s", flush=True)
-        if step % args.eval_every == 0:
+        bar.update(1)
+        window.append({"loss": float(loss.detach()), **parts})
+        if step % 25 == 0:
+            mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            history.append({"step": step, **mean})
+            window = []
+            print(f"step {step} " + " ".join(f"{k} {v:.3f}" for k, v in mean.items())
+                  + f" {seconds + time.time() - t0:.0f}s", flush=True)  # fmt: skip
+        if step % args.eval_every == 0 or progress() >= 1:
             scores = evaluate(segmenter, processor, held_out)
-            log.append({"step": step, **scores, "seconds": time.time() - started})
-            print(json.dumps(log[-1]), flush=True)
-            if scores["giou"] > best:
-                best = scores["giou"]
-                segmenter.save_pretrained(out / "best", processor=processor)
-            state = {"model": segmenter.state_dict(), "optimiser": optimiser.state_dict(), "step": step, "log": log,
-                     "best": best}  # fmt: skip
+            evals.append({"step": step, "seconds": seconds + time.time() - t0, **scores})
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in evals[-1].items()
+                              if not isinstance(v, dict)}), flush=True)  # fmt: skip
+            state = {"model": segmenter.state_dict(), "heads": heads.state_dict(),
+                     "optimiser": optimiser.state_dict(), "step": step, "history": history, "evals": evals,
+                     "seconds": seconds + time.time() - t0}  # fmt: skip
             torch.save(state, out / "state.pt")
-    (out / "log.json").write_text(json.dumps({"log": log, "added_words": added, "sam": SAM_FIELDS}, indent=1))
+    bar.close()
+    seconds += time.time() - t0
+    segmenter.save_pretrained(out / "final", processor=processor)
+    if not args.ship:
+        print(f"stopped at step {step} ({seconds / 60:.1f} min of training)")
+        return
+    import os
+
+    n_params = sum(p.numel() for p in segmenter.parameters())
+    report = {
+        "command": "OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/train_segmenter.py --out "
+        f"{args.out} --steps {args.steps} --minutes {args.minutes:g} --ship",
+        "schedule": f"ended by {'steps' if step >= args.steps else 'minutes'} (progress = max(step / steps, "
+        "training seconds / (60 * minutes)))",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with 7 other "
+        f"engineers' jobs, {args.threads} thread, torch {torch.__version__}",
+        "config": {**CONFIG, "batch": args.batch, "lr": args.lr, "seed": args.seed, "steps": args.steps,
+                   "added_words": added, "seg_hidden_offset": -1, "low_res_mask": LOW_RES,
+                   "loss": "2 bce + 0.5 dice (the [SEG] mask) + 2 bce + 0.5 dice (a learned cell prompt's mask) + lm ce"
+                   " + 0.5 cell ce + 0.5 cell-pooled shape/colour ce"},
+        "steps": step, "minutes": seconds / 60, "parameters": n_params, "size_mb": 2 * n_params / 2**20,
+        "history": history, "evals": [{k: v for k, v in e.items() if not isinstance(v, dict)} for e in evals],
+    }  # fmt: skip
+    segmenter.half().save_pretrained(SHIP_DIR, processor=processor)
+    segmenter.float()
+    report["final"] = final_report(SHIP_DIR, args.report_samples, seed=1234)
+    ship(segmenter, processor, report)
+    print(json.dumps(report["final"], indent=1))
 
 
 if __name__ == "__main__":

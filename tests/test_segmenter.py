@@ -148,6 +148,43 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.config == segmenter.config
 
 
+def test_auto_classes_load_a_saved_segmenter(tmp_path):
+    """AutoConfig / AutoModel.from_pretrained(folder) give the Segmenter back, without trust_remote_code, through
+    transformers' registries (no transformers class is touched: a stock model folder still loads its own class)."""
+    from transformers import AutoConfig, AutoModel
+
+    from vlm_prune.models.segmenter_auto import SegmenterAutoConfig
+
+    segmenter = tiny_segmenter()
+    segmenter.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, SegmenterAutoConfig) and config.seg_token_id == SEG_ID
+    loaded = AutoModel.from_pretrained(tmp_path, dtype=torch.float16)
+    assert isinstance(loaded, Segmenter) and loaded.config == segmenter.config
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    sam_pixels = torch.randn(1, 3, 64, 64)
+    ids, mask, media = split(with_answer(make_inputs(segmenter.vlm), [SEG_ID, 11]))
+    with torch.no_grad():
+        expected = segmenter(ids, sam_pixels, attention_mask=mask, **media).mask_logits[0]
+        got = AutoModel.from_pretrained(tmp_path)(ids, sam_pixels, attention_mask=mask, **media).mask_logits[0]
+    torch.testing.assert_close(got, expected)
+    assert type(AutoModel.from_pretrained(tmp_path / "vlm")) is not Segmenter
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "vlm"), type(segmenter.vlm.config))
+
+
+def test_batched_mask_decoding_equals_one_row_at_a_time():
+    segmenter = tiny_segmenter()
+    torch.manual_seed(3)
+    pixels, prompts = torch.randn(3, 3, 64, 64), [torch.randn(2, 32) for _ in range(3)]
+    with torch.no_grad():
+        batched = segmenter.decode_masks(pixels, prompts)
+        alone = [segmenter.decode_masks(pixels[i : i + 1], [prompts[i]])[0] for i in range(3)]
+        ragged = segmenter.decode_masks(pixels, [prompts[0], prompts[1][:1], prompts[2]])
+    for row in range(3):
+        torch.testing.assert_close(batched[row], alone[row], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ragged[1], alone[1][:1], rtol=1e-5, atol=1e-5)
+
+
 def test_generate_and_segment_returns_text_masks_and_stats():
     segmenter = tiny_segmenter()
     inputs = make_inputs(segmenter.vlm)

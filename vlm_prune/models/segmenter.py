@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_prune.errors import InputError, PruneError
+from vlm_prune.models.segmenter_auto import SegmenterAutoConfig, loading_options, register
 
 CONFIG_NAME = "segmenter_config.json"
 HEAD_WEIGHTS = "text_hidden_fcs.safetensors"
 SEG_TOKEN = "[SEG]"
+ANSWER = "[SEG]."  # the teacher-forced answer (LISA's evaluation)
 SEG_HIDDEN_OFFSETS = {"lisa": -1, "sa2va": 0}
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VLM -> the Segmenter built on it
 
@@ -97,7 +99,10 @@ def add_seg_token(vlm: nn.Module, processor) -> int:
 
 
 class Segmenter(nn.Module):
-    """VLM + `[SEG]` + `text_hidden_fcs` + SAM. See the module docstring."""
+    """VLM + `[SEG]` + `text_hidden_fcs` + SAM. See the module docstring. `AutoModel.from_pretrained(dir)` loads a
+    saved one too (`segmenter_auto`: registered with transformers' Auto classes when this module is imported)."""
+
+    config_class = SegmenterAutoConfig
 
     def __init__(self, vlm: nn.Module, sam: nn.Module, config: SegmenterConfig):
         super().__init__()
@@ -197,6 +202,15 @@ class Segmenter(nn.Module):
         size = output_size or (sam.config.vision_config.image_size,) * 2
         grid = sam.config.prompt_encoder_config.image_embedding_size
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, grid, grid)
+        if len({p.shape[0] for p in prompts}) == 1:  # every row has as many prompts: one batched decoder call
+            low_res, _ = sam.mask_decoder(
+                image_embeddings=image_embeddings,
+                image_positional_embeddings=positional.expand(len(prompts), -1, -1, -1),
+                sparse_prompt_embeddings=torch.stack(prompts)[:, :, None, :].to(image_embeddings.dtype),
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )  # (B, S, 1, h, w)
+            return list(F.interpolate(low_res[:, :, 0], size=size, mode="bilinear", align_corners=False))
         out = []
         for row, prompt in enumerate(prompts):
             low_res, _ = sam.mask_decoder(
@@ -229,6 +243,38 @@ class Segmenter(nn.Module):
         masks = self.predict_masks(sequences, sam_pixel_values, **_follow_up_inputs(inputs, sequences))
         return {"sequences": sequences, "masks": masks, "stats": stats}
 
+    @torch.no_grad()
+    def segment(self, image, prompt: str, generate: bool = False, processor=None) -> dict:
+        """One image and one prompt -> {"masks": (S, H, W) bool at the image's size, "text": the answer, "stats":
+        the pruning stats (None unpruned)}. Teacher-forced by default (LISA's evaluation: the answer "[SEG]." is
+        appended, one forward); `generate=True` generates the answer first and segments from its `[SEG]` tokens.
+        `processor`: the VLM's (default: the one `from_pretrained` found beside the VLM)."""
+        from vlm_prune.demo import prepare_inputs
+        from vlm_prune.tasks.segmentation import sam_pixel_values
+
+        processor = processor or getattr(self, "processor", None)
+        if processor is None:
+            raise PruneError("segment() needs the VLM's processor: pass processor=, or load a saved Segmenter folder")
+        tokenizer = getattr(processor, "tokenizer", processor)
+        inputs = dict(prepare_inputs(self.vlm, processor, [image], [prompt]))
+        size = (image.size[1], image.size[0])
+        sam = sam_pixel_values([image], self.sam.config.vision_config.image_size).to(inputs["input_ids"].device)
+        sam = sam.to(next(self.sam.parameters()).dtype)
+        if generate:
+            out = self.generate_and_segment(inputs, sam)
+            answer = out["sequences"][0, inputs["input_ids"].shape[1] :]
+            masks = out["masks"][0][None].float()
+            masks = F.interpolate(masks, size=size, mode="nearest")[0].bool() if masks.shape[1] else masks[0].bool()
+            return {"masks": masks, "text": tokenizer.decode(answer, skip_special_tokens=False), "stats": out["stats"]}
+        answer = tokenizer(ANSWER, add_special_tokens=False, return_tensors="pt").input_ids.to(sam.device)
+        full = torch.cat([inputs.pop("input_ids"), answer], dim=1)
+        mask = torch.cat([inputs.pop("attention_mask"), torch.ones_like(answer)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
+        masks = self.predict_masks(full, sam, attention_mask=mask, output_size=size, **inputs)[0]
+        stats = None if self.handle is None else self.handle.stats
+        return {"masks": masks, "text": ANSWER, "stats": stats}
+
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path, processor=None) -> None:
         """`vlm/` and `sam/` (each its own `save_pretrained`; the VLM's `processor` beside it when given), the head's
@@ -244,9 +290,13 @@ class Segmenter(nn.Module):
         state = {key: value.detach().contiguous() for key, value in self.text_hidden_fcs.state_dict().items()}
         save_file(state, str(directory / HEAD_WEIGHTS))
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        SegmenterAutoConfig(**asdict(self.config)).save_pretrained(directory)  # config.json, for AutoModel
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **load_options) -> Segmenter:
+    def from_pretrained(cls, directory: str | Path, config=None, **load_options) -> Segmenter:
+        """Load a saved Segmenter; `load_options` (dtype, device_map, ...) go to the VLM's and SAM's loaders.
+        `config` and the hub options `AutoModel.from_pretrained` passes are accepted (the folder's own
+        `segmenter_config.json` is read)."""
         from safetensors.torch import load_file
         from transformers import AutoModelForImageTextToText, SamModel
 
@@ -254,10 +304,16 @@ class Segmenter(nn.Module):
         if not (directory / CONFIG_NAME).exists():
             raise PruneError(f"{directory} holds no {CONFIG_NAME}; save a Segmenter there first (save_pretrained)")
         config = SegmenterConfig(**json.loads((directory / CONFIG_NAME).read_text()))
+        load_options = loading_options(load_options)
         vlm = AutoModelForImageTextToText.from_pretrained(directory / "vlm", **load_options).eval()
         sam = SamModel.from_pretrained(directory / "sam", **load_options).eval()
         model = cls(vlm, sam, config)
         model.text_hidden_fcs.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+        model.text_hidden_fcs.to(next(vlm.parameters()).dtype)
+        if (directory / "vlm" / "tokenizer_config.json").exists():
+            from vlm_prune.demo import load_processor
+
+            model.processor = load_processor(directory / "vlm")  # what segment() uses
         return model.eval()
 
 
@@ -279,3 +335,6 @@ def _follow_up_inputs(inputs: dict, sequences: torch.Tensor) -> dict:
         if value is not None:
             out[key] = torch.cat([value, torch.full((1, extra), fill, dtype=value.dtype, device=value.device)], dim=1)
     return out
+
+
+register(Segmenter)  # AutoConfig / AutoModel know saved Segmenter folders (transformers' registries)
