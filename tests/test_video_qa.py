@@ -270,7 +270,7 @@ def test_unsupported_family_is_refused_with_what_to_do(demo_qwen):
     from vlm_prune.toy_models import build_tiny
 
     with pytest.raises(Exception, match="VideoQA builds video inputs for"):
-        VideoQA(build_tiny("llava_onevision"), demo_qwen[1])
+        VideoQA(build_tiny("llava_next"), demo_qwen[1])
 
 
 def test_memory_cap_is_checked_before_decoding(demo_qwen, monkeypatch):
@@ -407,3 +407,92 @@ def test_cli_video_prints_the_videoqa_answer_frames_and_tokens(demo_qwen, capsys
     assert main(["video", MP4, "--method", "none", "--num-frames", "4", "--max-new-tokens", "2"]) == 0
     text = capsys.readouterr().out
     assert "frames:   4 by uniform: [180, 540, 900, 1260]" in text and "tokens:   " in text
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA video
+
+
+class _ToyProcessor:
+    """Tokenizer + chat template for the toy LLaVA video models (their media ids: <image> 3, <video> 4)."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        from vlm_prune.toy_models import TINY_VOCAB
+
+        specials = ["<pad>", "<s>", "</s>", "<image>", "<video>", "<vs>", "<ve>"]
+        words = ["USER", ":", "ASSISTANT", "what", "moved", "?", "is", "red"]
+        vocab = {w: i for i, w in enumerate(specials + words)}
+        vocab.update({f"w{i}": i for i in range(len(vocab), TINY_VOCAB)})  # every id decodes
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        tk.add_special_tokens(specials)
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>")
+        self.chat_template = self.tokenizer.chat_template = (
+            "{% for m in messages %}USER : {% for c in m['content'] %}{% if c['type'] == 'video' %}<video>"
+            "{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT :"
+        )
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video"])
+def test_llava_video_families_answer_frames_with_original_indices(family):
+    """VideoQA on the tiny LLaVA-OneVision / NeXT-Video configs: frames at the tower's size are prepared exactly
+    ((x / 255 - mean) / std), the prompt holds frames x pooled grid video tokens (+ OneVision's newline), and the
+    answer and kept count equal generate() on those hand-built inputs under the same pruning."""
+    from vlm_prune.toy_models import VIDEO_ID, build_tiny
+    from vlm_prune.video import llava_inputs as L
+
+    model, proc = build_tiny(family), _ToyProcessor()
+    size = model.config.vision_config.image_size  # 40 (OneVision: 5x5 patches) / 32 (NeXT-Video: 4x4)
+    frames = np.random.default_rng(4).integers(0, 255, (7, size, size, 3), dtype=np.uint8)
+    original = [0, 3, 4, 10, 30, 31, 60]  # not evenly spaced: neither family encodes time
+    qa = VideoQA(model, proc, method="evs", keep=0.5, num_frames=4, max_new_tokens=3)
+    result = qa.answer(Frames(frames, original, fps=5.0, total_frames=61), "what moved ?")
+    picked = S.uniform_indices(7, 4)
+    assert result.frames == [original[i] for i in picked]
+    rows, cols = (3, 3) if family == "llava_onevision" else (2, 2)  # ceil(5 / 2) / 4 // stride 2
+    grid, newline = (4, rows, cols), int(family == "llava_onevision")
+    s = result.stats
+    assert s.grid_thw == grid and s.video_tokens == 4 * rows * cols
+    assert s.tokens_requested == retained_count(grid, 0.5) == s.tokens_kept < s.video_tokens
+
+    mean, std = np.asarray(L.OPENAI_CLIP_MEAN, np.float32), np.asarray(L.OPENAI_CLIP_STD, np.float32)
+    pixels = ((frames[picked].astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2)
+    tok = proc.tokenizer
+    head = tok("USER :", add_special_tokens=False)["input_ids"]
+    tail = tok(" what moved ? ASSISTANT :", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([head + [VIDEO_ID] * (4 * rows * cols + newline) + tail])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values_videos": torch.from_numpy(np.ascontiguousarray(pixels))[None]}  # fmt: skip
+    import vlm_prune
+
+    with torch.no_grad(), vlm_prune.pruned(model, "evs", keep=0.5) as handle:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert handle.stats.visual_tokens_out == s.tokens_kept
+    assert result.text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    fit = 40 // (size // 8) ** 2  # 40 patches over 25 (OneVision) / 16 (NeXT-Video) per frame
+    with pytest.raises(VideoMemoryError, match=rf"lower num_frames \(to <= {fit}\)"):
+        VideoQA(model, proc, num_frames=4, max_vision_patches=40).answer((frames, original), "what ?")
+    with pytest.raises(Exception, match="max_pixels do not apply"):
+        VideoQA(model, proc, max_pixels=1000)
+
+
+def test_llava_frames_are_resized_as_the_families_video_processors():
+    """OneVision squashes a frame to the square; NeXT-Video resizes the short side and centre-crops."""
+    from vlm_prune.toy_models import build_tiny
+    from vlm_prune.video import llava_inputs as L
+
+    frame = np.zeros((1, 32, 64, 3), np.uint8)
+    frame[:, :, :16] = 255  # a white left quarter
+    nv = L.settings_for(build_tiny("llava_next_video"), _ToyProcessor())  # 32 px: the crop keeps columns 16..47
+    x = L.prepare_frames(frame, nv)
+    assert x.shape == (1, 3, 32, 32)
+    black = (0 - L.OPENAI_CLIP_MEAN[0]) / L.OPENAI_CLIP_STD[0]
+    np.testing.assert_allclose(x[0, 0, :, 4:], black, atol=1e-5)  # the white quarter is cropped away
+    ov = L.settings_for(build_tiny("llava_onevision"), _ToyProcessor())  # 40 px: squashed, left quarter stays
+    y = L.prepare_frames(frame, ov)
+    assert y.shape == (1, 3, 40, 40) and (y[0, 0, :, :8] > 1.5).all() and (y[0, 0, :, 12:] < -1.5).all()

@@ -15,7 +15,9 @@ Steps of `answer` (each timed in `stats.seconds`):
    left on the model afterwards). The vision tower's forward is timed by a hook on it; prefill is the first
    forward of generate minus the vision time, generation the rest of generate.
 
-Inputs follow `vlm_prune.video.qwen_inputs`: Qwen3-VL gets `<t seconds>` stamps from the original frame indices
+LLaVA-OneVision / LLaVA-NeXT-Video inputs follow `vlm_prune.video.llava_inputs` (frames at the vision tower's
+size, one pooled grid per frame, no timestamps in either family). Qwen inputs follow
+`vlm_prune.video.qwen_inputs`: Qwen3-VL gets `<t seconds>` stamps from the original frame indices
 and fps; Qwen2.5-VL's evenly spaced times raise a `NonUniformFramesWarning` for non-uniform choices. The stats
 report the video tokens before pruning, the count the budget asks for (EVS: `retained_count`, the same number
 vLLM sizes) and the count the engine actually kept.
@@ -34,6 +36,7 @@ import torch
 
 from ..errors import InputError, PruneError
 from ..video import decode as D
+from ..video import llava_inputs as L
 from ..video import qwen_inputs as Q
 from ..video import samplers as S
 from ..video.scorers import FrameScorer
@@ -174,14 +177,16 @@ def _resize_short(frames: np.ndarray, side: int) -> np.ndarray:
 
 
 class VideoQA:
-    """Answer questions about videos with a (pruned) Qwen-family VLM.
+    """Answer questions about videos with a (pruned) video VLM.
 
-    model / processor: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model and its processor (with torchvision installed
-        the processor's own video processor builds the inputs; without it, `qwen_inputs.numpy_inputs`).
+    model / processor: a Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision or LLaVA-NeXT-Video model and its
+        processor (with torchvision installed the processor's own video processor builds the inputs; without it,
+        `qwen_inputs.numpy_inputs` / `llava_inputs.numpy_inputs`).
     method / keep / method_options: passed to `vlm_prune.pruned`; method "none" (or None) answers unpruned.
     num_frames: frames given to the model. sampler: "uniform", "clip_topk", "bolt" or "aks" (the last three need
         `scorer`). score_fps: frames per second scored for relevance. sampler_options: e.g. {"alpha": 3.0}.
-    min_pixels / max_pixels: frame area bounds (default: the processor's). max_vision_patches: cap on
+    min_pixels / max_pixels: frame area bounds (default: the processor's; Qwen only: the LLaVA families resize
+        every frame to the vision tower's square size). max_vision_patches: cap on
         frames x patches per frame, checked before decoding.
     backend: "auto" (decord, then PyAV), "decord" or "pyav". max_new_tokens: answer length.
     """
@@ -217,17 +222,35 @@ class VideoQA:
         self.score_fps, self.sampler_options = float(score_fps), dict(sampler_options or {})
         self.max_vision_patches, self.backend, self.max_new_tokens = int(max_vision_patches), backend, max_new_tokens
         self.family = Q.family_of(model)
-        if self.family not in Q.QWEN_VIDEO_FAMILIES:
+        self.llava = self.family in L.LLAVA_VIDEO_FAMILIES
+        if self.llava:
+            if min_pixels is not None or max_pixels is not None:
+                raise InputError(f"{self.family} resizes every frame to its vision tower's square size: min_pixels / "
+                                 "max_pixels do not apply (lower num_frames to spend less)")  # fmt: skip
+            self.settings: Any = L.settings_for(model, processor)
+        elif self.family in Q.QWEN_VIDEO_FAMILIES:
+            self.settings = Q.settings_for(processor, model, min_pixels, max_pixels)
+        else:
             raise InputError(
-                f"VideoQA builds video inputs for {Q.QWEN_VIDEO_FAMILIES}; {self.family} is not one of them yet "
-                "(prune its video with vlm_prune.apply on inputs from its own processor instead)"
+                f"VideoQA builds video inputs for {Q.QWEN_VIDEO_FAMILIES + L.LLAVA_VIDEO_FAMILIES}; {self.family} is "
+                "not one of them (prune its video with vlm_prune.apply on inputs from its own processor instead)"
             )
-        self.settings = Q.settings_for(processor, model, min_pixels, max_pixels)
 
     # ------------------------------------------------------------------ sizes and budgets
 
     def check_memory(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
         """The (t, h, w) grid of num_frames frames of height x width, or VideoMemoryError above the cap."""
+        if self.llava:
+            per_frame = self.settings.patches_per_frame
+            if num_frames * per_frame > self.max_vision_patches:
+                raise VideoMemoryError(
+                    f"{num_frames} frames of {per_frame} vision patches each ({self.family} resizes frames to "
+                    f"{self.settings.size}x{self.settings.size}) are {num_frames * per_frame} patches, above "
+                    f"max_vision_patches={self.max_vision_patches}: lower num_frames (to <= "
+                    f"{self.max_vision_patches // per_frame}), or raise max_vision_patches if the accelerator has "
+                    "the memory"
+                )
+            return (num_frames, *self.settings.frame_grid)
         grid = Q.grid_for(height, width, num_frames, self.settings)
         patches = grid[0] * grid[1] * grid[2]
         if patches > self.max_vision_patches:
@@ -248,7 +271,7 @@ class VideoQA:
         from ..engine.budget import tokens_to_keep
         from ..methods.evs import retained_count
 
-        merge = self.settings.merge_size
+        merge = 1 if self.llava else self.settings.merge_size
         total = grid[0] * grid[1] * grid[2] // merge**2
         if self.method is None or self.keep is None:
             return total, total
@@ -324,13 +347,7 @@ class VideoQA:
             original, video_frames = chosen, total
         seconds["decode"] += time.perf_counter() - t2
 
-        times = Q.FrameTimes(tuple(original), float(fps or 1.0), int(video_frames))
-        Q.warn_if_nonuniform(self.family, times, f"sampler {self.sampler!r}")
-        if Q.has_video_processor(self.processor):
-            inputs = Q.processor_inputs(self.processor, frames, times, question)
-        else:
-            inputs = Q.numpy_inputs(self.model, self.processor, frames, times, question, self.settings)
-        grid = tuple(int(v) for v in inputs["video_grid_thw"][0].tolist())
+        inputs, grid = self._inputs(frames, original, fps, video_frames, question)
         video_tokens, requested = self.requested_tokens(grid)
         text, prune, timer, gen_seconds = self._generate(inputs)
         seconds["vision"] = timer.vision_seconds
@@ -345,6 +362,20 @@ class VideoQA:
             video_frames=int(video_frames), grid_thw=grid, seconds=seconds, prune=prune,
         )  # fmt: skip
         return VideoAnswer(text=text, frames=[int(i) for i in original], stats=stats)
+
+    def _inputs(self, frames: np.ndarray, original: list, fps: float | None, video_frames: int, question: str):
+        """(model inputs, the video's (t, h, w) token grid before any spatial merge) for the chosen frames."""
+        with_processor = Q.has_video_processor(self.processor)
+        if self.llava:
+            build = L.processor_inputs if with_processor else lambda p, *a: L.numpy_inputs(self.model, p, *a)
+            return build(self.processor, frames, question, self.settings), (len(frames), *self.settings.frame_grid)
+        times = Q.FrameTimes(tuple(original), float(fps or 1.0), int(video_frames))
+        Q.warn_if_nonuniform(self.family, times, f"sampler {self.sampler!r}")
+        if with_processor:
+            inputs = Q.processor_inputs(self.processor, frames, times, question)
+        else:
+            inputs = Q.numpy_inputs(self.model, self.processor, frames, times, question, self.settings)
+        return inputs, tuple(int(v) for v in inputs["video_grid_thw"][0].tolist())
 
     @torch.no_grad()
     def _generate(self, inputs: dict) -> tuple[str, dict | None, _Timer, float]:
