@@ -75,10 +75,13 @@ def as_matrices(value: torch.Tensor, views: int, name: str) -> torch.Tensor:
     )
 
 
-def check_scene(depths: torch.Tensor, intrinsics, poses, axis_align, rgb_shape: tuple | None = None) -> None:
+def check_scene(
+    depths: torch.Tensor, intrinsics, poses, axis_align, rgb_shape: tuple | None = None, check_depth: bool = True
+) -> None:
     """Raise an InputError saying what to fix when one scene's arrays disagree (see `Llava3DProcessor`).
 
-    depths: (V, H, W) metres, 0 = invalid; rgb_shape: (V, H, W, 3) of the views' RGB, if given.
+    depths: (V, H, W) metres, 0 = invalid; rgb_shape: (V, H, W, 3) of the views' RGB, if given. check_depth:
+    also refuse a depth map without any value > 0 (`scene_geometry` checks the patch pixels instead).
     """
     if depths.ndim != 3:
         raise InputError(f"depth must be (views, H, W) in metres, got shape {tuple(depths.shape)}")
@@ -94,7 +97,7 @@ def check_scene(depths: torch.Tensor, intrinsics, poses, axis_align, rgb_shape: 
     axis = torch.as_tensor(axis_align)
     if axis.shape != (4, 4):
         raise InputError(f"axis_align must be one 4x4 matrix per scene, got shape {tuple(axis.shape)}")
-    if not bool(((depths > 0) & torch.isfinite(depths)).any()):
+    if check_depth and not bool((depths > 0).any()):
         raise InputError(
             "the scene has no valid depth (every depth value is 0 or not finite), so it has no 3-D patch to "
             "voxelise; pass depth in metres with 0 only where it is unknown"
@@ -179,12 +182,17 @@ def scene_geometry(
 
     depths: (V, H, W); intrinsics, poses: (V, 4, 4) or (4, 4); axis_align: (4, 4); grid: (h, w).
     """
-    check_scene(depths, intrinsics, poses, axis_align)
+    check_scene(depths, intrinsics, poses, axis_align, check_depth=False)
     if max_voxels < 1:
         raise InputError(f"the voxel cap must be at least 1, got max_voxels={max_voxels}")
     xyz, valid = backproject_patches(depths, intrinsics, poses, axis_align, grid)
     flat_valid = valid.reshape(-1)
     patch_index = flat_valid.nonzero(as_tuple=True)[0]
+    if len(patch_index) == 0:
+        raise InputError(
+            "the scene has no valid depth at any patch (the depth is 0 or not finite at every pixel the patch grid "
+            "reads), so it has no 3-D patch to voxelise; pass depth in metres with 0 only where it is unknown"
+        )
     patch_xyz = xyz.reshape(-1, 3)[patch_index]
     inverse, ijk, origin = voxelize(patch_xyz, voxel_size)
     kept = cap_voxels(len(ijk), max_voxels, seed).to(ijk.device)
