@@ -235,3 +235,51 @@ def test_methods_for_other_media_refuse_a_scene_clearly(name):
     inputs = scene_inputs(model, 1)
     with pytest.raises(vlm_prune.PruneError, match=REFUSING[name]), vlm_prune.pruned(model, name, keep=0.5):
         forward(model, inputs)
+
+
+class SignalRecorder(vlm_prune.Method):
+    layer = 0
+    needs = frozenset({"vision_attention", "projector"})
+
+    def __init__(self):
+        self.seen = []
+
+    def select(self, ctx):
+        self.seen.append((ctx.vision_attention.clone(), ctx.projector_inputs.clone(), ctx.visual_features.clone()))
+        return torch.ones(ctx.num_visual, dtype=torch.bool)
+
+
+def test_vision_signals_are_per_voxel_means_of_the_patches():
+    """A voxel's CLS attention is the mean over its patches (hand-grouped here); its projector input maps onto
+    its embedding through the projector."""
+    from vlm_prune.adapters.vision_signals import clip_layer_cls_attention
+
+    model = model_for()
+    inputs = scene_inputs(model)
+    recorder = SignalRecorder()
+    with torch.no_grad(), vlm_prune.pruned(model, recorder):
+        forward(model, inputs)
+        tower = model.model.vision_tower
+        pixel = inputs["pixel_values"].flatten(0, 1)
+        hidden = tower(pixel, output_hidden_states=True).hidden_states
+        layer = model.config.vision_feature_layer
+        received, _ = clip_layer_cls_attention(tower.encoder.layers[layer], hidden[layer - 1])
+        encoded = model.get_image_features(
+            inputs["pixel_values"], inputs["depths"], inputs["intrinsics"], inputs["poses"], inputs["axis_align"]
+        )
+    from vlm_prune.models.llava3d.modeling import scene_geometries
+
+    geometries = scene_geometries(
+        inputs["depths"], inputs["intrinsics"], inputs["poses"], inputs["axis_align"], (4, 4),
+        model.config.voxel_size, model.config.max_voxels, model.config.voxel_seed,
+    )
+    per_scene = received.reshape(2, -1)
+    for b, (attention, projector_in, embeds) in enumerate(recorder.seen):
+        geometry = geometries[b]
+        expected = torch.stack([
+            per_scene[b, geometry.patch_index[geometry.patch_voxel == v]].mean() for v in range(len(geometry))
+        ])
+        torch.testing.assert_close(attention, expected)
+        with torch.no_grad():
+            torch.testing.assert_close(model.model.multi_modal_projector(projector_in), embeds, **TOL)
+        torch.testing.assert_close(embeds, encoded.pooler_output[b], **TOL)
