@@ -37,13 +37,12 @@ ARCHITECTURES = {
 }
 
 
-def _linear(module: nn.Module) -> nn.Linear:
-    """An nn.Linear sharing `module`'s weight and bias (vLLM's parallel linear layers at TP=1)."""
-    weight = module.weight
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.data, requires_grad=False)
-    if module.bias is not None:
-        linear.bias = nn.Parameter(module.bias.data, requires_grad=False)
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear over copies of a vLLM linear layer's weight and bias."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
     return linear
 
 
@@ -190,10 +189,21 @@ def _qwen2_5_class() -> type:
         def _projector_module(self) -> nn.Module:
             return self.visual.merger.mlp
 
+        def load_weights(self, weights):
+            loaded = super().load_weights(weights)
+            if "projector" in self._vlm_prune_built[1].needs:
+                # vLLM's CPU GEMM dispatch packs linear weights after loading and frees them: keep the merger's
+                # MLP weights (ZOO-Prune's projector signal) as they were loaded
+                mlp = self.visual.merger.mlp
+                self._vlm_prune_merger = tuple(
+                    None if t is None else t.detach().clone()
+                    for t in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
+                )
+            return loaded
+
         def _projector_parts(self) -> ProjectorParts:
-            mlp = self.visual.merger.mlp
-            first = mlp[0]
-            return ProjectorParts(first.weight, first.bias, nn.Sequential(mlp[1], _linear(mlp[2])))
+            w0, b0, w2, b2 = self._vlm_prune_merger
+            return ProjectorParts(w0, b0, nn.Sequential(self.visual.merger.mlp[1], _linear(w2, b2)))
 
         def _llm_order(self, grids: list[list[int]]) -> torch.Tensor:
             windows, offset = [], 0
