@@ -283,3 +283,35 @@ def test_vision_signals_are_per_voxel_means_of_the_patches():
         with torch.no_grad():
             torch.testing.assert_close(model.model.multi_modal_projector(projector_in), embeds, **TOL)
         torch.testing.assert_close(embeds, encoded.pooler_output[b], **TOL)
+
+
+def test_chunked_prefill_after_the_scene_and_a_split_scene_refused():
+    model = model_for()
+    inputs = scene_inputs(model)
+    media = (inputs["input_ids"] == model.config.image_token_id).nonzero()[:, 1]
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), vlm_prune.pruned(model, pattern_method(0)) as handle:
+        whole = model.generate(**inputs, **kwargs)
+        items = handle.stats.stages[0].tokens_in
+        chunked = model.generate(**inputs, prefill_chunk_size=int(media.max()) + 2, **kwargs)
+        assert handle.stats.stages[0].tokens_in == items
+        with pytest.raises(vlm_prune.InputError, match="prefill_chunk_size"):
+            model.generate(**inputs, prefill_chunk_size=int(media.min()) + 1, **kwargs)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), **TOL)
+
+
+def test_an_image_after_a_scene_under_one_handle_is_an_image():
+    """generate() encodes before the prefill; the adapter must not read the previous scene's recording."""
+    model = model_for()
+    scene = scene_inputs(model, batch=1)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    ids = torch.tensor([[1, 20, *([3] * side * side), 21, 22]])
+    image = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": scene["pixel_values"][:, 0]}
+    recorder = Recorder()
+    with torch.no_grad(), vlm_prune.pruned(model, recorder):
+        model.generate(**scene, max_new_tokens=2, do_sample=False)
+        model.generate(**image, max_new_tokens=2, do_sample=False)
+        model.generate(**scene, max_new_tokens=2, do_sample=False)
+    kinds = [int(layout.kind[0]) for layout in recorder.layouts]
+    assert kinds == [SCENE, IMAGE, SCENE], kinds

@@ -64,6 +64,8 @@ class Llava3DAdapter(LlavaAdapter):
         module = self.model.model.voxelizer
         names = ("depths", "intrinsics", "poses", "axis_align", "grid")
         values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        if values.get("depths") is None:
+            return []  # a 2-D encoding
         with torch.no_grad():
             return scene_geometries(
                 values["depths"], values["intrinsics"], values["poses"], values.get("axis_align"), values["grid"],
@@ -71,16 +73,26 @@ class Llava3DAdapter(LlavaAdapter):
             )
 
     @staticmethod
-    def is_scene_call(call: dict) -> bool:
-        """Whether the call's media are scenes (3-D mode) rather than 2-D images."""
-        if call.get("depths") is not None:
-            return True
+    def _recorded(call: dict) -> list:
+        return [r for r in call.get("vision_calls") or [] if isinstance(r, list)]
+
+    def is_scene_call(self, call: dict) -> bool:
+        """Whether the call's media are scenes (3-D mode) rather than 2-D images.
+
+        From the call's own media when it carries them, else from the latest encoding the voxelizer saw
+        (generate() encodes before the prefill; a chunk of generate(prefill_chunk_size=N) gets sliced features).
+        """
+        if call.get("pixel_values") is not None:
+            return call.get("depths") is not None
         encoded = (call.get("mm_encoder_outputs") or {}).get("image")
-        return encoded is not None and getattr(encoded, "voxel_ijk", None) is not None
+        if encoded is not None and getattr(encoded, "voxel_ijk", None) is not None:
+            return True
+        recorded = self._recorded(call)
+        return bool(recorded and recorded[-1])
 
     def _geometries(self, call: dict) -> list:
-        recorded = [r for r in call.get("vision_calls") or [] if isinstance(r, list)]
-        if not recorded:
+        recorded = self._recorded(call)
+        if not recorded or not recorded[-1]:
             raise InputError(
                 "llava3d: the scene's voxel geometry was not recorded in this call (were the scene features "
                 "computed outside the model?); pass pixel_values with depths, intrinsics, poses and axis_align. "
@@ -95,7 +107,10 @@ class Llava3DAdapter(LlavaAdapter):
         geometries = self._geometries(call)
         sizes = [len(g) for g in geometries]
         totals = row_totals(input_ids, self.image_token_id)
-        items = iter(expanded_item_index(totals, sizes))
+        try:
+            items = iter(expanded_item_index(totals, sizes))
+        except InputError as error:
+            raise InputError(f"llava3d: {error}. {SPLIT_MEDIA_HINT}") from None
         samples = []
         for row, total in zip(input_ids, totals):
             columns = (row == self.image_token_id).nonzero(as_tuple=True)[0].cpu()

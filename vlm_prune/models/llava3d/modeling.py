@@ -62,7 +62,8 @@ class SceneVoxelizer(nn.Module):
     """No parameters: the geometry of every scene of a batch (a module so that its calls can be hooked).
 
     forward(depths (B, V, H, W), intrinsics (B, V, 4, 4) or (B, 4, 4), poses (B, V, 4, 4), axis_align (B, 4, 4),
-    grid (h, w)) -> one `SceneGeometry` per scene.
+    grid (h, w)) -> one `SceneGeometry` per scene. The 2-D mode calls it with depths=None (-> []), so a hook sees
+    which mode every media encoding ran in.
     """
 
     def __init__(self, voxel_size: float, max_voxels: int, seed: int):
@@ -75,7 +76,9 @@ class SceneVoxelizer(nn.Module):
 
 
 def scene_geometries(depths, intrinsics, poses, axis_align, grid, voxel_size, max_voxels, seed) -> list[SceneGeometry]:
-    """`scene_geometry` for every scene of a batch (shapes as `SceneVoxelizer.forward`)."""
+    """`scene_geometry` for every scene of a batch (shapes as `SceneVoxelizer.forward`); [] when depths is None."""
+    if depths is None:
+        return []
     depths = torch.as_tensor(depths)
     if depths.ndim != 4:
         raise InputError(f"depths must be (batch, views, H, W) in metres, got shape {tuple(depths.shape)}")
@@ -170,6 +173,7 @@ class Llava3DModel(Llava3DPreTrainedModel):
                     f"2-D mode takes one image per row, pixel_values (B, 3, S, S); got {tuple(pixel_values.shape)}. "
                     "For a scene pass depths, intrinsics, poses and axis_align too (Llava3DProcessor returns them)"
                 )
+            self.voxelizer(None, None, None, None, self.patch_grid())  # marks the 2-D mode for hooks
             features = self._patch_features(pixel_values)
             zeros = features.new_zeros(*features.shape[:2], 3)
             features = features + self.position_embedding(zeros) * 0  # the authors' encode_images
