@@ -102,3 +102,84 @@ def test_model_args_are_checked_and_clean_drops_the_model():
     assert isinstance(lm._model, torch.nn.Module)
     lm.clean()
     assert not hasattr(lm, "_model")
+
+
+@pytest.mark.parametrize(("method", "face"), [("none", "simple"), ("catp", "chat")])
+def test_icl_task_scores_equal_the_bench_evaluation(method, face):
+    """Interleaved 4-shot episodes on the embedded LLaVA (the bench's ICL model: no trained ICL demo model ships),
+    against `tasks.icl.generate_answers` one episode at a time."""
+    from vlm_prune.tasks import icl as I
+
+    keep = 0.333
+    got, got_answers = _evaluate(f"base=llava,pretrained=demo:llava,method={method},keep={keep}", "vlm_prune_icl",
+                                 face)  # fmt: skip
+    model, proc = vlm_prune.demo_model("llava")
+    episodes = I.make_episodes("test", 20, seed=0, shots=4, words=I.DEMO_WORDS)[:LIMIT]
+
+    def answer(e):
+        return I.generate_answers(model, proc, [e], max_new_tokens=4)[0]
+
+    if method == "none":
+        want = [answer(e) for e in episodes]
+    else:
+        with vlm_prune.pruned(model, method, keep=keep):
+            want = [answer(e) for e in episodes]
+    assert got_answers == want
+    correct = [normalize_answer(a) == normalize_answer(e.answer) for a, e in zip(want, episodes)]
+    assert got["exact_match,none"] == pytest.approx(sum(correct) / LIMIT)
+
+
+def test_masks_round_trip_as_run_length_text():
+    mask = torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    assert plugin.mask_to_text(mask) == "2 3 1 3 2"  # runs: 1 False, 3 True, 2 False
+    assert plugin.mask_to_text(torch.ones(1, 2, dtype=torch.bool)) == "1 2 0 2"
+    for m in (mask, torch.ones(1, 2, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.bool)):
+        assert torch.equal(plugin.text_to_mask(plugin.mask_to_text(m)), m)
+    assert plugin.text_to_mask("no mask here").shape == (0, 0) and plugin.text_to_mask("2 2 1").shape == (0, 0)
+
+
+SAM = dict(
+    vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=64,
+                       patch_size=8, output_channels=32, global_attn_indexes=[1], window_size=2, num_pos_feats=16),
+    prompt_encoder_config=dict(hidden_size=32, image_size=64, image_embedding_size=8),
+    mask_decoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                             iou_head_hidden_dim=32),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def saved_segmenter(tmp_path_factory):
+    """A Segmenter on the embedded LLaVA with a tiny random SAM (no trained demo segmenter ships), saved."""
+    from transformers import SamConfig, SamModel
+
+    from vlm_prune.models.segmenter import Segmenter, SegmenterConfig, add_seg_token
+
+    vlm, processor = vlm_prune.demo_model("llava")
+    seg_id = add_seg_token(vlm, processor)
+    torch.manual_seed(0)
+    segmenter = Segmenter(vlm, SamModel(SamConfig(**SAM)).eval(), SegmenterConfig(seg_token_id=seg_id))
+    torch.manual_seed(1)
+    for parameter in segmenter.text_hidden_fcs.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    path = tmp_path_factory.mktemp("seg") / "seg"
+    segmenter.save_pretrained(path, processor=processor)
+    return path
+
+
+@pytest.mark.parametrize(("method", "face"), [("none", "simple"), ("random", "chat")])
+def test_segmentation_task_scores_equal_the_bench_evaluation(saved_segmenter, method, face):
+    """gIoU / cIoU through lmms-eval equal `tasks.segmentation.score_samples` (the bench's scoring), per sample."""
+    from vlm_prune.tasks import segmentation as G
+
+    keep = 0.25
+    got, _ = _evaluate(f"pretrained={saved_segmenter},method={method},keep={keep}", "vlm_prune_segmentation", face)
+    model, proc, _ = G.load_bench_segmenter(str(saved_segmenter))
+    samples = G.make_samples("test", 20, seed=0)[:LIMIT]
+    if method == "none":
+        scored = [G.score_samples(model, proc, [s])[0] for s in samples]
+    else:
+        with vlm_prune.pruned(model, method, keep=keep):
+            scored = [G.score_samples(model, proc, [s])[0] for s in samples]
+    assert got["giou,none"] == pytest.approx(sum(s["score"] for s in scored) / LIMIT)
+    assert got["ciou,none"] == pytest.approx(G.pooled_scores(scored)["ciou"])
+    assert 0 < sum(s["intersection"] for s in scored)  # masks that overlap: the comparison is not 0 == 0

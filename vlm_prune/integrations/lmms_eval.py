@@ -35,6 +35,8 @@ import torch
 from ..errors import PruneError
 
 MODEL_ID = "vlm_prune"
+IMAGE_MARK = "<image>"  # in a simple request's context: where each of several images goes (interleaved prompts)
+OUTPUT_KEY = "vlm_prune_output"  # generation_kwargs key: "mask" asks a Segmenter for its mask, as run-length text
 
 
 class LmmsEvalError(PruneError, ValueError):
@@ -52,11 +54,59 @@ def manifest():
 
 
 def _load(pretrained: str, dtype: torch.dtype, device: str):
-    from .. import demo
+    """(model, processor): an embedded demo model ("demo:<name>"), a saved Segmenter (its VLM; the mask head
+    stays attached, `Segmenter.of`) or a saved model folder."""
+    from pathlib import Path
 
-    if pretrained.startswith("demo:"):
-        return demo.demo_model(pretrained[len("demo:") :], dtype=dtype, device=device)
+    from .. import demo
+    from ..tasks.segmentation import load_bench_segmenter
+
+    name = pretrained[len("demo:") :] if pretrained.startswith("demo:") else None
+    embedded = demo.demo_model_path(name) if name else Path(pretrained)
+    if (Path(embedded) / "segmenter_config.json").exists():
+        model, processor, _ = load_bench_segmenter(str(embedded), dtype=dtype, device=device)
+        return model, processor
+    if name:
+        return demo.demo_model(name, dtype=dtype, device=device)
     return demo.load_model(pretrained, dtype=dtype, device=device)
+
+
+def mask_to_text(mask: torch.Tensor) -> str:
+    """(H, W) bool -> "H W r0 r1 ...": run lengths of the row-major mask, starting with a run of False."""
+    flat = mask.to(torch.bool).flatten().tolist()
+    runs, value, count = [], False, 0
+    for bit in flat:
+        if bit == value:
+            count += 1
+        else:
+            runs.append(count)
+            value, count = bit, 1
+    runs.append(count)
+    return " ".join(map(str, [*mask.shape, *runs]))
+
+
+def text_to_mask(text: str) -> torch.Tensor:
+    """The inverse of `mask_to_text`; an unparsable answer is an all-False (0 x 0) mask."""
+    try:
+        h, w, *runs = (int(v) for v in str(text).split())
+    except ValueError:
+        return torch.zeros(0, 0, dtype=torch.bool)
+    bits = torch.cat([torch.full((r,), i % 2 == 1) for i, r in enumerate(runs)]) if runs else torch.zeros(0)
+    if bits.numel() != h * w:
+        return torch.zeros(0, 0, dtype=torch.bool)
+    return bits.view(h, w).to(torch.bool)
+
+
+def _pairs(images: list, context: str) -> tuple[list[tuple[Any, str]], tuple[Any, str]]:
+    """Interleaved (demonstrations, query) from images and a context holding one IMAGE_MARK per image, each
+    followed by that image's text."""
+    parts = context.split(IMAGE_MARK)
+    if len(parts) != len(images) + 1 or parts[0].strip():
+        raise LmmsEvalError(f"{len(images)} images need a context of {len(images)} {IMAGE_MARK!r} marks, each "
+                            f"followed by its text (an interleaved prompt); got {context!r}")  # fmt: skip
+    texts = [t.strip() for t in parts[1:]]
+    pairs = list(zip(images, texts))
+    return pairs[:-1], pairs[-1]
 
 
 def _is_video(visual: Any) -> bool:
@@ -75,17 +125,20 @@ def _user_turn(messages: Any) -> tuple[list, str]:
     roles = [m["role"] for m in messages]
     if roles != ["user"]:
         raise LmmsEvalError(f"the vlm_prune chat model answers one user turn; got roles {roles}")
-    visuals, texts = [], []
+    visuals, texts, marked = [], [], []
     for item in messages[0]["content"]:
         kind = item["type"] if isinstance(item, dict) else item.type
         get = item.get if isinstance(item, dict) else lambda k, _i=item: getattr(_i, k, None)
         if kind == "text":
             texts.append(str(get("text")))
+            marked.append(str(get("text")))
         elif kind in ("image", "video"):
             visuals.append(get("url") if get("url") is not None else get(kind))
+            marked.append(IMAGE_MARK)
         else:
             raise LmmsEvalError(f"the vlm_prune chat model takes image, video and text content, not {kind!r}")
-    return visuals, "\n".join(texts)
+    # several images: an interleaved prompt, each image followed by its text, as the simple face's marked context
+    return visuals, ("".join(marked) if len(visuals) > 1 else "\n".join(texts))
 
 
 try:
@@ -142,13 +195,63 @@ if _LmmsBase is not None:
 
         @torch.no_grad()
         def _answer_images(self, images: list, context: str, max_new_tokens: int) -> str:
-            import vlm_prune
 
             from ..demo import prepare_inputs
 
+            if len(images) > 1:
+                return self._answer_interleaved(images, context, max_new_tokens)
             if len(images) != 1:
-                raise LmmsEvalError(f"the vlm_prune plugin takes one image per request, got {len(images)}")
+                raise LmmsEvalError("the vlm_prune plugin needs a video or images per request, got none")
             inputs = prepare_inputs(self._model, self._processor, images, [context])
+            return self._generate(inputs, max_new_tokens)
+
+        @torch.no_grad()
+        def _answer_interleaved(self, images: list, context: str, max_new_tokens: int) -> str:
+            """An interleaved few-shot prompt, built as the ICL task builds it (`tasks.icl.episode_inputs`)."""
+            from types import SimpleNamespace
+
+            from ..tasks.icl import episode_inputs
+
+            demos, query = _pairs(images, context)
+            p = next(self._model.parameters())
+            episode = SimpleNamespace(pairs=lambda: (demos, query))
+            return self._generate(episode_inputs(self._processor, [episode], device=p.device, dtype=p.dtype),
+                                  max_new_tokens)  # fmt: skip
+
+        @torch.no_grad()
+        def _segment(self, images: list, context: str) -> str:
+            """The Segmenter's teacher-forced mask for one image and prompt (the bench's `score_samples` path),
+            as `mask_to_text`."""
+            from types import SimpleNamespace
+
+            import vlm_prune
+
+            from ..methods.lvlm_csp import LVLMCSP
+            from ..models.segmenter import Segmenter
+            from ..tasks.segmentation import sam_pixel_values, teacher_forced_inputs
+
+            if len(images) != 1:
+                raise LmmsEvalError(f"segmentation takes one image per request, got {len(images)}")
+            segmenter, image = Segmenter.of(self._model), images[0]
+            sample = SimpleNamespace(image=image, prompt=context)
+            inputs = dict(teacher_forced_inputs(self._model, self._processor, [sample]))
+            ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+            sam = sam_pixel_values([image], segmenter.sam.config.vision_config.image_size).to(ids.device)
+            size = (image.size[1], image.size[0])
+            if self.method is None:
+                masks = segmenter.predict_masks(ids, sam, attention_mask=mask, output_size=size, **inputs)
+            else:
+                with vlm_prune.pruned(self._model, self.method, keep=self.keep) as handle:
+                    for m in handle.methods:  # LVLM_CSP's prune query is [SEG], as in the bench
+                        if isinstance(m, LVLMCSP) and m.query_token_id is None:
+                            m.query_token_id = segmenter.config.seg_token_id
+                    masks = segmenter.predict_masks(ids, sam, attention_mask=mask, output_size=size, **inputs)
+            return mask_to_text(masks[0][0].cpu())
+
+        @torch.no_grad()
+        def _generate(self, inputs: dict, max_new_tokens: int) -> str:
+            import vlm_prune
+
             kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
             if self.method is None:
                 out = self._model.generate(**inputs, **kwargs)
@@ -159,8 +262,11 @@ if _LmmsBase is not None:
             return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
         def _respond(self, visuals: list, text: str, gen_kwargs: dict | None) -> str:
-            """One answer: a single video through VideoQA, images through the bench's inputs; `until` applied."""
+            """One answer: a single video through VideoQA, images through the bench's inputs (several: an
+            interleaved prompt), a mask when gen_kwargs ask for one; `until` applied to text answers."""
             max_new = int((gen_kwargs or {}).get("max_new_tokens", self.max_new_tokens))
+            if (gen_kwargs or {}).get(OUTPUT_KEY) == "mask":
+                return self._segment(visuals, text)
             if len(visuals) == 1 and _is_video(visuals[0]):
                 answer = self._answer_video(visuals[0], text, max_new)
             else:
