@@ -22,7 +22,12 @@ Requests (`generate_until`). Simple: `(context, gen_kwargs, doc_to_visual, doc_i
 `(context, doc_to_messages, gen_kwargs, doc_id, task, split)`, whose one user turn gives the visuals and the text.
 A visual that is a video path, a `vlm_prune.pipelines.Frames` or (frames, indices, fps) goes through `VideoQA`;
 PIL images through the same prompt / inputs as `vlm-prune bench` (`vlm_prune.demo.prepare_inputs`), greedy;
-both faces answer the same visuals and text identically. The evaluator calls `clean()` at
+both faces answer the same visuals and text identically. Several images are an interleaved prompt (the
+ICL task's `episode_inputs`): simple requests mark each image's place in the context with `<image>`, each
+followed by its text; chat requests give the images and texts in order. `generation_kwargs` with
+`vlm_prune_output: mask` ask a saved Segmenter (pretrained=<its folder>) for its teacher-forced mask, answered as
+run-length text (`mask_to_text`). Local tasks (lmms_tasks/): vlm_prune_mosaic, vlm_prune_video, vlm_prune_icl,
+vlm_prune_segmentation, each scored as `vlm-prune bench` scores the same samples. The evaluator calls `clean()` at
 the end, which deletes every nn.Module attribute: this class keeps the model only in `self._model`.
 """
 
