@@ -1,0 +1,168 @@
+"""vLLM plugin, tier 1: the pure functions (count, selection, positions) against references; no engine.
+
+Runs in .venv-vllm (scripts/vllm_env.sh; scripts/test.sh runs it): vLLM's own EVS and M-RoPE functions are the
+references for ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("vllm", reason="the vLLM tests run in .venv-vllm (bash scripts/vllm_env.sh)")
+
+from vllm.multimodal.video_prune import evs as vllm_evs  # noqa: E402
+
+from vlm_prune.adapters.base import ProjectorParts  # noqa: E402
+from vlm_prune.errors import PruneError  # noqa: E402
+from vlm_prune.integrations.vllm import compat  # noqa: E402
+from vlm_prune.integrations.vllm.positions import prompt_positions  # noqa: E402
+from vlm_prune.integrations.vllm.select import ItemSignals, item_positions, raster_grid, select_item  # noqa: E402
+from vlm_prune.integrations.vllm.spec import count, parse_spec  # noqa: E402
+from vlm_prune.methods.divprune import maxmin_diversity  # noqa: E402
+from vlm_prune.methods.evs import evs_keep_mask, retained_count  # noqa: E402
+
+GRIDS = [(1, 2, 2), (1, 4, 6), (1, 6, 4), (1, 10, 14), (2, 4, 4), (3, 6, 8), (4, 2, 10)]  # vision grids, merge 2
+KEEPS = [0.05, 0.25, 0.5, 0.9, 1.0, 1, 3, 7, 10_000]
+
+
+def _signals(n: int, d_in: int, generator: torch.Generator) -> ItemSignals:
+    w0 = torch.randn(32, d_in, generator=generator) / d_in**0.5
+    tail = nn.Sequential(nn.GELU(), nn.Linear(32, 16))
+    inputs = torch.randn(n, d_in, generator=generator)
+    return ItemSignals(projector_inputs=inputs, projector=ProjectorParts(w0, None, tail))
+
+
+@pytest.mark.parametrize("method", ["random", "pool", "divprune", "zoo", "evs"])
+def test_mask_total_equals_count_for_many_grids_and_budgets(method: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    keeps = KEEPS if method in ("random", "divprune", "evs") else KEEPS[::2]  # pool and zoo cost more per call
+    for grid, keep, modality in itertools.product(GRIDS, keeps, ("image", "video")):
+        if method == "evs" and (isinstance(keep, int) or modality == "image"):
+            continue
+        spec = parse_spec({"method": method, "keep": keep})
+        t, h, w = grid
+        token_grid = (t, h // 2, w // 2)
+        n = t * (h // 2) * (w // 2)
+        features = torch.randn(n, 16, generator=generator)
+        signals = _signals(n, 8, generator) if method == "zoo" else None
+        keep_mask, kept = select_item(features, token_grid, modality, spec, signals=signals)
+        expected = count(grid, spec, modality, merge_size=2)
+        assert int(keep_mask.sum()) == kept.shape[0] == expected, (grid, keep, modality)
+        assert expected <= n
+        checked += 1
+    assert checked >= 30 if method != "pool" and method != "zoo" else checked >= 20
+
+
+def test_selection_is_the_methods_own_code() -> None:
+    """divprune through the plugin keeps exactly DivPrune's greedy picks; merged pool rows replace the kept ones."""
+    features = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
+    keep_mask, kept = select_item(features, (1, 4, 6), "image", parse_spec({"method": "divprune", "keep": 5}))
+    expected = torch.zeros(24, dtype=torch.bool)
+    expected[maxmin_diversity(features, 5)] = True
+    assert torch.equal(keep_mask, expected) and torch.equal(kept, features[expected])
+    keep_mask, kept = select_item(features, (1, 4, 6), "image", parse_spec({"method": "pool", "keep": 6}))
+    assert int(keep_mask.sum()) == 6 and not torch.equal(kept, features[keep_mask])  # cell means
+    assert torch.allclose(kept.mean(0), features.mean(0), atol=1e-5)  # 6 equal 2x2 cells tile the 4x6 grid
+
+
+@pytest.mark.parametrize("grid,rate", [((2, 4, 4), 0.5), ((4, 6, 8), 0.75), ((3, 10, 6), 0.3), ((8, 2, 2), 0.9)])
+def test_our_evs_equals_vllms(grid: tuple[int, int, int], rate: float) -> None:
+    t, h, w = grid  # LLM grid
+    embeds = torch.randn(t * h * w, 32, generator=torch.Generator().manual_seed(t * 100 + h))
+    theirs = vllm_evs.compute_retention_mask(embeds, (t, 2 * h, 2 * w), spatial_merge_size=2, q=rate)
+    ours = evs_keep_mask(embeds, raster_grid(t, h, w), grid, rate)
+    assert torch.equal(ours, theirs)
+    assert retained_count((t, 2 * h, 2 * w), rate, 2) == vllm_evs.compute_retained_tokens_count(h * w, t, rate)
+    keep_mask, _ = select_item(embeds, grid, "video", parse_spec({"method": "evs", "rate": rate}))
+    assert torch.equal(keep_mask, theirs)
+
+
+def _hf_positions(ids: list[int], image_grid, video_grid, second_per_grid: float):
+    from transformers import Qwen2_5_VLModel
+
+    from vlm_prune.integrations.vllm import testing
+
+    config = testing.build_config("tiny")
+    model = Qwen2_5_VLModel.__new__(Qwen2_5_VLModel)
+    nn.Module.__init__(model)
+    model.config = config
+    input_ids = torch.tensor([ids])
+    types = torch.zeros_like(input_ids, dtype=torch.int)
+    types[input_ids == testing.IMAGE_PAD] = 1
+    types[input_ids == testing.VIDEO_PAD] = 2
+    positions, _ = model.get_rope_index(
+        input_ids, types, torch.tensor([image_grid]), torch.tensor([video_grid]), torch.tensor([second_per_grid])
+    )
+    return positions[:, 0]
+
+
+@pytest.mark.parametrize("image_grid", [(1, 8, 12), (1, 12, 4)])  # wide and tall
+def test_pruned_positions_equal_transformers_preserve(image_grid: tuple[int, int, int]) -> None:
+    """Before encoding (`prompt_positions`) and after vLLM's `recompute_mrope_positions` with our columns, the kept
+    tokens and all text have the positions transformers gives the unpruned prompt (policy "preserve")."""
+    from vlm_prune.integrations.vllm import testing as T
+
+    video_grid, second_per_grid, tokens_per_second = (2, 4, 6), 1.0, 2
+    items = [(T.IMAGE_PAD, image_grid), (T.VIDEO_PAD, video_grid)]
+    generator = torch.Generator().manual_seed(3)
+    full, pruned, masks = [40, 41], [40, 41], []
+    for token, grid in items:
+        t, h, w = grid[0], grid[1] // 2, grid[2] // 2
+        n = t * h * w
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.randperm(n, generator=generator)[: max(1, n // 3)]] = True
+        masks.append(((t, h, w), mask))
+        full += [T.VISION_START] + [token] * n + [T.VISION_END, 42, 43]
+        pruned += [T.VISION_START] + [token] * int(mask.sum()) + [T.VISION_END, 42, 43]
+    reference = _hf_positions(full, image_grid, video_grid, second_per_grid)
+    # kept columns in prompt order: text, then each item's kept tokens at their place
+    columns, cursor = [], 0
+    for (token, _), (_grid, mask) in zip(items, masks):
+        start = full.index(token)
+        columns += list(range(cursor, start))
+        columns += (start + mask.nonzero(as_tuple=True)[0]).tolist()
+        cursor = start + mask.numel()
+    columns += list(range(cursor, len(full)))
+    ids = torch.tensor(pruned)
+    placements = [(pruned.index(token), int(mask.sum()), grid, 1.0 if token == T.IMAGE_PAD else 2.0)
+                  for (token, _), (grid, mask) in zip(items, masks)]
+    before, delta = prompt_positions(len(pruned), placements)
+    text = ~(ids == T.IMAGE_PAD) & ~(ids == T.VIDEO_PAD)
+    assert torch.equal(before[:, text], reference[:, columns][:, text])  # text already right before encoding
+    media = [item_positions(grid, mask, 1.0 if i == 0 else second_per_grid * tokens_per_second).T
+             for i, (grid, mask) in enumerate(masks)]
+    after, new_delta = vllm_evs.recompute_mrope_positions(
+        ids, media, before, 0, T.VISION_START, T.IMAGE_PAD, T.VIDEO_PAD
+    )
+    assert torch.equal(after, reference[:, columns])
+    assert new_delta == delta == int(reference.max()) + 1 - len(pruned)  # decoding continues as unpruned
+
+
+def test_spec_errors_say_what_to_pass() -> None:
+    for raw, words in [
+        ({"method": "fastv", "keep": 0.5}, "pre-LLM"),
+        ({"method": "evs+divprune", "keep": 0.5}, "one pre-LLM"),
+        ({"method": "random"}, "budget"),
+        ({"method": "divprune", "keep": 0.5, "modalities": ["audio"]}, "modalities"),
+        ({"method": "evs", "keep": 0.5, "modalities": ["image"]}, "video only"),
+        ({"method": "divprune", "keep": 0.5, "bogus": 1}, "bogus"),
+        ({"keep": 0.5}, "method"),
+    ]:
+        with pytest.raises(PruneError, match=words):
+            parse_spec(raw)
+    spec = parse_spec('{"method": "DivPrune", "keep": 64}')
+    assert spec.method == "divprune" and spec.keep == 64 and spec.modalities == ("image", "video")
+    assert parse_spec({"method": "divprune", "keep": 0.5}).cache_key() != spec.cache_key()
+
+
+def test_version_check_names_the_supported_versions() -> None:
+    compat.check_version("0.32.0+cpu")
+    compat.check_version("0.33.1")
+    with pytest.raises(compat.VllmVersionError, match="0.32"):
+        compat.check_version("0.31.2")
+    assert compat.load().version.startswith("0.32")
