@@ -383,3 +383,26 @@ def test_a_prompt_without_the_scene_placeholder_is_refused():
     with pytest.raises(InputError, match="0 scene/image placeholders"):
         with torch.no_grad():
             model(**inputs)
+
+
+def test_converter_takes_the_vision_tower_from_clip_when_the_checkpoint_lacks_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    model = tiny()
+    clip = write_source(tmp_path / "src", model)
+    weights = load_file(str(tmp_path / "src" / "model.safetensors"))
+    prefix = "model.vision_tower.vision_tower."
+    tower = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}  # CLIP's own "vision_model.*"
+    rest = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+    save_file(rest, str(tmp_path / "src" / "model.safetensors"))
+    text_key = "text_model.embeddings.token_embedding.weight"  # a full CLIP folder: the text half is skipped
+    save_file({**tower, text_key: torch.zeros(2, 2)}, str(clip / "model.safetensors"))
+    convert_main([str(tmp_path / "src"), str(tmp_path / "out"), "--clip", str(clip)])
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    inputs = make_scene_inputs(model, batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    (clip / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="no \\*.safetensors"):
+        convert_main([str(tmp_path / "src"), str(tmp_path / "out2"), "--clip", str(clip)])
