@@ -437,6 +437,39 @@ DEMO_MODEL = "llava3d_scene"
 DEMO_IMAGE_SIZE = 96
 
 
+TOKENIZER_SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<unk>", "<boxes>")
+
+
+def build_tokenizer():
+    """The word-level tokenizer of the task (every word of `task_corpus`, the chat template's "USER:" /
+    "ASSISTANT:"): <pad> 0, <s> 1, </s> 2, <image> 3 (the scene placeholder), <unk> 4, <boxes> 5 (clicks)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    words: list[str] = []
+    for text in task_corpus() + ["USER: ASSISTANT:"]:
+        for w, _ in pre.pre_tokenize_str(text):
+            if w not in words:
+                words.append(w)
+    vocab = {t: i for i, t in enumerate(TOKENIZER_SPECIALS)}
+    for w in words:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    hf.add_special_tokens({"additional_special_tokens": ["<image>", "<boxes>"]})
+    return hf
+
+
 def scene_prompt(processor, question: str) -> str:
     """The chat prompt of one question about a scene (the scene placeholder first)."""
     content = [{"type": "scene"}, {"type": "text", "text": question}]
