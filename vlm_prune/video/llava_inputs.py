@@ -86,11 +86,10 @@ def prepare_frames(frames: np.ndarray, s: LlavaVideoSettings) -> np.ndarray:
         h, w = f.shape[:2]
         if (h, w) != (s.size, s.size):
             img = Image.fromarray(f)
-            if s.crop:
-                scale = s.size / min(h, w)
-                nh, nw = max(s.size, round(h * scale)), max(s.size, round(w * scale))
+            if s.crop:  # transformers' sizes: the long side int(size * long / short), crop offsets rounded
+                nh, nw = (s.size, int(s.size * w / h)) if h <= w else (int(s.size * h / w), s.size)
                 img = img.resize((nw, nh), Image.BICUBIC)
-                top, left = (nh - s.size) // 2, (nw - s.size) // 2
+                top, left = int(round((nh - s.size) / 2)), int(round((nw - s.size) / 2))
                 img = img.crop((left, top, left + s.size, top + s.size))
             else:
                 img = img.resize((s.size, s.size), Image.BICUBIC)
