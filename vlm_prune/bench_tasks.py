@@ -210,7 +210,7 @@ TASKS: dict[str, BenchTask] = {
         description="4-shot episodes of easy-VQA images (held-out test split) with nonce words bound to colours "
         "at random per episode; the query asks for the word of a new image (5 images per prompt)",
         media="image",
-        default_model="llava",
+        default_model="llava_icl",  # the few-shot demo model (16 tokens per image); --model llava for 576
         samples=_icl_samples,
         prepare=_icl_prepare,
         answers=_icl_answers,
