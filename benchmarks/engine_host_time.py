@@ -1,94 +1,229 @@
-"""Host time the engine's hooks spend per forward, on the tiny models (where model compute is negligible).
+"""Host time the engine's hooks spend per forward, and the device->host syncs they make, on the tiny models.
 
-On an accelerator the engine's Python work runs on the host while the device waits at the pre-LLM stage
-(selection needs the vision features), so this time is the floor of the engine's cost per prefill there,
-whatever the model size. It grows with the batch (the engine loops over rows). Compare it with the prefill
-time of the model you serve: at 30 ms (a 7B model, ~600 tokens, one H200) 1 ms is 3 %.
+On an accelerator the engine's Python work runs on the host while the device waits at each stage (selection needs
+the stage's hidden states), and every device->host sync drains the device queue. So this host time is the floor
+of the engine's cost per prefill there, whatever the model size. Compare it with the prefill of the model you
+serve: at 30 ms (a 7B model, ~600 tokens, one H200) 1 ms is 3 %.
 
-    python benchmarks/engine_host_time.py --out benchmarks/results/engine_host_time.md
+    python benchmarks/engine_host_time.py --tag after      # measure, store under "after", write the report
+    python benchmarks/engine_host_time.py --tag before --families llava --batches 1 --repeats 5   # smoke run
 
-Method: tiny random models from `vlm_prune.toy_models` (every family this transformers builds), the
-prefill with `logits_to_keep=1`, 1 torch thread; every hook the handle installs is wrapped with a host
-timer (`speed.wrap_new_hooks`); median over `--repeats` forwards after 3 warm-up forwards. Selection is
-included (it is part of a stage); the `keep-all@L0` row is the engine alone (a method that keeps all).
+Method: tiny random models from `vlm_prune.toy_models` (every family this transformers builds), 1 torch thread.
+Every hook the handle installs is wrapped with a host timer (`speed.wrap_new_hooks`) and every stage's `select`
+with another; the engine time of a forward is the hooks' time minus the time inside `select` (the method's own
+selection, excluded as in the issue's targets). Each of `--repeats` greedy generate() calls
+(after one warm-up) gives one prefill and 4 decode steps, split at the top-level forwards; medians. Syncs: one
+untimed generate() call with the inputs marked as device tensors and `vlm_prune.engine.syncs.SyncCounter`
+around the hooks (a lower bound; see that module).
+Results accumulate per tag in `--json` (default `benchmarks/results/engine_host_time.json`); the report
+(`--out`) shows every tag side by side, with the targets: prefill <= 0.5 ms at batch 1, <= 1 ms at batch 8,
+decode <= 0.1 ms per step, engine syncs <= 1 per stage (+1 to read the media layout) and 0 per decode step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import transformers
-from speed import _hook_keys, keep_all_at, wrap_new_hooks  # benchmarks/speed.py, next to this script
+from speed import _hook_keys, cpu_model, keep_all_at, wrap_new_hooks  # benchmarks/speed.py, next to this script
+from tqdm import tqdm
 
 import vlm_prune
+from vlm_prune.engine.syncs import SyncCounter, on_device
 from vlm_prune.toy_models import available_families, build_tiny, make_inputs
 
 CONFIGS = (("keep-all@L0", None), ("random", 0.25), ("pool", 0.25), ("divprune", 0.25), ("fastv", 0.25))
+TARGETS = {"prefill_b1": 0.5, "prefill_b8": 1.0, "decode": 0.1}
 
 
 def in_llm_fastv(family: str) -> dict:
     return {"layer": 3} if family == "qwen3_vl" else {}
 
 
-def hook_ms(model, inputs: dict, method, options: dict, repeats: int) -> float:
+def _timed_selects(handle, total: list[float]) -> None:
+    for stage in handle.stages:
+        select = stage.select
+
+        def timed(ctx, select=select):
+            started = time.perf_counter()
+            try:
+                return select(ctx)
+            finally:
+                total[0] += time.perf_counter() - started
+
+        stage.select = timed
+
+
+STEPS = 4  # decode steps per generate() call
+
+
+def _per_forward(model, totals: list[list[float]], marks: list) -> torch.utils.hooks.RemovableHandle:
+    """Snapshot `totals` at the start of every top-level forward (before the handle's own hook)."""
+    return model.register_forward_pre_hook(lambda module, args: marks.append([t[0] for t in totals]), prepend=True)
+
+
+def _splits(marks: list, totals: list[list[float]]) -> list[list[float]]:
+    ends = marks[1:] + [[t[0] for t in totals]]
+    return [[b - a for a, b in zip(start, end)] for start, end in zip(marks, ends)]
+
+
+def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
+    """Median engine ms of a prefill and of a decode step inside generate(), and the syncs of each."""
     before = _hook_keys(model)
-    total = [0.0]
-    samples = []
-    with vlm_prune.pruned(model, method, **options), torch.no_grad():
-        wrap_new_hooks(model, before, total)
-        for index in range(repeats + 3):
-            total[0] = 0.0
-            model(**inputs, use_cache=True, logits_to_keep=1)
-            if index >= 3:
-                samples.append(total[0] * 1e3)
-    return statistics.median(samples)
+    hooks, selects = [0.0], [0.0]
+    prefill, decode = [], []
+    generate = {"max_new_tokens": STEPS + 1, "min_new_tokens": STEPS + 1, "do_sample": False}
+    with vlm_prune.pruned(model, method, **options) as handle, torch.no_grad():
+        stages = len(handle.stages)
+        with SyncCounter(handle) as counter:  # untimed: marked inputs make every op slower
+            counts: list[int] = [0]  # syncs before the first forward (generate() encodes the media) count to it
+            timer = model.register_forward_pre_hook(lambda module, args: counts.append(counter.count), prepend=True)
+            try:
+                model.generate(**on_device(inputs), **generate)
+            finally:
+                timer.remove()
+            counts.append(counter.count)
+            per = [b - a for a, b in zip(counts, counts[1:])]
+            where = [s.where for s in counter.syncs]
+        wrap_new_hooks(model, before, hooks)
+        _timed_selects(handle, selects)
+        for index in range(repeats + 1):
+            marks = []
+            timer = _per_forward(model, [hooks, selects], marks)
+            try:
+                model.generate(**inputs, **generate)
+            finally:
+                timer.remove()
+            if index >= 1:  # the first call warms up
+                forwards = [(h - s) * 1e3 for h, s in _splits(marks, [hooks, selects])]
+                prefill.append(forwards[0])
+                decode.extend(forwards[1:])
+    return {
+        "prefill_ms": statistics.median(prefill),
+        "decode_ms": statistics.median(decode),
+        "syncs_prefill": per[0] + per[1],
+        "syncs_decode": max(per[2:]),
+        "stages": stages,
+        "where": where,
+    }
+
+
+def render(results: dict) -> str:
+    """The report: every tag's table side by side; `_notes` (text) first and `_history` (text) last, if set."""
+    tags = [tag for tag in results if not tag.startswith("_")]
+    lines = [
+        "# Engine host time per forward and device->host syncs",
+        "",
+        "`python benchmarks/engine_host_time.py --tag <tag>`: tiny random models, 1 torch thread; engine time = "
+        "host "
+        "time inside the handle's hooks minus the time inside the methods' `select`; medians; keep 0.25 for the "
+        "methods (fastv at layer 2, 3 on Qwen3-VL); decode = a step of greedy generate() (4 per call). "
+        "Syncs counted by "
+        "`vlm_prune.engine.syncs.SyncCounter` (engine hooks only, selection excluded; a lower bound).",
+        f"Targets: prefill <= {TARGETS['prefill_b1']} ms at batch 1 and <= {TARGETS['prefill_b8']} ms at batch 8, "
+        f"decode <= {TARGETS['decode']} ms per step; syncs <= 1 per stage + 1 (media layout) per prefill, 0 per step.",
+        "",
+    ]
+    for tag in tags:
+        meta = results[tag]["meta"]
+        lines.append(
+            f"- **{tag}**: {meta['date']}, git {meta['git']}, {meta['machine']}, load average "
+            f"{meta['load_start']} at start, {meta['load_end']} at end; {meta['repeats']} repeats; torch "
+            f"{meta['torch']}, transformers {meta['transformers']}"
+        )
+    lines += ["", "| family | batch | method | " + " | ".join(
+        f"{tag} prefill ms | {tag} decode ms | {tag} syncs (prefill / step)" for tag in tags) + " |",
+        "|---|---:|---|" + "---:|---:|---:|" * len(tags)]
+    keys = list(results[tags[-1]]["rows"])
+    for key in keys:
+        family, batch, name = key.split("|")
+        cells = []
+        for tag in tags:
+            row = results[tag]["rows"].get(key)
+            if row is None:
+                cells += ["", "", ""]
+            else:
+                cells += [f"{row['prefill_ms']:.2f}", f"{row['decode_ms']:.3f}",
+                          f"{row['syncs_prefill']} / {row['syncs_decode']}"]
+        lines.append(f"| {family} | {batch} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Worst case per tag (over families and methods):", ""]
+    for tag in tags:
+        rows = results[tag]["rows"]
+        def worst(batch, field, rows=rows):
+            values = [r[field] for k, r in rows.items() if k.split("|")[1] == str(batch)]
+            return max(values) if values else float("nan")
+        b1, b8 = worst(1, "prefill_ms"), worst(8, "prefill_ms")
+        dec = max(r["decode_ms"] for r in rows.values())
+        extra = max(r["syncs_prefill"] - r["stages"] for r in rows.values())
+        step = max(r["syncs_decode"] for r in rows.values())
+        lines.append(
+            f"- {tag}: prefill {b1:.2f} ms at batch 1 ({'met' if b1 <= TARGETS['prefill_b1'] else 'missed'}), "
+            f"{b8:.2f} ms at batch 8 ({'met' if b8 <= TARGETS['prefill_b8'] else 'missed'}); decode {dec:.3f} ms "
+            f"({'met' if dec <= TARGETS['decode'] else 'missed'}); syncs per prefill at most stages + {extra}, per "
+            f"decode step at most {step}"
+        )
+    if results.get("_notes"):
+        lines[2:2] = [results["_notes"].rstrip(), ""]
+    if results.get("_history"):
+        lines += ["", results["_history"].rstrip()]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(available_families()), help="comma-separated toy families")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--methods", default=",".join(name for name, _ in CONFIGS), help="subset of the configs")
     parser.add_argument("--repeats", type=int, default=25, help="measured forwards per cell (default 25)")
+    parser.add_argument("--tag", default="after", help="name of this measurement in the report (before / after)")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/engine_host_time.json"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_host_time.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    import subprocess
+
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {
+        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "git": git,
+        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} logical CPUs shared by 8 engineers",
+        "load_start": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    wanted = set(args.methods.split(","))
+    configs = [(name, keep) for name, keep in CONFIGS if name in wanted]
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
-    for family in args.families.split(","):
+    families = args.families.split(",")
+    rows = {}
+    progress = tqdm(total=len(families) * len(batches) * len(configs), desc="cells")
+    for family in families:
         model = build_tiny(family)
         for batch in batches:
             inputs = make_inputs(model, batch=batch)
-            cells = []
-            for name, keep in CONFIGS:
+            for name, keep in configs:
                 method = keep_all_at(0) if keep is None else name
                 options = {} if keep is None else {"keep": keep, **(in_llm_fastv(family) if name == "fastv" else {})}
-                cells.append(hook_ms(model, inputs, method, options, args.repeats))
-            rows.append((family, batch, cells))
-            print(family, batch, [f"{c:.2f}" for c in cells], flush=True)
-    lines = [
-        "# Engine host time per forward",
-        "",
-        f"- date {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; {platform.machine()}, {os.cpu_count()} logical "
-        f"CPUs, 1 torch thread, load average at end {', '.join(f'{v:.2f}' for v in os.getloadavg())}",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}; "
-        "`python benchmarks/engine_host_time.py`",
-        f"- tiny random models, prefill with `logits_to_keep=1`; host time inside every hook of the handle, "
-        f"median of {args.repeats} forwards; keep 0.25 for the methods (fastv at layer 2, 3 on Qwen3-VL)",
-        "",
-        "| family | batch | " + " | ".join(f"{name} ms" for name, _ in CONFIGS) + " |",
-        "|---|---:|" + "---:|" * len(CONFIGS),
-    ]
-    for family, batch, cells in rows:
-        lines.append(f"| {family} | {batch} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                rows[f"{family}|{batch}|{name}"] = row = measure(model, inputs, method, options, args.repeats)
+                progress.set_postfix_str(f"{family} b{batch} {name} {row['prefill_ms']:.2f} ms")
+                progress.update()
+    progress.close()
+    meta["load_end"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    results[args.tag] = {"meta": meta, "rows": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.write_text(render(results))
+    print(args.out.read_text())
 
 
 if __name__ == "__main__":

@@ -3,12 +3,18 @@
 #   (a) benchmarks/speed.py on CUDA in bfloat16, both bench models (~100M parameters, 576 visual tokens);
 #   (b) benchmarks/gpu_check.py: identity (keep-all == unwrapped) and batch (row == row alone) checks on
 #       CUDA under sdpa and eager in float32, every toy family + the bench models;
-#   (c) the same under flash_attention_2 in bfloat16, only if `flash_attn` imports (else it says so);
+#   (c) the same under flash_attention_2 in bfloat16, only if `flash_attn` imports (else it says so), and
+#       under SDPA's own flash backend (sdpa_kernel(FLASH_ATTENTION)) in bfloat16, which needs no package;
+#       then the sync bound: torch.cuda.set_sync_debug_mode("warn") inside the handle's hooks around a pruned
+#       prefill and decode step (one read of the inputs + one per stage, none per step) -> in gpu_check.md;
 #   (d) benchmarks/kernels_gpu.py: the fused Triton compaction kernels bit-equal to the torch reference on CUDA,
-#       then both timed (B=8, L=3000, D=4096 bf16; 32 layers of KV) -> kernels_gpu.{md,json}, kernels_gpu.log.
+#       then both timed (B=8, L=3000, D=4096 bf16; 32 layers of KV) -> kernels_gpu.{md,json}, kernels_gpu.log;
+#   (e) gpu_check.py --prefill: prefill speedup, FLOPs ideal, same-length ceiling and engine overhead on a
+#       compute-bound random LLaVA with a 1.1B Llama LLM, bf16, 576 and 2880 visual tokens, CUDA events
+#       -> prefill_timing.json, prefill.log.
 # Everything lands in $OUT (default benchmarks/results/tmp/gpu_check): env.txt, speed_cuda.{md,json,png},
-# speed_cuda_profile.txt, speed.log, gpu_check.{md,json,log}. Budget: under 5 minutes on an H200 (time limits
-# 120 s + 80 s + 60 s; each part writes its results as it goes, so a cut-short part still reports).
+# speed_cuda_profile.txt, speed.log, gpu_check.{md,json,log}. Budget: under 8 minutes on an H200 (time limits
+# 120 s + 120 s + 60 s + 120 s; each part writes its results as it goes, so a cut-short part still reports).
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --device cpu --quick  # smoke test of the script itself on CPU (tiny models)
@@ -22,7 +28,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (use --device cpu|cuda, --quick)" >&2; exit 2 ;;
   esac
 done
@@ -54,7 +60,7 @@ if [ "$QUICK" = 1 ]; then
 fi
 check_args=(--device "$DEVICE" --out "$OUT")
 # time limits: the GPU budget is tight (whole script < 4 min); a shared CPU only needs to finish
-if [ "$DEVICE" = cuda ]; then SPEED_LIMIT=120; CHECK_LIMIT=80; else SPEED_LIMIT=1800; CHECK_LIMIT=1800; fi
+if [ "$DEVICE" = cuda ]; then SPEED_LIMIT=120; CHECK_LIMIT=120; else SPEED_LIMIT=1800; CHECK_LIMIT=1800; fi
 if [ "$QUICK" = 1 ]; then check_args+=(--quick); fi
 
 echo "== (a) speed: $PY benchmarks/speed.py ${speed_args[*]}"
@@ -72,6 +78,13 @@ echo "== (d) kernels: $PY benchmarks/kernels_gpu.py ${kernel_args[*]}"
 timeout $KERNEL_LIMIT "$PY" benchmarks/kernels_gpu.py "${kernel_args[@]}" 2>&1 | tee "$OUT/kernels_gpu.log"
 kernel_rc=${PIPESTATUS[0]}
 
-echo "== done in $(( $(date +%s) - started )) s: speed exit $speed_rc, checks exit $check_rc, kernels exit $kernel_rc (124 = timed out); files in $OUT:"
+prefill_args=(--device "$DEVICE" --out "$OUT" --prefill)
+if [ "$QUICK" = 1 ]; then prefill_args+=(--quick); fi
+if [ "$DEVICE" = cuda ]; then PREFILL_LIMIT=120; else PREFILL_LIMIT=600; fi
+echo "== (e) prefill timing: $PY benchmarks/gpu_check.py ${prefill_args[*]}"
+timeout $PREFILL_LIMIT "$PY" benchmarks/gpu_check.py "${prefill_args[@]}" 2>&1 | tee "$OUT/prefill.log"
+prefill_rc=${PIPESTATUS[0]}
+
+echo "== done in $(( $(date +%s) - started )) s: speed exit $speed_rc, checks exit $check_rc, kernels exit $kernel_rc, prefill exit $prefill_rc (124 = timed out); files in $OUT:"
 ls -l "$OUT"
-[ "$speed_rc" = 0 ] && [ "$check_rc" = 0 ] && [ "$kernel_rc" = 0 ]
+[ "$speed_rc" = 0 ] && [ "$check_rc" = 0 ] && [ "$kernel_rc" = 0 ] && [ "$prefill_rc" = 0 ]

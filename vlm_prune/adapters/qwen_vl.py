@@ -198,9 +198,10 @@ class QwenVLAdapter(Adapter):
         if call.get("attention_mask") is not None:
             return None  # the model derives positions from the full-length mask: already right
         rope_deltas = state if state is not None else getattr(self.model.model, "rope_deltas", None)
-        positions = torch.arange(virtual_past, virtual_past + q_len).view(1, 1, -1).expand(3, batch, -1)
-        if rope_deltas is not None:
-            delta = rope_deltas.repeat_interleave(batch // rope_deltas.shape[0], dim=0).cpu()
+        device = rope_deltas.device if rope_deltas is not None else None
+        positions = torch.arange(virtual_past, virtual_past + q_len, device=device).view(1, 1, -1).expand(3, batch, -1)
+        if rope_deltas is not None:  # stays on the device: a decode step reads nothing back
+            delta = rope_deltas.repeat_interleave(batch // rope_deltas.shape[0], dim=0)
             positions = positions + delta.view(1, batch, 1)
         return positions
 
@@ -220,12 +221,13 @@ class QwenVLAdapter(Adapter):
         """
         if state is None or position_ids.ndim != 3 or position_ids.shape[0] != self.rope_rows + 1:
             return None
-        if not torch.equal(position_ids[1:], position_ids[:1].expand(self.rope_rows, -1, -1)):
-            return None
         batch = position_ids.shape[1]
         delta = state.repeat_interleave(batch // state.shape[0], dim=0).to(position_ids.device).view(1, batch, 1)
         rows = position_ids[:1].expand(self.rope_rows, -1, -1) + delta
-        return torch.cat([position_ids[:1], rows.to(position_ids.dtype)], dim=0)
+        rebuilt = torch.cat([position_ids[:1], rows.to(position_ids.dtype)], dim=0)
+        # decided on the device (no read back per decode step): rebuilt where the rows equal the text row
+        same = (position_ids[1:] == position_ids[:1]).all()
+        return torch.where(same, rebuilt, position_ids)
 
     # ---- projector (merger) --------------------------------------------------------------------
     def projector_module(self) -> nn.Module:
@@ -263,7 +265,8 @@ class QwenVLAdapter(Adapter):
 
     def record_vision_call(self, args: tuple, kwargs: dict) -> object:
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        self._vision_calls_grid = None if grid is None else grid.detach().cpu()
+        grid = None if grid is None else grid.detach().cpu()  # one read (none when the engine passes its host copy)
+        self._vision_calls_grid = grid
         pixels = args[0] if args else kwargs.get("hidden_states")
         if grid is not None and isinstance(pixels, torch.Tensor) and pixels.shape[0] != int(grid.prod(-1).sum()):
             raise InputError(

@@ -33,7 +33,7 @@ def resent_overlap(
     overlap, sent = virtual_past - past, input_ids.shape[1]
     if overlap <= 0 or sent <= overlap or recorded.shape[1] != virtual_past:
         return 0
-    head_matches = torch.equal(input_ids[:, :overlap].cpu(), recorded[:, past:virtual_past])
+    head_matches = torch.equal(input_ids[:, :overlap], recorded[:, past:virtual_past].to(input_ids.device))
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         if attention_mask.shape[1] != past + sent:
             return 0

@@ -18,28 +18,35 @@ Flow of one prefill that holds media:
 
 Decode steps (or any continuation on the same cache) map the caller's 2-D mask, which spans the
 ORIGINAL sequence, onto the cached columns, and keep positions consistent with the policy.
+
+Host work: every shape comes from a host mirror of the slots (`engine/batch.py`), advanced with batched ops
+(no loop over rows outside the methods' own `select` calls). Device->host reads: ONE per prefill (token ids,
+mask and media grids, packed) and ONE per stage (the keep masks); decode steps read nothing
+(`tests/test_sync_count.py`, `engine/syncs.py`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
 from vlm_prune.engine.attention_rows import stage_rows_fn
-from vlm_prune.engine.budget import tokens_to_keep
+from vlm_prune.engine.batch import HostBatch, read_call, to_device
+from vlm_prune.engine.cached import CACHE_STATE_ATTRIBUTE
+from vlm_prune.engine.cached import CachedPrefill as _Cached
 from vlm_prune.engine.context import VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
 from vlm_prune.engine.labels import kept_labels, with_loss
-from vlm_prune.engine.ragged import positions_within as _positions_within
 from vlm_prune.engine.ragged import trim_segments
 from vlm_prune.engine.reentry import reenter_tokens, remember
 from vlm_prune.engine.segments import segments_fn
 from vlm_prune.engine.signals import KEEP_RECORDINGS, SignalRecorder
-from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats
+from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats, cache_bytes, finish_prefill_stats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
 from vlm_prune.kernels import compact_sequence, gather_tokens
 from vlm_prune.methods.base import Stage
@@ -48,14 +55,26 @@ SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3"
 POSITION_POLICIES = ("preserve", "compact")
 
 
-@dataclass
 class _Sample:
-    """Per-sample bookkeeping during one prefill."""
+    """Per-sample bookkeeping during one prefill (host tensors).
 
-    media: SampleMedia
-    original_counts: list[int]  # visual tokens per media item before pruning
-    present: torch.Tensor  # (N0,) bool over `media.visual_columns`: which are still present
-    layout: VisualLayout  # layout of the tokens still present (`media.layout.select(present)`, kept up to date)
+    present: (N0,) bool over `media.visual_columns`, a view of the batch's `HostBatch.present`; layout: the layout
+    of the tokens still present, brought up to date on first read after a stage (`pending`: that stage's keep mask).
+    """
+
+    def __init__(self, media: SampleMedia, original_counts: list[int], present: torch.Tensor):
+        self.media, self.original_counts, self.present = media, original_counts, present
+        self._layout, self.pending = media.layout, None
+
+    @property
+    def layout(self) -> VisualLayout:
+        if self.pending is not None:
+            self._layout, self.pending = self._layout.select(self.pending), None
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: VisualLayout) -> None:
+        self._layout, self.pending = value, None
 
     @property
     def visual_columns(self) -> torch.Tensor:
@@ -72,7 +91,10 @@ class _Forward:
     mask: torch.Tensor  # (B, past + L) 2-D attention mask over the cached + current slots
     rope: torch.Tensor  # (R, B, L) rotary positions of the current slots
     samples: list[_Sample] = field(default_factory=list)
-    shift: torch.Tensor | None = None  # (B,) positions removed so far (policy "compact")
+    shift: torch.Tensor | None = None  # (B,) host: positions removed so far (policy "compact")
+    host: HostBatch | None = None  # host mirror of the slots and visual tokens (engine/batch.py)
+    index: torch.Tensor | None = None  # (B, L') compaction index of the last stage
+    host_segments: list[torch.Tensor] = field(default_factory=list)  # host copies of `segments`' columns
     # per in-LLM segment: (first layer, columns of the segment's slots) -- for cache trimming
     segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     overrides: dict | None = None  # kwargs handed to every layer after an in-LLM stage
@@ -83,47 +105,6 @@ class _Forward:
     visual_keep_flat: torch.Tensor | None = None
     original_embeds: torch.Tensor | None = None
     reentry: dict = field(default_factory=dict)  # row -> `reentry.RowMemory` of tokens that may come back
-
-
-CACHE_STATE_ATTRIBUTE = "_vlm_prune_state"
-
-
-@dataclass
-class _Cached:
-    """What decoding after a pruned prefill needs. It rides on the cache object itself (attribute
-    `CACHE_STATE_ATTRIBUTE`), so it follows the cache into `copy.deepcopy` (transformers' prompt-reuse
-    pattern), into several conversations through one handle, and into a later handle."""
-
-    original_length: int  # L0: length of the unpruned prefill
-    shift: torch.Tensor  # (B,) positions removed (policy "compact"); zeros under "preserve"
-    # per segment: (first layer, (B, L_seg) original columns of its cached prefill slots)
-    segments: list[tuple[int, torch.Tensor]]
-    prefill_mask: list[torch.Tensor]  # per segment: (B, L_seg) mask of its cached prefill slots
-    tokens: torch.Tensor | None = None  # (B, virtual past) the ORIGINAL token ids the cache stands for
-    position_state: object = None  # the adapter's `position_state()` after the prefill (Qwen: rope_deltas)
-
-    def virtual_past(self, past: int) -> int:
-        """The unpruned length so far, for `past` cached positions in the first segment's layers."""
-        return self.original_length + past - self.segments[0][1].shape[1]
-
-    def drop_prefill_tail(self, count: int) -> None:
-        """Follow a `cache.crop` that removed the last `count` slots of the prefill (assisted decoding feeds
-        candidate tokens with the prompt and crops the rejected ones).
-
-        Allowed while those slots are the last `count` ORIGINAL columns in every row and segment (text after
-        the last pruned token); a crop that reaches pruned tokens cannot be mapped and is refused.
-        """
-        tail = torch.arange(self.original_length - count, self.original_length)
-        for _, columns in self.segments:
-            if columns.shape[1] < count or not torch.equal(columns[:, -count:].cpu(), tail.expand(len(columns), -1)):
-                raise InputError(
-                    "this cache holds a pruned prefill and was cropped into its pruned part, so its positions no "
-                    "longer map to the original sequence; crop only the tokens after the last image, or prefill "
-                    "again"
-                )
-        self.segments = [(layer, columns[:, :-count]) for layer, columns in self.segments]
-        self.prefill_mask = [mask[:, :-count] for mask in self.prefill_mask]
-        self.original_length -= count
 
 
 class PruneHandle:
@@ -180,6 +161,7 @@ class PruneHandle:
             if "attention" in stage.needs and stage.layer == 0:
                 raise PruneError(f"stage {stage.name!r} needs attention rows, which exist only at layer >= 1")
         self.stats = PruneStats()
+        self._host_of: dict[int, torch.Tensor] = {}  # id of a device tensor of the call -> its host copy
         self.last_kept_index: torch.Tensor | None = None
         self._call: dict | None = None
         self._signals = SignalRecorder(adapter)
@@ -196,6 +178,18 @@ class PruneHandle:
         except BaseException:
             self.remove()
             raise
+
+    @property
+    def stats(self) -> PruneStats:
+        """`PruneStats` of the last prefill that held media (its FLOPs are counted here, off the hot path)."""
+        if self._stats_todo is not None:
+            todo, self._stats_todo = self._stats_todo, None
+            todo()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: PruneStats) -> None:
+        self._stats, self._stats_todo = value, None
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
@@ -258,23 +252,23 @@ class PruneHandle:
     def _follow_up(self, kwargs: dict, cached: _Cached, cache) -> bool:
         """A call on a pruned cache: cut what it re-sends (see `followup`) and record the tokens it adds.
 
-        Returns whether it cut anything. The token record stands for the cached positions only, so it is
-        first cut to them (a cache cropped after the prefill holds fewer).
+        Returns whether it cut anything. Only a call longer than the pruned gap can re-send tokens; a decode step
+        just appends its tokens to the record (a list, joined when a follow-up needs it).
         """
         if cached.tokens is None:
             return False
         past = cache.get_seq_length(cached.segments[0][0])
         virtual_past = cached.virtual_past(past)
-        cached.tokens = cached.tokens[:, :virtual_past]
         input_ids = kwargs.get("input_ids")
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             return False
-        overlap = resent_overlap(input_ids, cached.tokens, past, virtual_past, kwargs.get("attention_mask"))
-        if overlap:
-            cut_leading(kwargs, overlap, input_ids.shape[1])
-        new_tokens = kwargs["input_ids"].detach().cpu()
-        if new_tokens.shape[0] == cached.tokens.shape[0]:
-            cached.tokens = torch.cat([cached.tokens, new_tokens], dim=1)
+        overlap = 0
+        if input_ids.shape[1] > virtual_past - past > 0:
+            recorded = cached.recorded(virtual_past)
+            overlap = resent_overlap(input_ids, recorded, past, virtual_past, kwargs.get("attention_mask"))
+            if overlap:
+                cut_leading(kwargs, overlap, input_ids.shape[1])
+        cached.add_tokens(kwargs["input_ids"].detach(), virtual_past)
         return bool(overlap)
 
     def _on_model_call_inner(self, args, kwargs, cache, cached: _Cached | None):
@@ -288,8 +282,13 @@ class PruneHandle:
             self._vision_calls = []
         call["vision_calls"] = self._vision_calls
         self._call = call
+        self._host_of = {}
+        filled = cache is not None and cache.get_seq_length() > 0
+        if call.get("input_ids") is not None and (_brings_media(call) or not filled):  # a prefill: read it ONCE
+            call["host"] = read_call(call)
+            self._host_of = {id(call[key]): value for key, value in call["host"].items()}
         if _brings_media(call):
-            self.adapter.check_media_inputs(call)
+            self.adapter.check_media_inputs(self._host_call())
         if cached is None or call.get("input_ids") is None or _brings_media(call):
             return None
         input_ids, state = call["input_ids"], cached.position_state
@@ -300,14 +299,14 @@ class PruneHandle:
             positions = self.adapter.decode_position_ids(call, virtual_past, *input_ids.shape[::-1], state)
         if positions is None:
             return None
-        kwargs["position_ids"] = positions.to(input_ids.device)
+        kwargs["position_ids"] = to_device(positions, input_ids.device)
         return args, kwargs
 
     def _on_model_return(self, module, args, output):
         labels, self._labels = self._labels, None
         if labels is not None:
             output = self._with_loss(output, labels)
-        self._call = None
+        self._call, self._host_of = None, {}
         # generate(use_cache=False) re-runs the prefill from pre-encoded features without calling the
         # vision tower again, so the latest recordings are kept (bounded) rather than cleared.
         self._signals.trim()
@@ -332,11 +331,21 @@ class PruneHandle:
         )
         return with_loss(output, loss)
 
+    def _host_call(self) -> dict:
+        """The recorded call with the host copies of what `read_call` read (what adapters read on the host)."""
+        call = self._call or {}
+        return {**call, **call.get("host", {})}
+
     def _on_vision_call(self, module, args, kwargs):
+        # the tower gets the call's own grids: hand the adapter their host copies (no second read)
+        host = self._host_of
+        args = tuple(host.get(id(value), value) for value in args)
+        kwargs = {key: host.get(id(value), value) for key, value in kwargs.items()}
         self._vision_calls.append(self.adapter.record_vision_call(args, kwargs))
 
     def _has_media(self, input_ids: torch.Tensor) -> bool:
-        return any(bool((input_ids == token).any()) for token in self.adapter.media_token_ids())
+        """Whether (host) `input_ids` hold media tokens."""
+        return bool(torch.isin(input_ids, torch.tensor(self.adapter.media_token_ids())).any())
 
     def _live_cached(self, cache) -> _Cached | None:
         cached = None if cache is None else getattr(cache, CACHE_STATE_ATTRIBUTE, None)
@@ -368,8 +377,9 @@ class PruneHandle:
             )
         filled = cache is not None and cache.get_seq_length() > 0
         # on a filled cache, media token ids without media (e.g. prompt-lookup candidates copied from the
-        # prompt) are plain tokens to the model, as they are to the unwrapped one
-        media_here = input_ids is not None and self._has_media(input_ids) and (brings_media or not filled)
+        # prompt) are plain tokens to the model, as they are to the unwrapped one; decode steps stop here
+        host_ids = call.get("host", {}).get("input_ids")
+        media_here = host_ids is not None and (brings_media or not filled) and self._has_media(host_ids)
         if media_here and tuple(input_ids.shape) == (batch, length):
             if filled:
                 raise InputError(
@@ -391,42 +401,40 @@ class PruneHandle:
             mask = torch.ones(batch, length, dtype=torch.long, device=device)
         elif not isinstance(mask, torch.Tensor) or mask.ndim != 2:
             raise InputError("vlm_prune needs a 2-D attention mask (or none); a prepared 4-D mask cannot be pruned")
-        rope = self.adapter.rope_positions(kwargs.get("position_ids"), batch, length, 0).to(device)
-        media = self.adapter.sample_media(input_ids, self._call or {}, embeds)
-        samples = [
-            _Sample(
-                media=m,
-                original_counts=_counts_per_media(m.layout),
-                present=torch.ones(len(m.visual_columns), dtype=torch.bool),
-                layout=m.layout,
-            )
-            for m in media
-        ]
-        columns = torch.arange(length, device=device).expand(batch, -1).clone()
-        stats = PruneStats(visual_tokens_in=sum(len(s.visual_columns) for s in samples))
+        rope = to_device(self.adapter.rope_positions(kwargs.get("position_ids"), batch, length, 0), device)
+        call = self._host_call()  # the host copies read once in `_on_model_call_inner`
+        media = self.adapter.sample_media(call["input_ids"], call, embeds)
+        host_mask = call.get("attention_mask") if mask is (self._call or {}).get("attention_mask") else None
+        if host_mask is None and "attention_mask" in kwargs:
+            host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
+        valid = torch.ones(batch, length, dtype=torch.bool) if host_mask is None else host_mask != 0
+        host = HostBatch(torch.arange(length).expand(batch, -1), valid, media)
+        samples = [_Sample(m, host.original_counts[row], host.row_present(row)) for row, m in enumerate(media)]
+        columns = torch.arange(length, device=device).expand(batch, -1)
+        stats = PruneStats(visual_tokens_in=len(host.rows))
         forward = _Forward(
             prefill=True,
             columns=columns,
             mask=mask,
             rope=rope,
             samples=samples,
-            shift=torch.zeros(batch, dtype=torch.long, device=device),
+            shift=torch.zeros(batch, dtype=torch.long),
+            host=host,
             stats=stats,
             original_embeds=embeds,
         )
         self._forward = forward
-        self._check_media_kinds(samples)
+        self._check_media_kinds(host)
 
         pre_llm = [stage for stage in self.stages if stage.layer == 0]
         for stage in pre_llm:
             layouts = [sample.media.layout for sample in samples]
-            signals = self._signals.tables(stage.needs, self._call or {}, layouts, forward.original_embeds)
+            signals = self._signals.tables(stage.needs, call, layouts, forward.original_embeds)
             embeds = self._run_stage(stage, embeds, signals=signals)
         kwargs["inputs_embeds"] = embeds
         if pre_llm:
-            kept_flat = torch.cat([s.present for s in samples])
-            self.adapter.compact_lm_kwargs(kwargs, forward.columns, kept_flat)
-        forward.segments = [(0, forward.columns.clone())]
+            self.adapter.compact_lm_kwargs(kwargs, forward.columns, host.present)  # row-major over the batch
+        forward.segments, forward.host_segments = [(0, forward.columns)], [forward.host.columns]
         self._finish_lm_kwargs(kwargs, forward, past=0)
         return kwargs
 
@@ -456,14 +464,9 @@ class PruneHandle:
             )
 
         def segment_mask(index: int) -> torch.Tensor:
-            seg_columns = cached.segments[index][1]
-            if user_mask is None:
-                tail = torch.ones(batch, appended + q_len, dtype=cached.prefill_mask[index].dtype, device=device)
-                return torch.cat([cached.prefill_mask[index], tail], dim=1)
-            head = gather_tokens(user_mask.unsqueeze(-1), seg_columns.to(device)).squeeze(-1)
-            return torch.cat([head, user_mask[:, cached.original_length :]], dim=1)
+            return cached.segment_mask(index, user_mask, batch, appended + q_len, device)  # engine/cached.py
 
-        rope = self.adapter.rope_positions(kwargs.get("position_ids"), batch, q_len, virtual_past).to(device)
+        rope = to_device(self.adapter.rope_positions(kwargs.get("position_ids"), batch, q_len, virtual_past), device)
         if self.position_policy == "compact":
             rope = rope - cached.shift.to(device).view(1, -1, 1)
         forward = _Forward(
@@ -500,28 +503,37 @@ class PruneHandle:
         cache = output.get("cache") if hasattr(output, "get") else None
         if cache is None:
             cache = getattr(output, "past_key_values", None)
-        final_columns = forward.columns
-        segments = forward.segments
-        if cache is not None and self.trim_cache and len(segments) > 1:
-            segments = trim_segments(cache, segments, final_columns, len(self.adapter.layers))  # engine/ragged.py
-        stats = forward.stats
-        stats.visual_tokens_out = sum(len(s.visual_columns) for s in forward.samples)
-        self._finish_stats(stats, forward, cache, segments)
+        final_columns, segments, host = forward.columns, forward.segments, forward.host
+        if cache is not None and self.trim_cache and len(segments) > 1:  # engine/ragged.py, decided on the host
+            mirrors = (forward.host_segments, host.columns)
+            segments = trim_segments(cache, segments, final_columns, len(self.adapter.layers), host=mirrors)
+        stats, length0 = forward.stats, self._call["input_ids"].shape[1]
+        stats.visual_tokens_out = int(host.present.sum())
+        if cache is not None:
+            stats.kv_cache_bytes, stats.kv_cache_bytes_unpruned = cache_bytes(cache, length0)
+        visual_in = [end - start for start, end in zip(host.offsets, host.offsets[1:])]
+        mask0 = self._host_call().get("attention_mask")
         self.stats = stats
+        layers = len(self.adapter.layers)
+        self._stats_todo = partial(finish_prefill_stats, stats, self.shape, layers, mask0, length0, visual_in)
         self.last_kept_index = final_columns
         self._kept_this_call = final_columns
         if cache is not None:
             prefill_masks = []
+            same_mask = kwargs.get("attention_mask") is (self._call or {}).get("attention_mask")
             for _, seg_columns in segments:
+                if seg_columns is final_columns and same_mask:  # the compacted mask already is that gather
+                    prefill_masks.append(forward.mask[:, forward.mask.shape[1] - seg_columns.shape[1] :])
+                    continue
                 seg_mask = (seg_columns >= 0).to(forward.mask.dtype)
                 original_mask = self._prefill_mask_for(seg_columns, forward)
                 prefill_masks.append(seg_mask * original_mask)
             state = _Cached(
-                original_length=int(self._call["input_ids"].shape[1]),
-                shift=forward.shift.clone(),
+                original_length=int(length0),
+                shift=to_device(forward.shift, final_columns.device),
                 segments=segments,
                 prefill_mask=prefill_masks,
-                tokens=self._call["input_ids"].detach().cpu(),
+                tokens=self._call["input_ids"].detach(),  # stays on the device: decode steps append to it
                 position_state=self.adapter.position_state(),
             )
             setattr(cache, CACHE_STATE_ATTRIBUTE, state)
@@ -534,47 +546,9 @@ class PruneHandle:
             return torch.ones_like(seg_columns, dtype=forward.mask.dtype)
         return gather_tokens(original.unsqueeze(-1), seg_columns.to(original.device)).squeeze(-1).to(forward.mask.dtype)
 
-    def _finish_stats(self, stats: PruneStats, forward: _Forward, cache, segments) -> None:
-        num_layers = len(self.adapter.layers)
-        valid0 = (self._call or {}).get("attention_mask")
-        batch, length0 = self._call["input_ids"].shape
-        per_sample_len0 = valid0.sum(dim=1).tolist() if valid0 is not None else [length0] * batch
-        # tokens per layer per sample: start from the unpruned count, subtract each stage's removals
-        removed_before: dict[int, list[int]] = {}
-        for stage_stats in stats.stages:
-            removed = [sum(a) - sum(b) for a, b in zip(stage_stats.tokens_in, stage_stats.tokens_out)]
-            previous = removed_before.get(stage_stats.layer, [0] * batch)
-            removed_before[stage_stats.layer] = [p + r for p, r in zip(previous, removed)]
-        flops_after = flops_before = 0
-        visual_per_layer_total = 0.0
-        for sample in range(batch):
-            counts, current = [], per_sample_len0[sample]
-            for layer in range(num_layers):
-                current -= removed_before.get(layer, [0] * batch)[sample]
-                counts.append(current)
-            flops_after += self.shape.prefill_flops(counts)
-            flops_before += self.shape.prefill_flops([per_sample_len0[sample]] * num_layers)
-            visual_in = sum(len(c) for c in [forward.samples[sample].media.visual_columns])
-            visual_per_layer_total += sum(visual_in - (per_sample_len0[sample] - n) for n in counts) / num_layers
-        stats.prefill_flops = flops_after
-        stats.prefill_flops_unpruned = flops_before
-        stats.equivalent_average_tokens = visual_per_layer_total / max(batch, 1)
-        stats.select_seconds = sum(stage.select_seconds for stage in stats.stages)
-        if cache is not None:
-            total = 0
-            per_token_layer = 0
-            for layer in cache.layers:
-                keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-                if keys is None or not isinstance(keys, torch.Tensor):
-                    continue
-                total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
-                per_token_layer += (keys.numel() // max(keys.shape[-2], 1)) * keys.element_size() * 2
-            stats.kv_cache_bytes = total
-            stats.kv_cache_bytes_unpruned = per_token_layer * length0
-
     # ------------------------------------------------------------------ stages
-    def _check_media_kinds(self, samples: list[_Sample]) -> None:
-        has_video = any(bool((s.media.layout.kind == VIDEO).any()) for s in samples)
+    def _check_media_kinds(self, host: HostBatch) -> None:
+        has_video = bool((host.kind == VIDEO).any())
         for method in self.methods:
             if getattr(method, "media", "any") == "video" and not has_video:
                 raise MediaKindError(
@@ -590,114 +564,99 @@ class PruneHandle:
         signals: dict | None = None,
         attention: tuple | None = None,
     ) -> torch.Tensor:
-        """Run one stage on the current slots; compact `hidden` and the forward state. Returns new hidden."""
-        forward = self._forward
+        """Run one stage on the current slots; compact `hidden` and the forward state. Returns new hidden.
+
+        Shapes come from the host mirror (`engine/batch.py`); the methods' keep masks are the stage's one read.
+        """
+        forward, host = self._forward, self._forward.host
         batch, length = forward.columns.shape
         device = hidden.device
         started = time.perf_counter()
-        keep_slots: list[torch.Tensor] = []
-        replacements: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        tokens_in, tokens_out = [], []
-        valid_all = forward.mask[:, -length:].bool()
+        plan = host.stage_input()
+        budgets = host.budgets(stage.keep, plan.tokens_in)
+        padded = to_device(plan.padded, device)  # (2, B, N_max): visual slots, their positions among the valid slots
+        # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
+        features = hidden.gather(1, padded[0].clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        device_ids = self._call["input_ids"]
+        ids_now = device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0))  # pads: never read
+        host_ids = self._host_call()["input_ids"]
+        keeps, selections = [], {}
         for row in range(batch):
-            sample = forward.samples[row]
-            row_columns = forward.columns[row]
-            valid_slots = valid_all[row].nonzero(as_tuple=True)[0]
-            # slots hold original columns in ascending order (engine padding -1 first), so a sorted search
-            # finds the visual tokens still present
-            visual_columns = sample.visual_columns.to(device)
-            visual_slots = torch.searchsorted(row_columns, visual_columns).clamp(max=length - 1)
-            layout = sample.layout
-            current_counts = _counts_per_media(layout)
-            tokens_in.append(current_counts)
-            if len(visual_slots) == 0:
-                keep_slots.append(torch.arange(length, device=device))
-                replacements.append(None)
-                tokens_out.append(current_counts)
+            count = plan.counts[row]
+            if count == 0:
                 continue
-            keep = stage.keep
-            budgets = (
-                None
-                if keep is None
-                else [tokens_to_keep(keep, o, c) for o, c in zip(sample.original_counts, current_counts)]
-            )
-            slot_to_valid = torch.full((length,), -1, dtype=torch.long, device=device)
-            slot_to_valid[valid_slots] = torch.arange(len(valid_slots), device=device)
-            visual_index = slot_to_valid[visual_slots]
-            if bool(((visual_index < 0) | (row_columns[visual_slots] != visual_columns)).any()):
-                raise InputError("visual tokens are masked out by the attention mask; check the inputs")
+            sample, first = forward.samples[row], length - plan.valid_counts[row]
+            if plan.contiguous[row]:  # the usual case (left padding): views, no copies
+                valid_slots, row_hidden, row_ids = None, hidden[row, first:], ids_now[row, first:]
+                row_columns = host.columns[row, first:]
+            else:
+                valid_slots = host.valid[row].nonzero(as_tuple=True)[0]
+                row_columns, valid_slots = host.columns[row, valid_slots], to_device(valid_slots, device)
+                row_hidden, row_ids = hidden[row, valid_slots], ids_now[row, valid_slots]
+            row_budgets = budgets[row]
             ctx = SelectionContext(
                 layer=stage.layer,
-                num_visual=len(visual_slots),
-                budget=None if budgets is None else sum(budgets),
-                budget_per_media=budgets,
-                visual_features=hidden[row, visual_slots],
-                hidden_states=hidden[row, valid_slots],
-                visual_index=visual_index,
-                input_ids=self._row_input_ids(row, valid_slots),
-                layout=layout,
+                num_visual=count,
+                budget=None if row_budgets is None else sum(row_budgets),
+                budget_per_media=row_budgets,
+                visual_features=features[row, :count],
+                hidden_states=row_hidden,
+                visual_index=padded[1, row, :count],
+                input_ids=row_ids,
+                layout=sample.layout,
                 seed=self.seed,
             )
             if signals is not None:
                 self._signals.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
             if attention is not None:
-                ctx.attention_fn = stage_rows_fn(self.adapter.layers, *attention, row, valid_slots)
-            ctx.segments_fn = segments_fn(
-                self.adapter, self._call["input_ids"][row], row_columns[valid_slots], sample.media
-            )
+                slots = valid_slots if valid_slots is not None else torch.arange(first, length, device=device)
+                ctx.attention_fn = stage_rows_fn(self.adapter.layers, *attention, row, slots)
+            ctx.segments_fn = segments_fn(self.adapter, host_ids[row], row_columns, sample.media)
             result = stage.select(ctx)
-            features = group = None
             if isinstance(result, Selection):
-                rope_here = forward.rope[:, row, visual_slots]  # remembered for re-entry (engine/reentry.py)
-                remember(forward.reentry, row, result, visual_columns, hidden[row, visual_slots], rope_here)
-                features, group, result = result.features, result.group, result.keep_mask
+                rope_here = forward.rope[:, row, padded[0, row, :count]]  # remembered for re-entry (reentry.py)
+                columns = to_device(sample.visual_columns, device)
+                remember(forward.reentry, row, result, columns, features[row, :count], rope_here)
+                selections[row], result = result, result.keep_mask
             keep_mask = torch.as_tensor(result, device=device)
-            if keep_mask.dtype != torch.bool or keep_mask.shape != (len(visual_slots),):
+            if keep_mask.dtype != torch.bool or keep_mask.shape != (count,):
                 raise PruneError(
                     f"{stage.name}.select returned {keep_mask.dtype} {tuple(keep_mask.shape)}; it must return a "
-                    f"bool mask of shape ({len(visual_slots)},) (ctx.num_visual)"
+                    f"bool mask of shape ({count},) (ctx.num_visual)"
                 )
-            keep_mask_cpu = keep_mask.cpu()  # the one copy to the host; counts come from it
-            kept_count = int(keep_mask_cpu.sum())
-            if budgets is not None and kept_count != sum(budgets):
-                raise PruneError(f"{stage.name} kept {kept_count} tokens, its budget is {sum(budgets)}")
-            slot_keep = torch.ones(length, dtype=torch.bool, device=device)
-            slot_keep[visual_slots[~keep_mask]] = False
-            kept_slots = slot_keep.nonzero(as_tuple=True)[0]
-            keep_slots.append(kept_slots)
-            if features is not None:
-                target = torch.searchsorted(kept_slots, visual_slots[keep_mask])
-                replacements.append((target, features))
-            else:
-                replacements.append(None)
-            sample.present[sample.present.nonzero(as_tuple=True)[0][~keep_mask_cpu]] = False
-            sample.layout = layout.select(keep_mask_cpu)
-            if group is not None:
-                sample.layout.group = torch.as_tensor(group).cpu().long()
-            tokens_out.append(_counts_per_media(sample.layout))
-            forward.shift[row] += len(visual_slots) - kept_count
-            if self.position_policy == "compact":
-                removed = torch.zeros(length, dtype=torch.long, device=device)
-                removed[visual_slots[~keep_mask]] = 1
-                forward.rope[:, row] -= torch.cumsum(removed, 0).to(forward.rope.dtype).view(1, -1)
-        index = _left_pad(keep_slots, device)
+            keeps.append(keep_mask)
+        keep, groups = _read_keeps(keeps, selections, device)  # THE one device->host read of the stage
+        kept = torch.bincount(plan.rows[keep], minlength=batch).tolist()
+        for row, row_budgets in enumerate(budgets):
+            if row_budgets is not None and plan.counts[row] and kept[row] != sum(row_budgets):
+                raise PruneError(f"{stage.name} kept {kept[row]} tokens, its budget is {sum(row_budgets)}")
+        for row, sample in enumerate(forward.samples):
+            if plan.counts[row] and kept[row] < plan.counts[row]:
+                sample.layout  # noqa: B018 -- applies an earlier stage's pending mask first
+                sample.pending = keep[plan.starts[row] : plan.starts[row] + plan.counts[row]]
+            if row in groups:
+                sample.layout.group = groups[row]
+        tokens_out = host.media_counts(plan.present[keep])
+        index, removed, new_slot = host.apply(plan, keep)
+        forward.shift += removed.sum(dim=1)
+        if self.position_policy == "compact":
+            removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
+            forward.rope = forward.rope - removed_before.unsqueeze(0)
+        forward.index = to_device(index, device)
         # one fused launch on CUDA (Triton), the torch reference elsewhere: hidden, columns, mask, rope
-        compacted = compact_sequence(hidden, index, columns=forward.columns, mask=forward.mask, rope=forward.rope)
-        hidden, forward.columns, forward.mask, forward.rope = compacted
-        for row, replacement in enumerate(replacements):
-            if replacement is not None:
-                target, features = replacement
-                offset = index.shape[1] - len(keep_slots[row])
-                hidden[row, target + offset] = features.to(hidden.dtype)
+        hidden, forward.columns, forward.mask, forward.rope = compact_sequence(
+            hidden, forward.index, columns=forward.columns, mask=forward.mask, rope=forward.rope
+        )
+        replaced = [row for row, selection in selections.items() if selection.features is not None]
+        if replaced:  # merging methods: the kept tokens take the features the method gave them
+            kept_rows = plan.rows[keep]
+            for row in replaced:
+                slots = to_device(new_slot[kept_rows == row], device)
+                hidden[row, slots] = selections[row].features.to(hidden.dtype)
         forward.stats.stages.append(
-            StageStats(stage.name, stage.layer, tokens_in, tokens_out, time.perf_counter() - started)
+            StageStats(stage.name, stage.layer, plan.tokens_in, tokens_out, time.perf_counter() - started)
         )
         return hidden
-
-    def _row_input_ids(self, row: int, valid_slots: torch.Tensor) -> torch.Tensor:
-        input_ids = self._call["input_ids"]
-        columns = self._forward.columns[row, valid_slots].to(input_ids.device)
-        return input_ids[row, columns.clamp(min=0)]
 
     # ------------------------------------------------------------------ decoder layers
     def _make_layer_hook(self, index: int):
@@ -706,8 +665,8 @@ class PruneHandle:
 
         def hook(module, args, kwargs):
             forward = self._forward
-            if forward is None:
-                return None
+            if forward is None or not (forward.prefill or index in forward.layer_masks):
+                return None  # decode on a uniform cache: nothing to change
             if args:
                 hidden, rest = args[0], args[1:]
             else:
@@ -738,10 +697,12 @@ class PruneHandle:
             if stage.reenter:  # the sequence grows back (engine/reentry.py)
                 args = (self.adapter.rotary, self.adapter.rope_rows, stage.name, index, self.position_policy)
                 hidden, (cos, sin) = reenter_tokens(forward, hidden, *args)
+                length = forward.columns.shape[1]
+                both = torch.stack([forward.columns, forward.mask[:, -length:].to(forward.columns.dtype)]).cpu()
+                forward.host.refresh(both[0], both[1] != 0)  # the grown slots, in one read
                 continue
-            before = forward.columns
             hidden = self._run_stage(stage, hidden, attention=attention)
-            slot_index = _positions_within(before, forward.columns)
+            slot_index = forward.index
             if self.position_policy == "compact":
                 with torch.no_grad():
                     rope = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
@@ -752,13 +713,16 @@ class PruneHandle:
         batch, length = forward.columns.shape
         cache = _cache_of(kwargs)
         contiguous = torch.arange(length, device=hidden.device).expand(batch, -1)
+        # decided on the host mirror, so that transformers need not read the mask to skip it
+        plain = forward.mask.shape[1] == length and bool(forward.host.valid.all())
         mask = create_causal_mask(
             config=self.adapter.text_config,
             inputs_embeds=hidden,
-            attention_mask=forward.mask,
+            attention_mask=None if plain else forward.mask,
             cache=cache,
             position_ids=contiguous,
             layer_idx=index if cache is not None else None,
+            allow_is_causal_skip=plain,
         )
         forward.overrides = {
             "attention_mask": mask,
@@ -766,7 +730,8 @@ class PruneHandle:
             "position_ids": contiguous,
         }
         kwargs.update(forward.overrides)
-        forward.segments.append((index, forward.columns.clone()))
+        forward.segments.append((index, forward.columns))
+        forward.host_segments.append(forward.host.columns)
         return hidden
 
     # ------------------------------------------------------------------ rotary
@@ -805,19 +770,19 @@ def _cache_of(kwargs: dict):
     return cache
 
 
-def _left_pad(rows: list[torch.Tensor], device) -> torch.Tensor:
-    """Stack per-row index lists into (B, L_max), left-padded with -1."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
-    for row, values in enumerate(rows):
-        if len(values):
-            out[row, width - len(values) :] = values
-    return out
+def _read_keeps(keeps: list[torch.Tensor], selections: dict, device) -> tuple[torch.Tensor, dict]:
+    """The stage's keep masks (and merge groups), concatenated row-major, in ONE device->host copy.
 
-
-def _counts_per_media(layout: VisualLayout) -> list[int]:
-    """Visual tokens of each media item in `layout` (one host sync)."""
-    return torch.bincount(layout.media_index.cpu(), minlength=layout.num_media).tolist()
+    Returns (keep (P,) bool on the host, {row: (K_row,) long group labels on the host}).
+    """
+    flat = torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.bool, device=device)
+    groups = [(row, torch.as_tensor(s.group).to(device).reshape(-1).long()) for row, s in selections.items()
+              if s.group is not None]
+    if not groups:
+        return flat.cpu(), {}
+    packed = torch.cat([flat.long()] + [group for _, group in groups]).cpu()
+    parts = packed.split([len(flat)] + [len(group) for _, group in groups])
+    return parts[0].bool(), {row: part for (row, _), part in zip(groups, parts[1:])}
 
 
 def _brings_media(call: dict) -> bool:

@@ -20,54 +20,75 @@ from __future__ import annotations
 
 import torch
 
+from vlm_prune.engine.batch import to_device
 from vlm_prune.kernels import trim_layers
 
 Segments = list[tuple[int, torch.Tensor]]
 
 
+def _slot_map(outer: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width + 1) long: the slot of `outer` (B, L_out) holding each original column, -1 where none does;
+    column `width` stands for the pad slots."""
+    slot_of = torch.full((outer.shape[0], width + 1), -1, dtype=torch.long, device=outer.device)
+    rows, slots = (outer >= 0).nonzero(as_tuple=True)
+    slot_of[rows, outer[rows, slots]] = slots
+    return slot_of
+
+
+def _width(*columns: torch.Tensor) -> int:
+    return max((int(c.max()) for c in columns if c.numel()), default=0) + 1
+
+
 def contains(outer: torch.Tensor, inner: torch.Tensor) -> bool:
-    """Whether every real column (>= 0) of each row of `inner` (B, L_in) is in that row of `outer` (B, L_out)."""
-    return all(
-        bool(torch.isin(inner_row[inner_row >= 0], outer_row[outer_row >= 0]).all())
-        for outer_row, inner_row in zip(outer, inner)
-    )
+    """Whether every real column (>= 0) of each row of `inner` (B, L_in) is in that row of `outer` (B, L_out).
+
+    Batched (a few ops whatever B); on host tensors, as the engine calls it, it reads nothing from a device.
+    """
+    width = _width(outer, inner)
+    found = _slot_map(outer, width).gather(1, inner.where(inner >= 0, width)) >= 0
+    return bool((found | (inner < 0)).all())
 
 
 def positions_within(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """For each slot of `inner` (B, L_in), its slot index in `outer` (B, L_out); -1 for pad slots.
 
-    Both hold original columns in ascending order (pad slots -1 first); inner's columns must be a subset.
+    Both hold original columns (pad slots -1); inner's columns must be a subset. Batched, like `contains`.
     """
-    index = torch.full_like(inner, -1)
-    for row in range(inner.shape[0]):
-        outer_row, inner_row = outer[row], inner[row]
-        real = inner_row >= 0
-        outer_real = (outer_row >= 0).nonzero(as_tuple=True)[0]
-        positions = torch.searchsorted(outer_row[outer_real], inner_row[real])
-        index[row, real] = outer_real[positions]
-    return index
+    width = _width(outer, inner)
+    index = _slot_map(outer, width).gather(1, inner.where(inner >= 0, width))
+    return index.where(inner >= 0, -1)
 
 
-def trim_segments(cache, segments: Segments, final_columns: torch.Tensor, num_layers: int) -> Segments:
+def trim_segments(
+    cache,
+    segments: Segments,
+    final_columns: torch.Tensor,
+    num_layers: int,
+    host: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+) -> Segments:
     """Trim the cache layers of every segment that contains the final set to it; return the new segments.
 
     Segments left untrimmed keep their own columns (the ragged case); consecutive segments with the same
     columns are merged, so a cache without re-entry ends as one segment `[(0, final_columns)]`.
+    host: host copies of the segments' columns and of the final columns (the engine's mirrors): every decision
+    and index is then computed on the host and only the index is sent to the device (no sync).
     """
+    host_segments, host_final = host if host is not None else ([c for _, c in segments], final_columns)
     bounds = [layer for layer, _ in segments[1:]] + [num_layers]
     result: Segments = []
-    for (first, seg_columns), end in zip(segments, bounds):
-        if contains(seg_columns, final_columns):
-            if seg_columns.shape != final_columns.shape or not torch.equal(seg_columns, final_columns):
-                index = positions_within(seg_columns, final_columns)
+    previous = None
+    for (first, seg_columns), seg_host, end in zip(segments, host_segments, bounds):
+        if contains(seg_host, host_final):
+            if seg_host.shape != host_final.shape or not torch.equal(seg_host, host_final):
+                index = to_device(positions_within(seg_host, host_final), final_columns.device)
                 # every layer's keys and values in one launch on CUDA (Triton), the torch reference elsewhere
                 entries = [cache.layers[layer] for layer in range(first, end)]
                 trimmed = trim_layers([e.keys for e in entries] + [e.values for e in entries], index)
                 for entry, keys, values in zip(entries, trimmed, trimmed[len(entries) :]):
                     entry.keys, entry.values = keys, values
-            seg_columns = final_columns
-        previous = result[-1][1] if result else None
-        if previous is not None and previous.shape == seg_columns.shape and torch.equal(previous, seg_columns):
+            seg_columns, seg_host = final_columns, host_final
+        if previous is not None and previous.shape == seg_host.shape and torch.equal(previous, seg_host):
             continue
         result.append((first, seg_columns))
+        previous = seg_host
     return result

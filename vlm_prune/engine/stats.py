@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 
 @dataclass
 class LayerShape:
@@ -114,3 +116,48 @@ class PruneStats:
         for stage in self.stages:
             lines.append(f"  stage {stage.name} @ layer {stage.layer}: {stage.total_in} -> {stage.total_out}")
         return "\n".join(lines)
+
+
+def finish_prefill_stats(
+    stats: PruneStats, shape: LayerShape, num_layers: int, mask0, length0: int, visual_in: list[int]
+) -> None:
+    """Fill the FLOPs fields of a prefill's `stats` from its stages (run when `handle.stats` is read, off the
+    hot path).
+
+    mask0: (B, L0) host 2-D mask of the unpruned input, or None (every token real); visual_in: each sample's
+    visual tokens before pruning.
+    """
+    batch = len(visual_in)
+    per_sample_len0 = mask0.sum(dim=1).tolist() if mask0 is not None else [length0] * batch
+    # tokens per layer per sample: start from the unpruned count, subtract each stage's removals
+    removed_before: dict[int, list[int]] = {}
+    for stage_stats in stats.stages:
+        removed = [sum(a) - sum(b) for a, b in zip(stage_stats.tokens_in, stage_stats.tokens_out)]
+        previous = removed_before.get(stage_stats.layer, [0] * batch)
+        removed_before[stage_stats.layer] = [p + r for p, r in zip(previous, removed)]
+    flops_after = flops_before = 0
+    visual_per_layer_total = 0.0
+    for sample in range(batch):
+        counts, current = [], per_sample_len0[sample]
+        for layer in range(num_layers):
+            current -= removed_before.get(layer, [0] * batch)[sample]
+            counts.append(current)
+        flops_after += shape.prefill_flops(counts)
+        flops_before += shape.prefill_flops([per_sample_len0[sample]] * num_layers)
+        visual_per_layer_total += sum(visual_in[sample] - (per_sample_len0[sample] - n) for n in counts) / num_layers
+    stats.prefill_flops = flops_after
+    stats.prefill_flops_unpruned = flops_before
+    stats.equivalent_average_tokens = visual_per_layer_total / max(batch, 1)
+    stats.select_seconds = sum(stage.select_seconds for stage in stats.stages)
+
+
+def cache_bytes(cache, length0: int) -> tuple[int, int]:
+    """(bytes the cache's keys and values hold, bytes they would hold for `length0` positions); shapes only."""
+    total = per_token_layer = 0
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or not isinstance(keys, torch.Tensor):
+            continue
+        total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        per_token_layer += (keys.numel() // max(keys.shape[-2], 1)) * keys.element_size() * 2
+    return total, per_token_layer * length0

@@ -8,14 +8,10 @@ Every function takes `backend="auto" | "triton" | "torch"` (rule in `kernels/bac
 CUDA tensors when it imports, the torch reference (`kernels/reference.py`) everywhere else. Both give the same bits.
 Index convention everywhere: (B, L') long, the slot of the input to take for each output slot, -1 = pad slot.
 
-Engine adoption (a drop-in: same bits as the gathers it replaces; verified by running the engine tests with the
-kernels forced under Triton's interpreter): in `PruneHandle._run_stage` the four gathers after `_left_pad` become
-
-    hidden, forward.columns, forward.mask, forward.rope = compact_sequence(
-        hidden, index, columns=forward.columns, mask=forward.mask, rope=forward.rope)
-
-(before the feature replacements), and in `ragged.trim_segments` the per-layer loop becomes one
-`trim_layers([e.keys for e in entries] + [e.values for e in entries], index)` over the segment's layers.
+Engine adoption: `PruneHandle._run_stage` compacts hidden states, columns, mask and rotary positions with one
+`compact_sequence` per stage, and `engine/ragged.trim_segments` trims every layer of a segment with one
+`trim_layers` call; both take an index the engine built on the host and uploaded without a sync
+(`engine/batch.py`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,93 @@
+"""What decoding after a pruned prefill needs, kept on the cache object itself (`CACHE_STATE_ATTRIBUTE`).
+
+The caller's 2-D mask and positions keep spanning the ORIGINAL sequence; `CachedPrefill` maps them onto the
+cached slots of every segment (`engine/ragged.py`) with device ops only, so a decode step reads nothing back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlm_prune.errors import InputError
+
+CACHE_STATE_ATTRIBUTE = "_vlm_prune_state"
+
+
+@dataclass
+class CachedPrefill:
+    """What decoding after a pruned prefill needs. It rides on the cache object itself (attribute
+    `CACHE_STATE_ATTRIBUTE`), so it follows the cache into `copy.deepcopy` (transformers' prompt-reuse
+    pattern), into several conversations through one handle, and into a later handle."""
+
+    original_length: int  # L0: length of the unpruned prefill
+    shift: torch.Tensor  # (B,) positions removed (policy "compact"); zeros under "preserve"
+    # per segment: (first layer, (B, L_seg) original columns of its cached prefill slots)
+    segments: list[tuple[int, torch.Tensor]]
+    prefill_mask: list[torch.Tensor]  # per segment: (B, L_seg) mask of its cached prefill slots
+    tokens: torch.Tensor | None = None  # (B, T) the ORIGINAL token ids the cache stands for (see `recorded`)
+    position_state: object = None  # the adapter's `position_state()` after the prefill (Qwen: rope_deltas)
+    token_chunks: list[torch.Tensor] = field(default_factory=list)  # later calls' tokens, not joined yet
+    chunk_width: int = 0
+    _mask_index: dict = field(default_factory=dict, repr=False)  # segment -> (clamped columns, pad slots)
+
+    def virtual_past(self, past: int) -> int:
+        """The unpruned length so far, for `past` cached positions in the first segment's layers."""
+        return self.original_length + past - self.segments[0][1].shape[1]
+
+    def drop_prefill_tail(self, count: int) -> None:
+        """Follow a `cache.crop` that removed the last `count` slots of the prefill (assisted decoding feeds
+        candidate tokens with the prompt and crops the rejected ones).
+
+        Allowed while those slots are the last `count` ORIGINAL columns in every row and segment (text after
+        the last pruned token); a crop that reaches pruned tokens cannot be mapped and is refused.
+        """
+        tail = torch.arange(self.original_length - count, self.original_length)
+        for _, columns in self.segments:
+            if columns.shape[1] < count or not torch.equal(columns[:, -count:].cpu(), tail.expand(len(columns), -1)):
+                raise InputError(
+                    "this cache holds a pruned prefill and was cropped into its pruned part, so its positions no "
+                    "longer map to the original sequence; crop only the tokens after the last image, or prefill "
+                    "again"
+                )
+        self.segments = [(layer, columns[:, :-count]) for layer, columns in self.segments]
+        self._mask_index = {}
+        self.prefill_mask = [mask[:, :-count] for mask in self.prefill_mask]
+        self.original_length -= count
+
+    # ---- the original tokens (follow-up turns compare what they re-send with them)
+    def recorded(self, virtual_past: int) -> torch.Tensor:
+        """(B, <= virtual_past) the original tokens of the cached positions (joins the pending chunks)."""
+        if self.token_chunks:
+            self.tokens = torch.cat([self.tokens, *self.token_chunks], dim=1)
+            self.token_chunks, self.chunk_width = [], 0
+        if self.tokens.shape[1] > virtual_past:  # a cache cropped after the prefill holds fewer
+            self.tokens = self.tokens[:, :virtual_past]
+        return self.tokens
+
+    def add_tokens(self, new: torch.Tensor, virtual_past: int) -> None:
+        """Record the (B, S) tokens a call adds after `virtual_past` cached positions (no device op)."""
+        if new.shape[0] != self.tokens.shape[0]:
+            return
+        if self.tokens.shape[1] + self.chunk_width > virtual_past:
+            self.recorded(virtual_past)
+        self.token_chunks.append(new.to(self.tokens.device))
+        self.chunk_width += new.shape[1]
+
+    # ---- decode masks: the caller's 2-D mask spans the ORIGINAL sequence
+    def segment_mask(self, index: int, user_mask: torch.Tensor | None, batch: int, tail: int, device) -> torch.Tensor:
+        """(B, L_seg + tail) mask of segment `index`'s cached prefill slots and the `tail` slots after them.
+
+        user_mask: (B, original_length + tail) over the original sequence, or None (every slot real).
+        """
+        if user_mask is None:
+            ones = torch.ones(batch, tail, dtype=self.prefill_mask[index].dtype, device=device)
+            return torch.cat([self.prefill_mask[index], ones], dim=1)
+        if index not in self._mask_index:  # once per segment: the gather index and its pad slots
+            columns = self.segments[index][1].to(device)
+            self._mask_index[index] = (columns.clamp(min=0), columns < 0)
+        safe, pads = self._mask_index[index]
+        head = user_mask.gather(1, safe).masked_fill_(pads, 0)
+        return torch.cat([head, user_mask[:, self.original_length :]], dim=1)
+
