@@ -14,7 +14,7 @@ import torch
 import vlm_prune
 from vlm_prune.engine.context import IMAGE, SelectionContext, VisualLayout
 from vlm_prune.engine.segments import build_segments
-from vlm_prune.errors import InputError, MethodOptionError
+from vlm_prune.errors import InputError, MethodOptionError, PruneError
 from vlm_prune.methods.catp import CATP, diverse_aligned, lazy_greedy, plain_greedy, unit_similarity
 from vlm_prune.toy_models import build_tiny, make_inputs, single_row
 
@@ -215,3 +215,44 @@ def test_k_scales_with_depth():
     for depth, k in ((32, 6), (40, 10), (4, 1), (12, 2), (24, 4)):
         method._depth = depth
         assert method.resolved_layer() == k
+
+
+# ------------------------------------------------------------------------------------------------ Qwen3-VL
+def _deep_qwen3_vl(layers: int = 16):
+    """The tiny Qwen3-VL toy with `layers` decoder layers: its 3 deepstack layers (0-2) add visual features to the
+    LLM, so in-LLM stages need K >= 3; with 16 layers K = round(6 / 32 * 16) = 3 and K + 1 = 4 are interior."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from vlm_prune.toy_models import build_config
+
+    config = build_config("qwen3_vl")
+    config.text_config.num_hidden_layers = layers
+    config._attn_implementation = config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def test_catp_on_a_deeper_qwen3_vl_pools_the_demonstrations_after_the_deepstack_layers():
+    model = _deep_qwen3_vl()
+    assert len(model.config.vision_config.deepstack_visual_indexes) == 3
+    inputs = make_inputs(model, batch=2, num_images=[3, 4])
+    ratio = 0.778
+    with vlm_prune.pruned(model, "catp", keep=1 - ratio) as handle, torch.no_grad():
+        batch_logits = model(**inputs).logits[:, -1]
+        diverse, context, query = handle.stats.stages
+        for row in range(2):
+            alone = model(**single_row(inputs, row)).logits[:, -1]
+            torch.testing.assert_close(alone[0], batch_logits[row], atol=1e-4, rtol=1e-4)
+    assert (diverse.layer, context.layer, query.layer) == (0, 3, 4)
+    for row in range(2):
+        original = diverse.tokens_in[row]
+        assert diverse.tokens_out[row] == [max(1, c) for c in _counts(1 - ratio / 2, original)]
+        # stage 2 pools the demonstrations: their total is R's, however it splits between them
+        assert sum(context.tokens_out[row][:-1]) == sum(_counts(1 - ratio, original[:-1]))
+        assert context.tokens_out[row][-1] == diverse.tokens_out[row][-1]
+        assert query.tokens_out[row][-1] == _counts(1 - ratio, original[-1:])[0]
+    # the shallow toy cannot host K: a clear error naming the deepstack layers
+    shallow = build_tiny("qwen3_vl")
+    with pytest.raises(PruneError, match="deepstack features at decoder layers 0..2"):
+        vlm_prune.apply(shallow, "catp", keep=0.25)
