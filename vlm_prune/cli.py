@@ -58,14 +58,15 @@ TOP_EPILOG = _dedent(
 )
 
 MODEL_HELP = (
-    "the model: 'llava', 'qwen2_vl' or 'qwen2_vl_video' (embedded demo models, offline), a local folder saved with "
+    "the model: 'llava', 'qwen2_vl', 'qwen2_vl_video' or 'llava_icl' (embedded demo models, offline), a local folder "
+    "saved with "
     "save_pretrained, or a Hugging Face hub id"
 )
 
 
 # ------------------------------------------------------------------------------------------------ parser
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "llava") -> None:
-    by_task = " (default: llava for --task mosaic, qwen2_vl_video for --task video)"
+    by_task = " (default: llava for --task mosaic, qwen2_vl_video for --task video, llava_icl for --task icl)"
     p.add_argument("--model", default=default_model, help=MODEL_HELP + ("" if default_model else by_task))
     p.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
