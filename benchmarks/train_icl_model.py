@@ -20,6 +20,12 @@ errors were colour names, not words of the context: the "name the color" rows ha
 name the query's colour. Phase 3 drops those rows (`--perception 0`; the vision probe still supervises
 perception). See STATUS below for what it reached.
 
+STATUS (2026-12-02, the shared 2-core machine, 1 thread, load 5-10): phase 1 25 min, phase 2 18 min, phase 3
+22 min (65 min in all; 1.0-5.7 s per step of 24 episodes, as the load varied). Running 4-shot accuracy (64 test
+episodes): 48 % at step 1500, 83 % at 2000, 98.4 % from step 2100 on. Final, 512 held-out episodes per shot count:
+4-shot 99.8 %, 2-shot 99.6 %, 1-shot 58.2 % (half of those queries show an unseen colour), 0-shot 14.8 %
+(chance 12.5 %). 0.56 M parameters, 1.08 MiB in fp16.
+
 Task. easy-VQA train images only (test images only for evaluation); the words are `DEMO_WORDS` (the bench's list),
 bound at random to colours per episode, so the answer can only come from the context: 0-shot accuracy stays at chance
 (1/8) and 4-shot accuracy measures in-context learning. Images are 64 px, patch 16: 16 visual tokens per image.
@@ -336,6 +342,10 @@ def write_markdown(report: dict, path: Path, save_dir: Path) -> None:
         "Recipe (three phases on one checkpoint folder; the script's docstring explains each loss and phase):",
         "",
         *[f"    python benchmarks/{command}" for command in report["recipe"]],
+        "",
+        "Training time: 25 + 18 + 22 = 65 min of one process at a time. Running 4-shot accuracy (64 test episodes): "
+        "48 % at\nstep 1500 (phase 1 learnt perception and both attention patterns, not the copy), 83 % at step 2000 "
+        "(most errors\nwere colour names, taught by the \"name the color\" rows), 98.4 % from step 2100 on.",
         "",
         f"Machine: {report['machine']}, shared with other jobs (load 5-10 on 2 cores). Seed {report['seed']}. "
         "Loss history and config: `demo_icl_model.json`; curves: `demo_icl_loss.png`.",
