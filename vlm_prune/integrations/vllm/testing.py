@@ -97,7 +97,7 @@ def build_processor(tokenizer, patch_size: int):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     factor = patch_size * 2
-    size = {"shortest_edge": factor * factor, "longest_edge": 64 * factor * factor}
+    size = {"shortest_edge": factor * factor, "longest_edge": 16384 * factor * factor}  # Qwen's default max_pixels
     image = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2, size=size)
     video = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2, size=size)
     return Qwen2_5_VLProcessor(image_processor=image, video_processor=video, tokenizer=tokenizer)
@@ -109,7 +109,7 @@ def build_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0) -> P
 
     folder = Path(folder)
     marker = folder / "vlm_prune_checkpoint.json"
-    if marker.exists() and json.loads(marker.read_text()) == {"size": size, "seed": seed}:
+    if marker.exists() and json.loads(marker.read_text()) == {"size": size, "seed": seed, "version": 2}:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     dims = SIZES[size]
@@ -134,7 +134,7 @@ def build_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0) -> P
     model.save_pretrained(folder)
     tokenizer = train_tokenizer(min(dims["text"]["vocab_size"], 320), seed)
     build_processor(tokenizer, dims["vision"]["patch_size"]).save_pretrained(folder)
-    marker.write_text(json.dumps({"size": size, "seed": seed}))
+    marker.write_text(json.dumps({"size": size, "seed": seed, "version": 2}))
     return folder
 
 
