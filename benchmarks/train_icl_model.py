@@ -290,16 +290,17 @@ def accuracies(model, processor, n: int, shots=(4, 2, 1, 0), seed: int = 11) -> 
     return out
 
 
-def plot(history: list[dict], path: Path) -> None:
+def plot(history: list[dict], path: Path, phases: tuple[int, ...] = (1500, 2000)) -> None:
+    """Loss curves (running means) and the running 4-shot accuracy; vertical lines at the phase starts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [h["step"] for h in history]
     for key in ("answer", "perception", "step_a", "color_a", "step_b", "copy"):
         values = [h[key] for h in history if key in h]
+        steps = [h["step"] for h in history if key in h]
         if values:
             window = 25
             smooth = [sum(values[max(0, i - window) : i + 1]) / len(values[max(0, i - window) : i + 1])
@@ -310,6 +311,9 @@ def plot(history: list[dict], path: Path) -> None:
     ax[1].plot([h["step"] for h in evals], [h["test_4shot"] for h in evals], marker="o", label="4-shot (64 test)")
     ax[1].axhline(0.9, color="gray", ls="--", lw=0.8), ax[1].axhline(0.5, color="gray", ls=":", lw=0.8)
     ax[1].set_ylim(0, 1.02), ax[1].set_xlabel("step"), ax[1].set_ylabel("held-out accuracy"), ax[1].legend()
+    for at in phases or ():
+        for axis in ax:
+            axis.axvline(at, color="k", lw=0.6, alpha=0.5)
     fig.suptitle("ICL demo model (llava_icl): training")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
