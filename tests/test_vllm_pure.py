@@ -166,3 +166,35 @@ def test_version_check_names_the_supported_versions() -> None:
     with pytest.raises(compat.VllmVersionError, match="0.32"):
         compat.check_version("0.31.2")
     assert compat.load().version.startswith("0.32")
+
+
+def test_register_is_idempotent_and_replaces_nothing() -> None:
+    from vllm import ModelRegistry
+
+    from vlm_prune.integrations.vllm import register
+    from vlm_prune.integrations.vllm.runner import wants_pruning
+
+    vllm = compat.load()
+    own = ModelRegistry.models["Qwen2_5_VLForConditionalGeneration"]
+    register()
+    wrapped = vllm.CPUModelRunner.load_model
+    register()
+    assert vllm.CPUModelRunner.load_model is wrapped and not getattr(wrapped.__wrapped__, "_vlm_prune_wrapped", False)
+    assert getattr(vllm.GPUModelRunner.load_model, "_vlm_prune_wrapped", False)
+    assert "VlmPruneQwen2_5_VLForConditionalGeneration" in ModelRegistry.get_supported_archs()
+    assert ModelRegistry.models["Qwen2_5_VLForConditionalGeneration"] is own  # vLLM's class untouched
+
+    class Runner:  # a model that did not opt in, no --video-pruning-rate: the flag stays off
+        class model_config:  # noqa: N801
+            class multimodal_config:  # noqa: N801
+                @staticmethod
+                def is_multimodal_pruning_enabled() -> bool:
+                    return False
+
+    class Plain:
+        supports_multimodal_pruning = True
+
+    class Ours(Plain):
+        vlm_prune_spec = parse_spec({"method": "divprune", "keep": 0.5})
+
+    assert not wants_pruning(Runner(), Plain()) and wants_pruning(Runner(), Ours())
