@@ -3,12 +3,12 @@
 The command that built `vlm_prune/demo_models/llava_seg/` (one process, 1 thread, on the shared 2-core CPU):
 
     OMP_NUM_THREADS=1 nohup nice -n 5 .venv/bin/python benchmarks/train_segmenter.py \\
-        --out /tmp/seg/run --steps 1500 --minutes 76 --ship > /tmp/seg/log 2>&1 &
+        --out /tmp/seg/run --steps 2500 --minutes 64 --ship > /tmp/seg/log 2>&1 &
 
 Model (`build`): a LLaVA of the embedded demo style but dedicated to 2x2 mosaics (128 px): CLIP vision tower at
 128 px with 16 px patches (64 visual tokens instead of the demo LLaVA's 576), 8 Llama decoder layers (so that
 LVLM_CSP's s1 < s2 < depth leaves each stage room), the demo LLaVA's word-level tokenizer plus the prompt words
-and `[SEG]`; transformers' `SamModel` at 128 px (patch 8: a 16x16 image embedding, 64x64 low-res masks); LISA's
+and `[SEG]`; transformers' `SamModel` at 128 px (patch 16: an 8x8 image embedding, 32x32 low-res masks); LISA's
 `text_hidden_fcs`, reading the hidden state one before `[SEG]` (`seg_hidden_offset=-1`). Everything from scratch
 (no pretrained SAM or VLM is available offline).
 
@@ -17,11 +17,13 @@ odd_one_out, in turn), drawn afresh every step from the TRAIN easy-VQA images on
 layouts, prompts and shape masks as `make_samples`, composed from cached arrays); held-out evaluation on
 `make_samples("test", ...)` through the real processor and `Segmenter.predict_masks` (test images only).
 
-Loss: LISA's mask loss (2.0 x BCE + 0.5 x dice on SAM's 64x64 low-res masks, targets area-downsampled), the LM's
+Loss: LISA's mask loss (2.0 x BCE + 0.5 x dice on SAM's 32x32 low-res masks, targets area-downsampled), the LM's
 cross-entropy on the answer "[SEG].", and training-only auxiliaries that are not shipped: SAM also decodes, in the
 same call, a learned prompt of a random cell (the same mask loss against that cell's shape: always decidable, so SAM
 learns foreground masks while the VLM learns to read the prompt); the target cell from the `[SEG]` reading state
-(4-way CE, x0.5); each cell's shape and colour from the mean of its projected visual tokens (CE, x0.5). AdamW,
+(4-way CE, x0.5); each cell's shape and colour from the mean of its projected visual tokens (CE, x0.5); from
+step `--attention-from` on, the attention auxiliary: -log of the share of the reading position's visual attention
+(head mean, last 3 layers) on the target cell's tokens (x `--attention-weight`; eager attention while training). AdamW,
 linear warm-up then cosine decay over the run's progress = max(step / --steps, training time / --minutes).
 
 Resumable: `--out/state.pt` (model, heads, optimiser, step, history) after every evaluation (training time adds up
@@ -57,14 +59,14 @@ CONFIG = dict(
               head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-6),
     sam=dict(
         vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
-                           image_size=IMAGE_PX, patch_size=8, output_channels=64, global_attn_indexes=[1],
+                           image_size=IMAGE_PX, patch_size=16, output_channels=64, global_attn_indexes=[1],
                            window_size=4, num_pos_feats=32, use_rel_pos=False),
-        prompt_encoder_config=dict(hidden_size=64, image_size=IMAGE_PX, image_embedding_size=16),
+        prompt_encoder_config=dict(hidden_size=64, image_size=IMAGE_PX, image_embedding_size=8),
         mask_decoder_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
                                  iou_head_hidden_dim=64),
     ),
 )  # fmt: skip
-LOW_RES = 64  # SAM's low-res mask side: 4 x its 16x16 image embedding
+LOW_RES = 32  # SAM's low-res mask side: 4 x its 8x8 image embedding
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -225,12 +227,30 @@ def make_heads(hidden: int) -> nn.ModuleDict:
 
 
 def masks_loss(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(BCE, dice) of (B, 64, 64) low-res logits against (B, 128, 128) bool masks (area-downsampled)."""
+    """(BCE, dice) of (B, LOW_RES, LOW_RES) low-res logits against (B, 128, 128) bool masks (area-downsampled)."""
     target = F.interpolate(masks.float()[:, None], size=(LOW_RES, LOW_RES), mode="area")[:, 0]
     return F.binary_cross_entropy_with_logits(logits, target), dice_loss(logits, target)
 
 
-def batch_loss(segmenter, heads, batch: dict, clip_mean, clip_std, generator) -> tuple[torch.Tensor, dict]:
+def attention_loss(attentions, input_ids, columns, image_token: int, target: torch.Tensor, layers: int) -> torch.Tensor:
+    """-log of the share of the reading position's visual attention (head mean, last `layers` layers) that lands on
+    the target cell's tokens. attentions: per layer (B, H, L, L); columns: (B,) reading columns."""
+    n = input_ids.shape[0]
+    visual = input_ids == image_token  # (B, L), 64 per row, in raster order
+    side = int(math.isqrt(int(visual[0].sum())))
+    r, c = torch.div(torch.arange(side * side), side, rounding_mode="floor"), torch.arange(side * side) % side
+    cell_of = (r // (side // 2)) * 2 + c // (side // 2)  # (64,)
+    losses = []
+    for a in attentions[-layers:]:
+        row = a[torch.arange(n), :, columns].mean(1)  # (B, L) head-mean attention of the reading position
+        v = row[visual].view(n, -1)  # (B, 64)
+        on = (v * (cell_of[None] == target[:, None])).sum(-1)
+        losses.append(-torch.log(on / v.sum(-1).clamp_min(1e-9) + 1e-6).mean())
+    return torch.stack(losses).mean()
+
+
+def batch_loss(segmenter, heads, batch: dict, clip_mean, clip_std, generator,
+               attention_weight: float = 0.0) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """The training loss of one batch (see the module docstring). SAM decodes two prompts per image in one call:
     the `[SEG]` embedding (the task's target) and, training only, a learned prompt of a random cell (that cell's
     shape: SAM learns foreground masks from a prompt that is always decidable, while the VLM learns to read)."""
@@ -242,7 +262,7 @@ def batch_loss(segmenter, heads, batch: dict, clip_mean, clip_std, generator) ->
     ids, mask = batch["input_ids"], batch["attention_mask"]
     try:
         out = vlm(input_ids=ids, attention_mask=mask, pixel_values=normalise(batch["images"], clip_mean, clip_std),
-                  output_hidden_states=True, use_cache=False)  # fmt: skip
+                  output_hidden_states=True, use_cache=False, output_attentions=attention_weight > 0)  # fmt: skip
     finally:
         hook.remove()
     columns = torch.stack([c[0] for c in segmenter.seg_positions(ids, mask)])
@@ -251,7 +271,7 @@ def batch_loss(segmenter, heads, batch: dict, clip_mean, clip_std, generator) ->
     cell = torch.randint(0, 4, (n,), generator=generator)
     prompts = torch.stack([segmenter.text_hidden_fcs(seg), heads["cell_prompts"](cell)], dim=1)  # (B, 2, P)
     logits = torch.stack(segmenter.decode_masks(normalise(batch["images"], SAM_MEAN, SAM_STD), list(prompts),
-                                                output_size=(LOW_RES, LOW_RES)))  # (B, 2, 64, 64)  # fmt: skip
+                                                output_size=(LOW_RES, LOW_RES)))  # (B, 2, h, w)  # fmt: skip
     bce, dice = masks_loss(logits[:, 0], batch["masks"])
     aux_bce, aux_dice = masks_loss(logits[:, 1], batch["cell_masks"][torch.arange(n), cell])
     k = 2  # the answer "[SEG]." is 2 tokens: train the LM to say it
@@ -267,6 +287,10 @@ def batch_loss(segmenter, heads, batch: dict, clip_mean, clip_std, generator) ->
     tok = tok + F.cross_entropy(heads["color"](pooled).flatten(0, 1), batch["color"].flatten())
     loss = 2.0 * bce + 0.5 * dice + 2.0 * aux_bce + 0.5 * aux_dice + ce + 0.5 * cell_ce + 0.5 * tok
     parts = {"bce": bce, "dice": dice, "aux_dice": aux_dice, "lm": ce, "cell": cell_ce, "recog": tok}
+    if attention_weight > 0:
+        attn = attention_loss(out.attentions, ids, columns, vlm.config.image_token_index, batch["target"], 3)
+        loss = loss + attention_weight * attn
+        parts["attention"] = attn
     return loss, {key: float(value.detach()) for key, value in parts.items()}
 
 
@@ -391,14 +415,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", default="/tmp/seg/run", help="checkpoint folder (state.pt; resumable)")
-    parser.add_argument("--steps", type=int, default=1500, help="total optimiser steps (the LR schedule's length)")
-    parser.add_argument("--minutes", type=float, default=76.0,
+    parser.add_argument("--steps", type=int, default=2500, help="total optimiser steps (the LR schedule's length)")
+    parser.add_argument("--minutes", type=float, default=64.0,
                         help="training-time cap (the LR schedule ends at --steps or --minutes, whichever is first)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-samples", type=int, default=96)
     parser.add_argument("--report-samples", type=int, default=400)
+    parser.add_argument("--attention-from", type=int, default=750,
+                        help="step from which the attention auxiliary is on (see the module docstring)")
+    parser.add_argument("--attention-weight", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ship", action="store_true", help="at the end, write llava_seg and the report")
@@ -438,7 +465,11 @@ def main() -> None:
     while progress() < 1:
         for group in optimiser.param_groups:
             group["lr"] = args.lr * lr_at(progress())
-        loss, parts = batch_loss(segmenter, heads, stream.batch(args.batch), clip_mean, clip_std, generator)
+        attending = step >= args.attention_from
+        if attending and segmenter.vlm.config._attn_implementation != "eager":
+            segmenter.vlm.set_attn_implementation("eager")  # attention weights for the attention auxiliary
+        loss, parts = batch_loss(segmenter, heads, stream.batch(args.batch), clip_mean, clip_std, generator,
+                                 args.attention_weight if attending else 0.0)  # fmt: skip
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -447,7 +478,7 @@ def main() -> None:
         bar.update(1)
         window.append({"loss": float(loss.detach()), **parts})
         if step % 25 == 0:
-            mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            mean = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[-1]}
             history.append({"step": step, **mean})
             window = []
             print(f"step {step} " + " ".join(f"{k} {v:.3f}" for k, v in mean.items())
@@ -463,6 +494,7 @@ def main() -> None:
             torch.save(state, out / "state.pt")
     bar.close()
     seconds += time.time() - t0
+    segmenter.vlm.set_attn_implementation("sdpa")  # what the saved model runs with
     segmenter.save_pretrained(out / "final", processor=processor)
     if not args.ship:
         print(f"stopped at step {step} ({seconds / 60:.1f} min of training)")

@@ -400,6 +400,9 @@ def test_bench_segmentation_on_a_saved_segmenter(tmp_path):
         masks = loaded.predict_masks(ids, sam_pixel_values([s.image for s in samples], 64), attention_mask=mask,
                                      output_size=(128, 128), **inputs)  # fmt: skip
     expected = giou_ciou([m[0] for m in masks], [s.mask for s in samples])
+    single = loaded.segment(samples[0].image, samples[0].prompt)  # the processor saved beside the VLM
+    assert single["masks"].shape == (1, 128, 128) and single["text"] == "[SEG]." and single["stats"] is None
+    assert (single["masks"] == masks[0]).float().mean() > 0.99  # alone vs left-padded in a batch of 4
     assert reference["accuracy"] == pytest.approx(expected["giou"])
     assert reference["ciou"] == pytest.approx(expected["ciou"])
     rows = {(r["method"], r["keep"]): r for r in result["results"]}

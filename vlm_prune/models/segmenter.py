@@ -294,13 +294,16 @@ class Segmenter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config=None, **load_options) -> Segmenter:
-        """Load a saved Segmenter; `load_options` (dtype, device_map, ...) go to the VLM's and SAM's loaders.
-        `config` and the hub options `AutoModel.from_pretrained` passes are accepted (the folder's own
-        `segmenter_config.json` is read)."""
+        """Load a saved Segmenter (a folder, or the name of an embedded demo: "llava_seg"). `load_options`
+        (dtype, device_map, ...) go to the VLM's and SAM's loaders; `config` and the hub options that
+        `AutoModel.from_pretrained` passes are accepted (the folder's own `segmenter_config.json` is read)."""
         from safetensors.torch import load_file
         from transformers import AutoModelForImageTextToText, SamModel
 
         directory = Path(directory)
+        embedded = Path(__file__).resolve().parent.parent / "demo_models" / str(directory)
+        if not directory.exists() and (embedded / CONFIG_NAME).exists():
+            directory = embedded  # an embedded demo segmenter by name ("llava_seg")
         if not (directory / CONFIG_NAME).exists():
             raise PruneError(f"{directory} holds no {CONFIG_NAME}; save a Segmenter there first (save_pretrained)")
         config = SegmenterConfig(**json.loads((directory / CONFIG_NAME).read_text()))
