@@ -50,6 +50,24 @@ def equal_flops(rows: dict[str, list[dict[str, Any]]], method: str, against: str
     ]  # fmt: skip
 
 
+def in_llm(rows: list[dict[str, Any]]) -> bool:
+    """A method prunes inside the LLM when some layer sees more visual tokens than it finally keeps."""
+    return any(r["equivalent_average_tokens"] > r["visual_tokens_kept"] + 0.5 for r in rows)
+
+
+def equal_flops_grid(rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every in-LLM point against every pre-LLM method at its FLOPs ratio (None outside the measured range)."""
+    inside = sorted(m for m, rs in rows.items() if m != "unpruned" and in_llm(rs))
+    pre = sorted(m for m, rs in rows.items() if m != "unpruned" and not in_llm(rs))
+    out = []
+    for method in inside:
+        for e in equal_flops(rows, method, pre[0]) if pre else []:
+            at = {m: equal_flops(rows, method, m) for m in pre}
+            idx = [r["keep_label"] for r in rows[method]].index(e["keep"])
+            out.append({"method": method, **e, "against": {m: at[m][idx]["against"] for m in pre}})
+    return out
+
+
 def markdown(bench: dict[str, Any], method: str, against: str) -> str:
     rows = rows_by_method(bench)
     m = bench["model"]
@@ -87,6 +105,24 @@ def markdown(bench: dict[str, Any], method: str, against: str) -> str:
         lines.append(
             f"| {e['keep']} | {100 * e['flops_ratio']:.1f} | {100 * e['relative_accuracy']:.1f} | {ref} | {diff} |"
         )
+    grid = equal_flops_grid(rows)
+    if grid:
+        pre = list(grid[0]["against"])
+        lines += [
+            "",
+            "Every in-LLM point against every pre-LLM method at the same FLOPs (interpolated as above; rel. acc %):",
+            "",
+            "| in-LLM method | keep | FLOPs % | its rel. acc % | " + " | ".join(pre) + " | best pre-LLM |",
+            "|---|---|---:|---:|" + "---:|" * (len(pre) + 1),
+        ]
+        for g in grid:
+            vals = {m: v for m, v in g["against"].items() if v is not None}
+            best = max(vals, key=vals.get) if vals else None
+            lines.append(
+                f"| {g['method']} | {g['keep']} | {100 * g['flops_ratio']:.1f} | {100 * g['relative_accuracy']:.1f} | "
+                + " | ".join("-" if g["against"][m] is None else f"{100 * g['against'][m]:.1f}" for m in pre)
+                + (f" | {best} {100 * vals[best]:.1f} |" if best else " | - |")
+            )
     return "\n".join(lines) + "\n"
 
 
