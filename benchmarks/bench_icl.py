@@ -9,7 +9,7 @@ tokens removed (keep 0.333 / 0.222 / 0.111), writing `benchmarks/results/bench_i
 does. Then, for every method and budget, it runs the same episodes once more through `vlm_prune.pruned` (one
 forward pass per batch) and records the visual tokens left on the demonstration images and on the query image
 after the last stage (`vlm_prune.tasks.icl.token_split`); those go into the JSON (`token_split` of each result), a
-table appended to the markdown, and `bench_icl_vs_r.png` (relative accuracy against R, and the split).
+table appended to the markdown, and `bench_icl_vs_r.png` (relative accuracy against R and against FLOPs).
 """
 
 from __future__ import annotations
@@ -51,15 +51,16 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     methods = list(dict.fromkeys(r["method"] for r in result["results"] if r["method"] != "unpruned"))
-    for method in methods:
+    for i, method in enumerate(methods):
         rows = sorted((r for r in result["results"] if r["method"] == method), key=lambda r: -r["keep"])
         removed = [100 * (1 - r["keep"]) for r in rows]
-        ax[0].plot(removed, [100 * (r["relative_accuracy"] or 0) for r in rows], marker="o", label=method)
-        split = [r.get("token_split", {}) for r in rows]
-        ax[1].plot(removed, [s.get("query", float("nan")) for s in split], marker="o", label=f"{method}")
-    ax[0].axhline(98, color="gray", ls="--", lw=0.8)
+        relative = [100 * (r["relative_accuracy"] or 0) for r in rows]
+        style = dict(marker="os^vDx"[i % 6], ls="-" if method == "catp" else "--", lw=2.5 if method == "catp" else 1.2)
+        ax[0].plot(removed, relative, label=method, **style)
+        ax[1].plot([100 * r["flops_ratio"] for r in rows], relative, label=method, **style)
+    ax[0].axhline(98, color="gray", ls=":", lw=0.8)
     ax[0].set_xlabel("R: image tokens removed (%)"), ax[0].set_ylabel("relative accuracy (%)"), ax[0].legend()
-    ax[1].set_xlabel("R: image tokens removed (%)"), ax[1].set_ylabel("query-image tokens kept (mean)")
+    ax[1].set_xlabel("LLM prefill FLOPs (% of unpruned)"), ax[1].set_ylabel("relative accuracy (%)")
     ax[1].legend(fontsize=8)
     fig.suptitle(f"few-shot bench, {result['model']['name'] if isinstance(result.get('model'), dict) else ''}")
     fig.tight_layout()
