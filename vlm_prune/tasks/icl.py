@@ -20,6 +20,8 @@ Words
     `NONCE_WORDS` are made-up words for tokenizers with an open vocabulary. The embedded demo models have a closed
     word-level vocabulary (the mosaic task's words), so the bench uses `DEMO_WORDS`: words of that vocabulary that
     name no colour or shape and answer no mosaic question; bound at random per episode they are nonce labels too.
+    The embedded few-shot model `llava_icl` (`benchmarks/train_icl_model.py`, the bench's default for this task) is
+    trained on `DEMO_WORDS` episodes of the train split: 4-shot 99.8 %, 0-shot 14.8 % (chance 12.5 %) held out.
 
 Determinism
     `make_episodes(split, n, seed, ...)` is a pure function of its arguments (a `random.Random` seeded with a string
