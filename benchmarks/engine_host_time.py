@@ -9,9 +9,10 @@ serve: at 30 ms (a 7B model, ~600 tokens, one H200) 1 ms is 3 %.
     python benchmarks/engine_host_time.py --tag before --families llava --batches 1 --repeats 5   # smoke run
 
 Method: tiny random models from `vlm_prune.toy_models` (every family this transformers builds), 1 torch thread.
-Every hook the handle installs is wrapped with a host timer (`speed.wrap_new_hooks`) and every stage's `select`
-with another; the engine time of a forward is the hooks' time minus the time inside `select` (the method's own
-selection, excluded as in the issue's targets). Each of `--repeats` greedy generate() calls
+Every hook the handle installs is wrapped with a timer of the thread's CPU time (`time.thread_time`: on this
+shared machine wall time mostly measures other jobs) and every stage's `select` with another; the engine time of
+a forward is the hooks' time minus the time inside `select` (the method's own selection, excluded as in the
+issue's targets). Each of `--repeats` greedy generate() calls
 (after one warm-up) gives one prefill and 4 decode steps, split at the top-level forwards; medians. Syncs: one
 untimed generate() call with the inputs marked as device tensors and `vlm_prune.engine.syncs.SyncCounter`
 around the hooks (a lower bound; see that module).
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from speed import _hook_keys, cpu_model, keep_all_at, wrap_new_hooks  # benchmarks/speed.py, next to this script
+from speed import _hook_keys, cpu_model, keep_all_at  # benchmarks/speed.py, next to this script
 from tqdm import tqdm
 
 import vlm_prune
@@ -48,16 +49,41 @@ def in_llm_fastv(family: str) -> dict:
     return {"layer": 3} if family == "qwen3_vl" else {}
 
 
+CLOCK = time.thread_time  # CPU time of this thread: what the hooks cost, not the time other jobs took the core
+
+
+def wrap_new_hooks(model, before: set, total: list[float]) -> None:
+    """Wrap every forward (pre-)hook not in `before` with a CPU-time timer adding to total[0] (same hook ids, so
+    `handle.remove()` still removes them)."""
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            started = CLOCK()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total[0] += CLOCK() - started
+
+        return wrapper
+
+    for module in model.modules():
+        for attr in ("_forward_pre_hooks", "_forward_hooks"):
+            hooks = getattr(module, attr)
+            for key in list(hooks):
+                if (id(module), attr, key) not in before:
+                    hooks[key] = timed(hooks[key])
+
+
 def _timed_selects(handle, total: list[float]) -> None:
     for stage in handle.stages:
         select = stage.select
 
         def timed(ctx, select=select):
-            started = time.perf_counter()
+            started = CLOCK()
             try:
                 return select(ctx)
             finally:
-                total[0] += time.perf_counter() - started
+                total[0] += CLOCK() - started
 
         stage.select = timed
 
@@ -123,8 +149,8 @@ def render(results: dict) -> str:
         "# Engine host time per forward and device->host syncs",
         "",
         "`python benchmarks/engine_host_time.py --tag <tag>`: tiny random models, 1 torch thread; engine time = "
-        "host "
-        "time inside the handle's hooks minus the time inside the methods' `select`; medians; keep 0.25 for the "
+        "CPU time (`time.thread_time`) "
+        "inside the handle's hooks minus the time inside the methods' `select`; medians; keep 0.25 for the "
         "methods (fastv at layer 2, 3 on Qwen3-VL); decode = a step of greedy generate() (4 per call). "
         "Syncs counted by "
         "`vlm_prune.engine.syncs.SyncCounter` (engine hooks only, selection excluded; a lower bound).",

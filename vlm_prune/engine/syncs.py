@@ -56,8 +56,9 @@ _INDEX = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 
 
 def _has_bool_index(index) -> bool:
+    """A boolean DEVICE mask among the indices (a host mask is resolved on the host: no device read)."""
     items = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)
+    return any(isinstance(item, OnDevice) and item.dtype == torch.bool for item in items)
 
 
 def _is_sync(func, args, kwargs) -> bool:
