@@ -25,18 +25,30 @@ _REGISTERED = False
 
 
 def register() -> None:
-    """vLLM's general-plugin hook: register our architecture names and the runner fix (idempotent)."""
+    """vLLM's general-plugin hook: register our architecture names and the runner fix (idempotent).
+
+    Cheap and harmless for models that do not opt in: the names are registered lazily ("module:Class", nothing is
+    imported until a model asks for one). On a vLLM version the plugin does not support, the runners are left
+    alone (a warning says why) and a model that opts in fails with `compat.VllmVersionError` naming the versions.
+    """
     global _REGISTERED
     if _REGISTERED:
         return
+    import logging
+
+    from vllm import ModelRegistry
+
     from vlm_prune.integrations.vllm import compat
     from vlm_prune.integrations.vllm.models import ARCHITECTURES
-    from vlm_prune.integrations.vllm.runner import patch_runners
 
-    vllm = compat.load()
-    supported = set(vllm.ModelRegistry.get_supported_archs())
+    supported = set(ModelRegistry.get_supported_archs())
     for name in ARCHITECTURES:
         if name not in supported:
-            vllm.ModelRegistry.register_model(name, f"vlm_prune.integrations.vllm.models:{name}")
-    patch_runners()
+            ModelRegistry.register_model(name, f"vlm_prune.integrations.vllm.models:{name}")
+    try:
+        from vlm_prune.integrations.vllm.runner import patch_runners
+
+        patch_runners()
+    except compat.VllmVersionError as error:
+        logging.getLogger("vlm_prune").warning("vlm_prune's vLLM plugin is inactive: %s", error)
     _REGISTERED = True
