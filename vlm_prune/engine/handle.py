@@ -95,6 +95,7 @@ class _Forward:
     host: HostBatch | None = None  # host mirror of the slots and visual tokens (engine/batch.py)
     index: torch.Tensor | None = None  # (B, L') compaction index of the last stage
     host_segments: list[torch.Tensor] = field(default_factory=list)  # host copies of `segments`' columns
+    mask_is_call_mask: bool = False  # the language model got the call's own 2-D mask (or neither had one)
     # per in-LLM segment: (first layer, columns of the segment's slots) -- for cache trimming
     segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     overrides: dict | None = None  # kwargs handed to every layer after an in-LLM stage
@@ -423,6 +424,7 @@ class PruneHandle:
             stats=stats,
             original_embeds=embeds,
         )
+        forward.mask_is_call_mask = kwargs.get("attention_mask") is (self._call or {}).get("attention_mask")
         self._forward = forward
         self._check_media_kinds(host)
 
@@ -520,9 +522,8 @@ class PruneHandle:
         self._kept_this_call = final_columns
         if cache is not None:
             prefill_masks = []
-            same_mask = kwargs.get("attention_mask") is (self._call or {}).get("attention_mask")
-            for _, seg_columns in segments:
-                if seg_columns is final_columns and same_mask:  # the compacted mask already is that gather
+            for _, seg_columns in segments:  # final segment: the compacted mask already is this gather
+                if seg_columns is final_columns and forward.mask_is_call_mask:
                     prefill_masks.append(forward.mask[:, forward.mask.shape[1] - seg_columns.shape[1] :])
                     continue
                 seg_mask = (seg_columns >= 0).to(forward.mask.dtype)
