@@ -202,3 +202,28 @@ def test_calibrate_runner_matches_eager_attention_on_a_toy_vlm():
     expected = propose_schedule(result["shares"], result["low_fractions"], 2)
     assert tuple(result["schedule"]["layers"]) == expected.layers
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_engine_gate_on_tiny_llava3d_scene_tokens():
+    """On LLaVA-3D the spatial tokens are the scene's voxel tokens: the first stage equals the eager brute force,
+    and the default schedule of an 8-layer model prunes at 2, 4, 6 per row of a padded batch."""
+    from vlm_prune.models.llava3d.tiny import build_tiny_llava3d, make_scene_inputs, single_scene_row
+    from vlm_prune.toy_models import IMAGE_ID
+
+    model = build_tiny_llava3d(num_layers=8, seed=2)
+    batch = make_scene_inputs(model, batch=2, padding="left", seed=5)
+    alone = single_scene_row(batch, 1)
+    with vlm_prune.pruned(model, "adatoken3d", layers=[3], ratios=[1.0, 0.5]) as handle:
+        with torch.no_grad():
+            model(**alone)
+        kept = handle.last_kept_index[0]
+    kept_visual = sorted(c for c in kept.tolist() if c >= 0 and alone["input_ids"][0, c] == IMAGE_ID)
+    assert kept_visual == _first_stage_reference(model, alone, 3, 0.5)
+    counts = (batch["input_ids"] == IMAGE_ID).sum(1).tolist()
+    with vlm_prune.pruned(model, "adatoken3d") as handle:
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+        stages = handle.stats.stages
+    assert [s.layer for s in stages] == [2, 4, 6]
+    expected = [sum(max(1, int(f * n + 0.5)) for n in counts) for f in (0.5, 0.25, 0.125)]
+    assert [s.total_out for s in stages] == expected
