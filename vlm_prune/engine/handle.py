@@ -503,7 +503,7 @@ class PruneHandle:
             self._forward = None
             return None
         cache = output.get("cache") if hasattr(output, "get") else None
-        if cache is None:
+        if cache is None and "cache" not in getattr(output, "__dataclass_fields__", {}):  # older 5.x: no `cache` field
             cache = getattr(output, "past_key_values", None)
         final_columns, segments, host = forward.columns, forward.segments, forward.host
         if cache is not None and self.trim_cache and len(segments) > 1:  # engine/ragged.py, decided on the host
