@@ -227,3 +227,26 @@ def test_engine_gate_on_tiny_llava3d_scene_tokens():
     assert [s.layer for s in stages] == [2, 4, 6]
     expected = [sum(max(1, int(f * n + 0.5)) for n in counts) for f in (0.5, 0.25, 0.125)]
     assert [s.total_out for s in stages] == expected
+
+
+def test_shipped_calibrated_preset_of_the_scene_demo_model_resolves():
+    """The scene3d demo model ships its `vlm-prune calibrate --method adatoken3d` preset; bound to that folder,
+    AdaToken-3D picks it at its equivalent average budget (recomputed here from the stages) and nowhere else."""
+    import json
+    from pathlib import Path
+
+    from vlm_prune.methods.adaptinfer import Schedule
+    from vlm_prune.methods.adatoken3d import DEMO_PRESET_FOLDER, demo_preset
+
+    folder = Path(vlm_prune.__file__).parent / "demo_models" / "llava3d_scene"
+    preset = folder / DEMO_PRESET_FOLDER / "calibrated.json"
+    if not preset.is_file():
+        pytest.skip("the scene3d demo model is not built (benchmarks/train_scene3d_model.py)")
+    data = json.loads(preset.read_text())
+    depth = data["num_layers"]
+    eq = equivalent_average_tokens(Schedule(tuple(data["layers"]), tuple(data["stage_keep"])), depth, 1)
+    assert abs(eq - data["keep"]) < 1e-3
+    info = Info(depth, str(folder))
+    assert demo_preset(info, data["keep"]) == preset
+    assert demo_preset(info, 0.5) is None and demo_preset(Info(depth + 1, str(folder)), data["keep"]) is None
+    assert AdaToken3D(keep=data["keep"]).bind(info).resolve_schedule().layers == tuple(data["layers"])
