@@ -406,3 +406,28 @@ def test_converter_takes_the_vision_tower_from_clip_when_the_checkpoint_lacks_it
     (clip / "model.safetensors").unlink()
     with pytest.raises(InputError, match="no \\*.safetensors"):
         convert_main([str(tmp_path / "src"), str(tmp_path / "out2"), "--clip", str(clip)])
+
+
+
+@pytest.mark.parametrize("with_clicks", [False, True])
+def test_generated_click_token_is_plain_text(with_clicks):
+    """A click token the model GENERATES is a text token (clicks describe only the prompt's placeholders): a head
+    biased to emit it decodes without error, and the decode logits equal the language model's over the prompt's
+    spliced embeddings followed by the generated ids' plain embeddings."""
+    model = build_tiny_llava3d(4)
+    bias = 100.0 * F.one_hot(torch.tensor(CLICK_ID), model.config.text_config.vocab_size).float()
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    inputs = make_scene_inputs(model, batch=1, clicks=with_clicks)
+    assert int((inputs["input_ids"] == CLICK_ID).sum()) == (1 if with_clicks else 0)
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        assert out.sequences[0, length:].tolist() == [CLICK_ID] * 3
+        prompt_embeds = model(**inputs, output_hidden_states=True).hidden_states[0]  # media and clicks spliced
+        grown = torch.cat([prompt_embeds, model.get_input_embeddings()(out.sequences[:, length : length + 2])], 1)
+        mask = torch.ones(grown.shape[:2], dtype=torch.long)
+        hidden = model.model.language_model(inputs_embeds=grown, attention_mask=mask).last_hidden_state
+        reference = model.lm_head(hidden[:, -3:])
+    for step in range(3):
+        torch.testing.assert_close(out.scores[step], reference[:, step], atol=1e-4, rtol=1e-4)

@@ -273,7 +273,9 @@ class Llava3DModel(Llava3DPreTrainedModel):
                     "the prompt holds scene/image placeholders but no media were passed; pass the processor's "
                     "pixel_values (and depths, intrinsics, poses, axis_align for a scene)"
                 )
-            inputs_embeds = self._splice_clicks(input_ids, inputs_embeds, clicks)
+            if clicks is not None or cache is None or not cache.get_seq_length():
+                # decode steps get no clicks (see prepare_inputs_for_generation): a generated click token is text
+                inputs_embeds = self._splice_clicks(input_ids, inputs_embeds, clicks)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -306,6 +308,14 @@ class Llava3DForConditionalGeneration(Llava3DPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values, depths=None, intrinsics=None, poses=None, axis_align=None, **kwargs):
         return self.model.get_image_features(pixel_values, depths, intrinsics, poses, axis_align, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        """As GenerationMixin's, but `clicks` describe the prompt's click placeholders only: they are passed to the
+        first forward (prefill) and dropped on decode steps, where a generated click token stays a plain token."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("clicks", None)
+        return inputs
 
     def forward(
         self,
