@@ -40,9 +40,10 @@ def _options(name: str, family: str) -> dict:
     options = dict(OPTIONS.get(name, {"keep": 0.5}))
     if family == "qwen3_vl" and name == "prunevid":
         options["layer"] = 3  # after Qwen3-VL's deepstack layers
-    if family == "qwen3_vl" and name in ("fastv", "adaptinfer"):
+    if family == "qwen3_vl" and name in ("fastv", "adaptinfer", "adatoken3d"):
+        # the 4-layer toy's default stages (layers 1-3) fall inside Qwen3-VL's 3 deepstack layers
         options["layer" if name == "fastv" else "layers"] = 3 if name == "fastv" else [3]
-        if name == "adaptinfer":
+        if name in ("adaptinfer", "adatoken3d"):
             options["ratios"] = [0.5]
             options.pop("keep")
     return options
