@@ -75,9 +75,10 @@ DEFAULTS: dict[str, Any] = {
     "decode_tokens": 8,
 }
 #: what `quick=True` changes (the rest as given): sized to finish in < 3 minutes on 2 CPU cores with
-#: either embedded model (Qwen2-VL's ViT attends over 2304 patches: ~90 ms per mosaic on one thread)
+#: either embedded model (Qwen2-VL's ViT attends over 2304 patches: ~90 ms per mosaic on one thread; with the 9
+#: image methods at 2 budgets, 64 samples took Qwen2-VL 237-376 s, so 40: 10 per question type)
 QUICK: dict[str, Any] = {
-    "n_samples": 64,
+    "n_samples": 40,
     "repeats": 5,
     "warmup": 1,
     "keeps": (1.0, 192, 64),
