@@ -65,6 +65,7 @@ from vlm_prune.engine.context import SelectionContext
 from vlm_prune.errors import BudgetError, MethodOptionError
 from vlm_prune.methods.adaptinfer import Schedule, cumulative, equivalent_average_tokens, solve_geometric_ratio
 from vlm_prune.methods.base import Method, Stage, topk_mask_per_media
+from vlm_prune.methods.calibration import demo_preset_folder
 from vlm_prune.methods.registry import register
 
 #: the authors' stage layers for a 32-layer LLM, as fractions of depth
@@ -230,14 +231,10 @@ def load_preset(path: str | Path) -> Schedule:
 
 def demo_preset(info: Any, keep: float | int | None) -> Path | None:
     """The calibrated preset an embedded demo model ships for `keep` (equivalent average within 1e-3), or None."""
-    if info is None or keep is None or isinstance(keep, (bool, int)):
+    if keep is None or isinstance(keep, (bool, int)):
         return None
-    name = str(getattr(info, "name_or_path", "") or "")
-    if not name:
-        return None
-    demo_dir = (Path(__file__).resolve().parents[1] / "demo_models").resolve()
-    folder = Path(name).resolve() / DEMO_PRESET_FOLDER
-    if folder.parent.parent != demo_dir or not folder.is_dir():
+    folder = demo_preset_folder(info, DEMO_PRESET_FOLDER)
+    if folder is None:
         return None
     for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())

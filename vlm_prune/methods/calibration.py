@@ -133,6 +133,21 @@ def load_preset(path: str | Path) -> Schedule:
     return Schedule(tuple(int(k) for k in data["layers"]), keep, data.get("source") or str(path))
 
 
+def demo_preset_folder(info: Any, folder_name: str) -> Path | None:
+    """`<model folder>/<folder_name>` when the bound model is an embedded demo model that ships it, else None.
+
+    info: the bound model (`.name_or_path`); only folders under `vlm_prune/demo_models/` count.
+    """
+    name = str(getattr(info, "name_or_path", "") or "") if info is not None else ""
+    if not name:
+        return None
+    demo_dir = (Path(__file__).resolve().parents[1] / "demo_models").resolve()
+    folder = Path(name).resolve() / folder_name
+    if folder.parent.parent != demo_dir or not folder.is_dir():
+        return None
+    return folder
+
+
 def demo_preset(info: Any, keep: float | int | None) -> Path | None:
     """The calibrated preset shipped with an embedded demo model for budget `keep`, or None.
 
@@ -141,14 +156,10 @@ def demo_preset(info: Any, keep: float | int | None) -> Path | None:
         within half a token of it (at 576 visual tokens), as the authors' LLaVA presets match. A preset
         written for another depth (a stale file) never matches.
     """
-    if info is None or keep is None or isinstance(keep, bool):
+    if keep is None or isinstance(keep, bool):
         return None
-    name = str(getattr(info, "name_or_path", "") or "")
-    if not name:
-        return None
-    demo_dir = (Path(__file__).resolve().parents[1] / "demo_models").resolve()
-    folder = Path(name).resolve() / DEMO_PRESET_FOLDER
-    if folder.parent.parent != demo_dir or not folder.is_dir():
+    folder = demo_preset_folder(info, DEMO_PRESET_FOLDER)
+    if folder is None:
         return None
     tokens = keep if isinstance(keep, int) else float(keep) * DEMO_VISUAL_TOKENS
     for path in sorted(folder.glob("*.json")):
