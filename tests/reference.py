@@ -356,3 +356,13 @@ def reference_via_language_model(model, cap: LLMInputs, row: int, keep_visual: t
         **kwargs,
     )
     return model.get_output_embeddings()(out.last_hidden_state)[0]
+
+
+#: a tiny transformers SamConfig (64 px, patch 8) for segmenter tests: SamConfig(**TINY_SAM_CONFIG)
+TINY_SAM_CONFIG = dict(
+    vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=64,
+                       patch_size=8, output_channels=32, global_attn_indexes=[1], window_size=2, num_pos_feats=16),
+    prompt_encoder_config=dict(hidden_size=32, image_size=64, image_embedding_size=8),
+    mask_decoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                             iou_head_hidden_dim=32),
+)  # fmt: skip

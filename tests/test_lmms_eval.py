@@ -14,6 +14,7 @@ pytest.importorskip("lmms_eval")
 pytest.importorskip("easy_vqa")
 
 import vlm_prune  # noqa: E402
+from tests.reference import TINY_SAM_CONFIG as SAM  # noqa: E402
 from vlm_prune.demo import normalize_answer  # noqa: E402
 from vlm_prune.integrations import lmms_eval as plugin  # noqa: E402
 from vlm_prune.tasks import video as V  # noqa: E402
@@ -140,13 +141,6 @@ def test_masks_round_trip_as_run_length_text():
     assert plugin.text_to_mask("no mask here").shape == (0, 0) and plugin.text_to_mask("2 2 1").shape == (0, 0)
 
 
-SAM = dict(
-    vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=64,
-                       patch_size=8, output_channels=32, global_attn_indexes=[1], window_size=2, num_pos_feats=16),
-    prompt_encoder_config=dict(hidden_size=32, image_size=64, image_embedding_size=8),
-    mask_decoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                             iou_head_hidden_dim=32),
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tests.reference import TINY_SAM_CONFIG
 from vlm_prune.models.segmenter import Segmenter, SegmenterConfig, SegTokenError, seg_token_id
 from vlm_prune.models.segmenter_convert import convert_lisa_checkpoint, lisa_to_ours, ours_to_lisa
 from vlm_prune.tasks.segmentation import giou_ciou, mask_iou
@@ -14,13 +15,7 @@ from vlm_prune.toy_models import build_tiny, make_inputs
 
 torch.set_num_threads(1)
 SEG_ID = 7  # unused by the toy vocabularies (special ids 0..6, text from 10)
-SAM_FIELDS = dict(
-    vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=64,
-                       patch_size=8, output_channels=32, global_attn_indexes=[1], window_size=2, num_pos_feats=16),
-    prompt_encoder_config=dict(hidden_size=32, image_size=64, image_embedding_size=8),
-    mask_decoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                             iou_head_hidden_dim=32),
-)  # fmt: skip
+SAM_FIELDS = TINY_SAM_CONFIG
 
 
 def tiny_sam():
