@@ -267,6 +267,24 @@ def match_preset(info: Any, keep: float | int | None) -> str | None:
 # The method
 
 
+def schedule_stages(
+    schedule: Schedule, num_layers: int | None, select: Any, needs: Any, title: str, prefix: str
+) -> list[Stage]:
+    """One in-LLM Stage per schedule layer (`prefix@k`), after checking the layers fit a `num_layers` decoder.
+
+    Shared by the staged methods (AdaptInfer, AdaToken-3D); `title` names the method in the error.
+    """
+    if num_layers is not None and schedule.layers[-1] >= num_layers:
+        raise BudgetError(
+            f"{title} schedule layers {list(schedule.layers)} do not fit a {num_layers}-layer model; "
+            "pass layers=... or a preset made for it"
+        )
+    return [
+        Stage(layer=k, select=select, keep=keep, needs=frozenset(needs), name=f"{prefix}@{k}")
+        for k, keep in zip(schedule.layers, schedule.keep)
+    ]
+
+
 @dataclass(repr=True)
 class AdaptInfer(Method):
     """AdaptInfer (arXiv 2508.06084): text-prior-weighted text->visual attention, several in-LLM stages.
@@ -338,17 +356,8 @@ class AdaptInfer(Method):
         return derive_schedule(float(self.keep), int(num_layers))
 
     def stages(self) -> list[Stage]:
-        schedule = self.resolve_schedule()
         num_layers = self.num_layers or getattr(self._info, "num_layers", None)
-        if num_layers is not None and schedule.layers[-1] >= num_layers:
-            raise BudgetError(
-                f"AdaptInfer schedule layers {list(schedule.layers)} do not fit a {num_layers}-layer model; "
-                "pass layers=... or a preset made for it"
-            )
-        return [
-            Stage(layer=k, select=self.select, keep=keep, needs=frozenset(self.needs), name=f"adaptinfer@{k}")
-            for k, keep in zip(schedule.layers, schedule.keep)
-        ]
+        return schedule_stages(self.resolve_schedule(), num_layers, self.select, self.needs, "AdaptInfer", "adaptinfer")
 
     def score(self, ctx: SelectionContext) -> torch.Tensor:
         """(N,) AdaptInfer scores of this sample's visual tokens at this stage."""

@@ -63,7 +63,13 @@ import torch
 
 from vlm_prune.engine.context import SelectionContext
 from vlm_prune.errors import BudgetError, MethodOptionError
-from vlm_prune.methods.adaptinfer import Schedule, cumulative, equivalent_average_tokens, solve_geometric_ratio
+from vlm_prune.methods.adaptinfer import (
+    Schedule,
+    cumulative,
+    equivalent_average_tokens,
+    schedule_stages,
+    solve_geometric_ratio,
+)
 from vlm_prune.methods.base import Method, Stage, topk_mask_per_media
 from vlm_prune.methods.calibration import demo_preset_folder
 from vlm_prune.methods.registry import register
@@ -315,17 +321,8 @@ class AdaToken3D(Method):
         return derive_schedule(float(self.keep), self._depth())
 
     def stages(self) -> list[Stage]:
-        schedule = self.resolve_schedule()
         depth = self.num_layers or getattr(self._info, "num_layers", None)
-        if depth is not None and schedule.layers[-1] >= depth:
-            raise BudgetError(
-                f"AdaToken-3D schedule layers {list(schedule.layers)} do not fit a {depth}-layer model; "
-                "pass layers=... or a preset made for it"
-            )
-        return [
-            Stage(layer=k, select=self.select, keep=keep, needs=frozenset(self.needs), name=f"adatoken3d@{k}")
-            for k, keep in zip(schedule.layers, schedule.keep)
-        ]
+        return schedule_stages(self.resolve_schedule(), depth, self.select, self.needs, "AdaToken-3D", "adatoken3d")
 
     def score(self, ctx: SelectionContext) -> torch.Tensor:
         """(N,) head-averaged attention of the last prompt token over this sample's spatial tokens."""
