@@ -510,6 +510,14 @@ def generate_answers(model, processor, samples: Sequence[SceneSample], max_new_t
     return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def demo_scene_folder():
+    """Folder of the embedded `llava3d_scene` model: a saved LLaVA-3D in the layout the converter writes
+    (`python -m vlm_prune.models.llava3d.convert`), so it stands in for a converted checkpoint."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "demo_models" / DEMO_MODEL
+
+
 def load_scene_model(spec: str = DEMO_MODEL, dtype=None, device: str = "cpu"):
     """(model, processor, info) of the embedded demo model (spec "llava3d_scene") or a saved LLaVA-3D folder."""
     from pathlib import Path
@@ -520,7 +528,7 @@ def load_scene_model(spec: str = DEMO_MODEL, dtype=None, device: str = "cpu"):
     from vlm_prune.models.llava3d.modeling import Llava3DForConditionalGeneration
     from vlm_prune.models.llava3d.processing import Llava3DProcessor
 
-    folder = Path(__file__).resolve().parents[1] / "demo_models" / DEMO_MODEL if spec == DEMO_MODEL else Path(spec)
+    folder = demo_scene_folder() if spec == DEMO_MODEL else Path(spec)
     if not (folder / "config.json").is_file():
         raise DataError(
             f"no LLaVA-3D model at {folder}: train the demo with benchmarks/train_scene3d_model.py, or pass a folder "
