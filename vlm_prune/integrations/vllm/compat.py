@@ -57,7 +57,7 @@ def load() -> SimpleNamespace:
         from vllm.model_executor.models.interfaces import supports_multimodal_pruning
         from vllm.multimodal import MULTIMODAL_REGISTRY
         from vllm.multimodal.hasher import MultiModalHasher
-        from vllm.multimodal.processing import PromptReplacement
+        from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
         from vllm.multimodal.video_prune import evs
         from vllm.v1.worker import gpu_model_runner
     except ImportError as error:
@@ -68,12 +68,19 @@ def load() -> SimpleNamespace:
         from vllm.v1.worker import cpu_model_runner
     except ImportError:  # a CUDA build without the CPU runner's extras
         cpu_model_runner = None
+    try:  # the sync checker's allowance (a no-op unless vLLM's GPU sync debugging is on)
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    except ImportError:
+        import contextlib
+
+        gpu_sync_allowed = contextlib.nullcontext
     _CACHE = SimpleNamespace(
         version=vllm.__version__,
         ModelRegistry=ModelRegistry,
         MULTIMODAL_REGISTRY=MULTIMODAL_REGISTRY,
         MultiModalHasher=MultiModalHasher,
         PromptReplacement=PromptReplacement,
+        PromptUpdateDetails=PromptUpdateDetails,
         supports_multimodal_pruning=supports_multimodal_pruning,
         evs=evs,
         qwen2_vl=qwen2_vl,
@@ -81,5 +88,6 @@ def load() -> SimpleNamespace:
         qwen3_vl=qwen3_vl,
         GPUModelRunner=gpu_model_runner.GPUModelRunner,
         CPUModelRunner=None if cpu_model_runner is None else cpu_model_runner.CPUModelRunner,
+        gpu_sync_allowed=gpu_sync_allowed,
     )
     return _CACHE
