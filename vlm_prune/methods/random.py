@@ -3,7 +3,10 @@
 Not from a paper; METHODS.md lists it as the baseline that must always be reported. Defaults:
 pre-LLM (`layer=0`), no default budget (pass `keep`). Randomness comes from `ctx.generator()`,
 which is seeded from the sample's seed and the stage only, so the same sample gets the same tokens
-whatever its position in the batch. Media items are drawn in order from one generator.
+whatever its position in the batch. Media items are drawn in order from one generator; with
+`per_item=True` every item draws from a fresh generator (the same seed), so an item's subset does not
+depend on the items before it in the prompt: what the vLLM plugin does (vLLM encodes and caches each
+item apart from its prompt), so `apply(model, "random", keep=k, per_item=True)` keeps its tokens.
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ class RandomPrune(Method):
 
     keep: fraction in (0, 1] or count per media item (None: set by `apply()`).
     layer: 0 = pre-LLM (default); k = on the input of decoder layer k.
+    per_item: False (default) = the items of a sample draw in order from one generator; True = each
+        item from a fresh generator of the same seed (independent of the items before it; vLLM's plugin).
     """
 
     keep: float | int | None = None
     layer: int = 0
+    per_item: bool = False
     name = "random"
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
@@ -46,7 +52,8 @@ class RandomPrune(Method):
         device = ctx.visual_features.device
 
         def choose(members: torch.Tensor, budget: int) -> torch.Tensor:
-            return random_subset_mask(members.numel(), budget, generator).to(device)
+            source = ctx.generator() if self.per_item else generator
+            return random_subset_mask(members.numel(), budget, source).to(device)
 
         return per_media(ctx, choose)  # type: ignore[return-value]
 
