@@ -13,8 +13,8 @@ same tokens as well.
 Positions: the plugin gives the text after a media item its unpruned positions (our "preserve" policy: the item's
 extent, max(t, h, w) + its start); vLLM's own EVS continues from start + llm_grid_w instead, so only wide or square
 items would agree with it. Tall images are in the requests to show that ours agree with transformers regardless.
-`random` draws every item from the generator of item 0 (vLLM encodes items apart from their prompt), so its
-multi-item prompt is checked for its token count only.
+`random` runs per item in vLLM (`per_item=True`, each item from its own generator); with `per_item=True` the
+transformers path keeps the same tokens for every item of a prompt.
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ CASES = [
     ("qwen2_5_vl", {"method": "zoo", "keep": 0.3}),
     ("qwen2_5_vl", {"method": "evs", "keep": 0.5}),
     ("qwen2_vl", {"method": "zoo", "keep": 0.3}),
+    ("qwen2_vl", {"method": "random", "keep": 0.4, "per_item": True}),
     ("qwen3_vl", {"method": "zoo", "keep": 0.3}),
     ("qwen3_vl", {"method": "pool", "keep": 5}),
     ("qwen3_vl", {"method": "evs", "keep": 0.5}),

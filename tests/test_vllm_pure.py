@@ -254,3 +254,31 @@ def test_register_is_idempotent_and_replaces_nothing() -> None:
         vlm_prune_spec = parse_spec({"method": "divprune", "keep": 0.5})
 
     assert not wants_pruning(Runner(), Plain()) and wants_pruning(Runner(), Ours())
+
+
+def test_random_runs_per_item_as_transformers_per_item() -> None:
+    """The plugin's random (per_item=True, set by parse_spec) keeps, for every item of a two-item sample, what the
+    transformers path's RandomPrune(per_item=True) keeps there; without per_item the second item differs."""
+    from vlm_prune.engine.context import VisualLayout
+    from vlm_prune.methods.random import RandomPrune
+
+    spec = parse_spec({"method": "random", "keep": 0.5})
+    assert dict(spec.options)["per_item"] is True
+    with pytest.raises(PruneError, match="per_item"):
+        parse_spec({"method": "random", "keep": 0.5, "per_item": False})
+    grids = [(1, 4, 6), (2, 3, 4)]
+    features = [torch.randn(t * h * w, 8, generator=torch.Generator().manual_seed(t)) for t, h, w in grids]
+    ours = [select_item(f, g, "image", spec)[0] for f, g in zip(features, grids)]
+    n = [f.shape[0] for f in features]
+    coords = torch.cat([raster_grid(*g) for g in grids])
+    layout = VisualLayout(media_index=torch.cat([torch.full((k,), i) for i, k in enumerate(n)]),
+                          kind=torch.zeros(sum(n), dtype=torch.long), frame=coords[:, 0].clone(), grid_thw=coords,
+                          media_grid=grids)
+    from vlm_prune.integrations.vllm.select import item_context
+
+    ctx = item_context(torch.cat(features), (1, 1, sum(n)), "image", None, 0)
+    ctx.layout, ctx.budget_per_media = layout, [k // 2 for k in n]
+    together = RandomPrune(keep=0.5, per_item=True).select(ctx)
+    assert torch.equal(together, torch.cat(ours))
+    sequential = RandomPrune(keep=0.5).select(ctx)
+    assert torch.equal(sequential[: n[0]], ours[0]) and not torch.equal(sequential[n[0]:], ours[1])

@@ -6,10 +6,9 @@ LLM's order). `select_item` builds the `SelectionContext` the transformers engin
 tokens for the same features. Then `item_positions` gives the kept tokens' original M-RoPE (t, h, w) offsets,
 which vLLM's `recompute_mrope_positions` places after the item's vision-start token.
 
-One difference from a multi-image transformers call: there, the items of one prompt draw their randomness from one
-generator in sequence (random's subsets); here every item gets the generator of item 0 (vLLM encodes and caches
-items independently of the prompt they come in). Deterministic methods (pool, divprune, zoo, visionzip, evs) and
-the first item of `random` are identical.
+`random` runs with `per_item=True` (`spec.parse_spec` sets it): every item draws from a fresh generator of the
+seed, as vLLM encodes and caches items apart from the prompt they come in; `vlm_prune.apply(..., "random",
+per_item=True)` keeps the same tokens for every item of a prompt.
 """
 
 from __future__ import annotations

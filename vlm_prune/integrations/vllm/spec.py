@@ -8,7 +8,8 @@ A model opts in through `--hf-overrides`, which vLLM merges into the Hugging Fac
 The "vlm_prune" dict holds `method` (one pre-LLM method name: random, pool, divprune, zoo, visionzip, evs), `keep`
 (a fraction in (0, 1] or an int count per media item, as `vlm_prune.apply`), optionally `seed` (default 0, as
 `apply`), `modalities` (a subset of ["image", "video"]; default: what the method prunes) and any other key as an
-option of the method (e.g. `"rate": 0.75` for evs, `"estimator": "central"` for zoo).
+option of the method (e.g. `"rate": 0.75` for evs, `"estimator": "central"` for zoo). `random` always runs with
+`per_item=True` (each item from its own generator: vLLM encodes items apart from their prompt).
 
 `count(grid, spec)` is the one function that sizes a media item after pruning. The processor emits that many
 placeholders before anything is encoded, and the model's selection (`select.py`) keeps exactly that many rows
@@ -100,7 +101,16 @@ def parse_spec(raw: object) -> PruneSpec:
         raise PruneError(f"{CONFIG_KEY}.modalities must be a non-empty subset of {list(MODALITIES)}, got {modalities}")
     if method == "evs" and "image" in modalities:
         raise PruneError("evs prunes video only; drop 'image' from modalities or choose an image method")
-    options = tuple(sorted((str(k), v) for k, v in raw.items() if k not in _SPEC_KEYS))
+    extra = {str(k): v for k, v in raw.items() if k not in _SPEC_KEYS}
+    if method == "random":
+        # vLLM encodes (and caches) every item apart from its prompt: each item draws from its own generator
+        if extra.setdefault("per_item", True) is not True:
+            raise PruneError(
+                "in vLLM, random draws every media item from its own generator (per_item=True; vLLM encodes items "
+                "apart from their prompt); drop per_item=False, and pass per_item=True to vlm_prune.apply for the "
+                "same tokens"
+            )
+    options = tuple(sorted(extra.items()))
     spec = PruneSpec(method=method, keep=keep, seed=int(seed), modalities=modalities, options=options)
     try:
         spec.build()  # unknown options, a missing budget, a bad rate: refused now, in the front end
