@@ -181,11 +181,42 @@ def test_vllm_greedy_tokens_equal_transformers(family: str, spec: dict, tmp_path
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_chunked_prefill_splitting_media_items_gives_the_same_tokens(family: str, tmp_path_factory) -> None:
+def test_chunked_prefill_that_splits_media_items_gives_the_same_tokens(family: str, tmp_path_factory, monkeypatch):
     """16-token prefill chunks: the video (20 kept rows, 40 on Qwen3-VL with its frames' text) cannot fit in one
-    chunk, so its rows reach the model in two or three chunks (and the 4 prompts' images fall across chunk edges)."""
+    chunk, so its rows reach the model in two or three chunks (and the 4 prompts' images fall across chunk edges).
+    Greedy tokens equal transformers', and each prompt's final M-RoPE positions equal those of the same rows
+    handed over unsplit (the greedy tokens of this random model barely depend on where a video's rows sit)."""
+    from vlm_prune.integrations.vllm import models, positions
+
+    calls: list[tuple] = []
+
+    def recording(ids, embeddings, before, computed, media):
+        out = positions.write_media_positions(ids, embeddings, before, computed, media)
+        calls.append((tuple(ids.tolist()), [e.clone() for e in embeddings], before.clone(), computed, out[1].clone()))
+        return out
+
+    monkeypatch.setattr(models, "write_media_positions", recording)
     _check(family, {"method": "divprune", "keep": 0.5}, tmp_path_factory, enable_chunked_prefill=True,
            max_num_batched_tokens=16, enable_prefix_caching=False)
+    requests: dict[tuple, list[list]] = {}  # prompt ids -> each request's calls (both passes serve the same prompts)
+    for call in calls:
+        runs = requests.setdefault(call[0], [])
+        if not runs or call[3] <= runs[-1][-1][3]:  # computed tokens only grow within a request
+            runs.append([])
+        runs[-1].append(call)
+    continued, media = 0, (T.IMAGE_PAD, T.VIDEO_PAD)
+    for ids, prompt_calls in ((ids, run) for ids, runs in requests.items() for run in runs):
+        items: list[torch.Tensor] = []
+        for _, slices, _, _, _ in prompt_calls:
+            for rows in slices:
+                if int(positions.decode(rows[:1, -positions.EXTRA:])[0, 3]) > 0:  # the rest of the previous item
+                    items[-1] = torch.cat([items[-1], rows])
+                    continued += 1
+                else:
+                    items.append(rows)
+        _, unsplit, _ = positions.write_media_positions(torch.tensor(ids), items, prompt_calls[0][2], 0, media)
+        assert torch.equal(prompt_calls[-1][4], unsplit), f"{family}: positions of a split prompt of {len(ids)}"
+    assert continued >= 2, "no media item was split across prefill chunks"
 
 
 SPAWN_SCRIPT = """

@@ -10,9 +10,13 @@ replaced) and wraps the model runners' `load_model` to set the pruning flag for 
     --hf-overrides '{"architectures": ["VlmPruneQwen2_5_VLForConditionalGeneration"],
                      "vlm_prune": {"method": "divprune", "keep": 64}}'
 
+Architectures: `VlmPruneQwen2_5_VLForConditionalGeneration`, `VlmPruneQwen2VLForConditionalGeneration`,
+`VlmPruneQwen3VLForConditionalGeneration` (images and video each).
+
 Modules: `spec` (the setting and `count(grid, spec)`, pure), `select` (one item's selection with vlm_prune's own
-method code, pure), `positions` (M-RoPE of a pruned prompt, pure), `processor` (placeholder counts, cache key),
-`models` (the subclasses), `runner` (the flag fix), `compat` (every vLLM-internal import, version-checked).
+method code, pure), `positions` (M-RoPE of a pruned prompt before and after encoding, pure), `processor`
+(placeholder counts, cache key), `models` (the subclasses), `qwen3` (Qwen3-VL's deepstack and timestamped frames),
+`runner` (the flag fix), `compat` (every vLLM-internal import, version-checked), `testing` (offline checkpoints).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 * `_get_prompt_updates`: each `PromptReplacement` of vLLM's processor is kept (its target, its modality), and its
   replacement is wrapped: the original replacement gives the placeholder token, our `count` gives how many. Only
   plain token lists are resized; a structured replacement (Qwen3-VL video: timestamps and per-frame markers) is
-  left alone, which is why Qwen3-VL video is not pruned by the plugin (see the README).
+  left alone here and sized by Qwen3-VL's own subclass (`qwen3.py`).
 * `_get_mm_hashes`: every item hash is re-hashed with the spec's `cache_key()`, so the processor cache (which
   stores each item's prompt updates) and the encoder cache (keyed on the same hash) never serve an item
   processed under another pruning setting.
