@@ -119,6 +119,18 @@ def test_random_count_and_determinism():
     assert torch.equal(shifted, masks[0])
 
 
+def test_random_per_item_draws_each_item_as_if_alone():
+    """per_item=True: an item keeps what it keeps alone (the vLLM plugin's rule); the default draws in sequence."""
+    grids = [(1, 6, 6), (1, 4, 5)]
+    feats = torch.randn(56, 8)
+    ctx = make_ctx(feats, grid_layout(grids), [9, 5], seed=7)
+    together = mask_of(RandomPrune(keep=0.25, per_item=True).select(ctx))
+    alone = mask_of(RandomPrune(keep=0.25).select(make_ctx(feats[36:], grid_layout(grids[1:]), [5], seed=7)))
+    assert torch.equal(together[36:], alone) and int(together[:36].sum()) == 9
+    sequential = mask_of(RandomPrune(keep=0.25).select(make_ctx(feats, grid_layout(grids), [9, 5], seed=7)))
+    assert torch.equal(sequential[:36], together[:36]) and not torch.equal(sequential[36:], alone)
+
+
 def test_random_budget_larger_than_item_keeps_all():
     layout = grid_layout([(1, 2, 2)])
     mask = mask_of(RandomPrune().select(make_ctx(torch.randn(4, 3), layout, [10])))
