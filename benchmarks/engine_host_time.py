@@ -142,6 +142,51 @@ def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
     }
 
 
+def clock_cost(calls: int = 20000) -> float:
+    """Seconds one `CLOCK()` call takes (a system call on some VMs): each timed hook adds about one to its time."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        CLOCK()
+    return (time.perf_counter() - started) / calls
+
+
+def plot(results: dict, path: Path) -> None:
+    """Median engine ms over the methods, per family: prefill at batch 1 and 8 and decode, one bar per tag."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    tags = [tag for tag in results if not tag.startswith("_")]
+    families = list(dict.fromkeys(key.split("|")[0] for key in results[tags[-1]]["rows"]))
+    panels = [("prefill, batch 1", "prefill_ms", "1", TARGETS["prefill_b1"]),
+              ("prefill, batch 8", "prefill_ms", "8", TARGETS["prefill_b8"]),
+              ("decode step (batches 1 and 8)", "decode_ms", None, TARGETS["decode"])]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.8 / max(len(tags), 1)
+    for axis, (title, field, batch, target) in zip(axes, panels):
+        for number, tag in enumerate(tags):
+            rows = results[tag]["rows"]
+            values = []
+            for family in families:
+                cells = [row[field] for key, row in rows.items()
+                         if key.split("|")[0] == family and (batch is None or key.split("|")[1] == batch)]
+                values.append(statistics.median(cells) if cells else float("nan"))
+            axis.bar([i + number * width for i in range(len(families))], values, width, label=tag)
+        axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target} ms")
+        axis.set_xticks([i + width * (len(tags) - 1) / 2 for i in range(len(families))])
+        axis.set_xticklabels(families, rotation=30, ha="right", fontsize=8)
+        axis.set_title(title)
+        axis.set_ylabel("engine ms per forward (median over methods)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("vlm_prune engine host time per forward (selection excluded), tiny models, 1 CPU thread")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def render(results: dict) -> str:
     """The report: every tag's table side by side; `_notes` (text) first and `_history` (text) last, if set."""
     tags = [tag for tag in results if not tag.startswith("_")]
@@ -160,10 +205,11 @@ def render(results: dict) -> str:
     ]
     for tag in tags:
         meta = results[tag]["meta"]
+        clock = f"; one CLOCK() call {meta['clock_us']} us" if "clock_us" in meta else ""
         lines.append(
             f"- **{tag}**: {meta['date']}, git {meta['git']}, {meta['machine']}, load average "
             f"{meta['load_start']} at start, {meta['load_end']} at end; {meta['repeats']} repeats; torch "
-            f"{meta['torch']}, transformers {meta['transformers']}"
+            f"{meta['torch']}, transformers {meta['transformers']}{clock}"
         )
     lines += ["", "| family | batch | method | " + " | ".join(
         f"{tag} prefill ms | {tag} decode ms | {tag} syncs (prefill / step)" for tag in tags) + " |",
@@ -212,15 +258,20 @@ def main() -> None:
     parser.add_argument("--tag", default="after", help="name of this measurement in the report (before / after)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/engine_host_time.json"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_host_time.md"))
+    parser.add_argument("--plot", type=Path, default=None, help="figure of every tag (default: --out with .png)")
+    parser.add_argument("--git", default=None, help="the code measured, for the report (default: this checkout's HEAD)")
+    parser.add_argument("--shared", default="shared with other jobs", help="who else uses the CPUs (for the report)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import subprocess
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = ["git", "rev-parse", "--short", "HEAD"]
+    git = args.git or subprocess.run(head, capture_output=True, text=True).stdout.strip()
     meta = {
         "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
         "git": git,
-        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} logical CPUs shared by 8 engineers",
+        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} logical CPUs {args.shared}",
+        "clock_us": round(clock_cost() * 1e6, 2),
         "load_start": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
         "repeats": args.repeats,
         "torch": torch.__version__,
@@ -249,6 +300,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     args.out.write_text(render(results))
+    plot(results, args.plot or args.out.with_suffix(".png"))
     print(args.out.read_text())
 
 

@@ -11,6 +11,8 @@ Media spans come from the image token id and the vision config, never from fixed
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, ProjectorParts, SampleMedia, item_counts
 from vlm_prune.adapters.expansion import row_totals
 from vlm_prune.engine.context import IMAGE, VisualLayout
+from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.errors import InputError, PruneError
 
 
@@ -64,12 +67,32 @@ def _layout_from_blocks(blocks: list[torch.Tensor]) -> VisualLayout:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _grid_block(offset: int, h: int, w: int, t: int = 0) -> torch.Tensor:
+    """(offset + h * w, 3) (t, row, col) coordinates of a raster grid after `offset` grid-less (-1) tokens.
+
+    Cached per shape (a pure function; callers never write into it): the same image size recurs every call.
+    """
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     block = torch.stack([torch.full_like(rows, t), rows, cols], dim=-1).reshape(-1, 3)
     if offset:
         block = torch.cat([torch.full((offset, 3), -1, dtype=torch.long), block])
     return block
+
+
+@functools.lru_cache(maxsize=256)
+def _hires_block(rows: int, width: int, base: torch.Tensor) -> torch.Tensor:
+    """LLaVA-NeXT anyres block: `base` (the base grid), then `rows` rows of `width` tokens (1, row, col), each
+    closed by a newline token (-1, -1, -1). Cached per shape, like `_grid_block`."""
+    index = torch.arange(rows * (width + 1))
+    row, col = index // (width + 1), index % (width + 1)
+    hires = torch.stack([torch.ones_like(row), row, col], dim=-1)
+    hires[col == width] = -1
+    return torch.cat([base, hires])
+
+
+def _layout_key(blocks: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(id(block) for block in blocks)
 
 
 class LlavaAdapter(Adapter):
@@ -79,6 +102,15 @@ class LlavaAdapter(Adapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.image_token_id = _image_token_id(model.config)
+        # per-sample layouts keyed by the (cached, so stable) blocks they are made of; an entry keeps its blocks
+        # alive, so their ids cannot be reused while it is stored
+        self._layouts: SmallLRU[tuple[VisualLayout, list]] = SmallLRU(32)
+        self._counts_of_size: dict[tuple, int] = {}
+
+    def _layout_of(self, blocks: list[torch.Tensor]) -> VisualLayout:
+        """`_layout_from_blocks(blocks)`, cached; a shallow copy (the engine sets attributes such as `group`)."""
+        layout, _ = self._layouts.get(_layout_key(blocks), lambda: (_layout_from_blocks(blocks), list(blocks)))
+        return copy.copy(layout)
 
     def media_token_ids(self) -> list[int]:
         return [self.image_token_id]
@@ -117,22 +149,24 @@ class LlavaAdapter(Adapter):
 
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         is_visual = input_ids == self.image_token_id
-        if not bool(is_visual.any()):
+        per_row = is_visual.sum(dim=1).tolist()
+        if not any(per_row):
             return [SampleMedia(torch.zeros(0, dtype=torch.long), _layout_from_blocks([])) for _ in input_ids]
         blocks = self.image_blocks(input_ids, call, inputs_embeds)
+        sizes = [len(block) for block in blocks]
+        # every row's visual columns from one nonzero over the batch (row-major, ascending within a row)
+        row_columns = is_visual.nonzero(as_tuple=True)[1].cpu().split(per_row)
         samples, next_block = [], 0
-        for row in is_visual:
-            columns = row.nonzero(as_tuple=True)[0].cpu()
-            mine, count = [], 0
-            while count < len(columns):
+        for columns, total in zip(row_columns, per_row):
+            first, count = next_block, 0
+            while count < total:
                 if next_block >= len(blocks):
                     raise InputError(f"more image tokens than images; check the processor output. {SPLIT_MEDIA_HINT}")
-                mine.append(blocks[next_block])
-                count += len(blocks[next_block])
+                count += sizes[next_block]
                 next_block += 1
-            if count != len(columns):
+            if count != total:
                 raise InputError(f"image tokens of a sample do not match whole images. {SPLIT_MEDIA_HINT}")
-            samples.append(SampleMedia(columns, _layout_from_blocks(mine)))
+            samples.append(SampleMedia(columns, self._layout_of(blocks[first:next_block])))
         return samples
 
     def projector_module(self) -> nn.Module:
@@ -198,32 +232,27 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"LLaVA-NeXT: {len(flat_embeds)} image tokens but the images need {sum(counts)}; "
                 f"pass the processor's input_ids, pixel_values and image_sizes unchanged. {SPLIT_MEDIA_HINT}"
             )
+        base = _grid_block(base_count - side * side, side, side, t=0)
+        # where the newline vector sits, for every image token of the call in ONE device->host read
+        all_newline = None if newline is None else (flat_embeds == newline.to(flat_embeds.dtype)).all(dim=-1).cpu()
         blocks, start = [], 0
         for count in counts:
-            item = flat_embeds[start : start + count]
-            start += count
-            base = _grid_block(base_count - side * side, side, side, t=0)
-            rest = item[base_count:]
-            if newline is None or len(rest) == 0:
-                hires = torch.full((len(rest), 3), -1, dtype=torch.long)
-            else:
-                is_newline = (rest == newline.to(rest.dtype)).all(dim=-1).cpu()
-                row_ends = is_newline.nonzero(as_tuple=True)[0]
-                widths = torch.diff(row_ends, prepend=torch.tensor([-1])) - 1
-                if not bool(is_newline[-1]) or len(set(widths.tolist())) != 1:
-                    raise InputError(
-                        "LLaVA-NeXT: an image's high-resolution rows are not one grid; the image tokens hold "
-                        f"more than one image or a part of one. {SPLIT_MEDIA_HINT}"
-                    )
-                hires = torch.full((len(rest), 3), -1, dtype=torch.long)
-                row = col = 0
-                for index, flag in enumerate(is_newline.tolist()):
-                    if flag:
-                        row, col = row + 1, 0
-                        continue
-                    hires[index] = torch.tensor([1, row, col])
-                    col += 1
-            blocks.append(torch.cat([base, hires]))
+            rest_start, start = start + base_count, start + count
+            if count <= base_count:  # no high-resolution rows (a later check refuses a count below the base grid)
+                blocks.append(base)
+                continue
+            if all_newline is None:
+                blocks.append(torch.cat([base, torch.full((count - base_count, 3), -1, dtype=torch.long)]))
+                continue
+            is_newline = all_newline[rest_start:start]
+            row_ends = is_newline.nonzero(as_tuple=True)[0]
+            widths = torch.diff(row_ends, prepend=torch.tensor([-1])) - 1
+            if not bool(is_newline[-1]) or len(set(widths.tolist())) != 1:
+                raise InputError(
+                    "LLaVA-NeXT: an image's high-resolution rows are not one grid; the image tokens hold "
+                    f"more than one image or a part of one. {SPLIT_MEDIA_HINT}"
+                )
+            blocks.append(_hires_block(len(row_ends), int(widths[0]), base))
         return blocks
 
     def check_media_inputs(self, call: dict) -> None:
@@ -260,9 +289,12 @@ class LlavaNextAdapter(LlavaAdapter):
         side = self._grid_side()
         counts = []
         for size in image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes:
-            num_h, num_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)
-            height, width = unpad_image(torch.zeros(1, num_h * side, num_w * side), torch.tensor(size)).shape[-2:]
-            counts.append(side * side + height * (width + 1))
+            key = tuple(int(v) for v in size)
+            if key not in self._counts_of_size:  # the model's own helpers, once per image size
+                num_h, num_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)
+                height, width = unpad_image(torch.zeros(1, num_h * side, num_w * side), torch.tensor(size)).shape[-2:]
+                self._counts_of_size[key] = side * side + height * (width + 1)
+            counts.append(self._counts_of_size[key])
         return counts
 
     def vision_attention_layer(self) -> nn.Module | None:

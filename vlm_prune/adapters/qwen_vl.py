@@ -12,19 +12,34 @@ positions computed from the unpruned ("virtual") length instead.
 
 from __future__ import annotations
 
+import copy
+import functools
+from functools import partial
+
 import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, ProjectorParts, SampleMedia, item_counts
 from vlm_prune.adapters.expansion import expanded_item_index, row_totals
 from vlm_prune.engine.context import IMAGE, VIDEO, VisualLayout
+from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.errors import InputError, PruneError
 
 
+@functools.lru_cache(maxsize=256)
 def _item_grid(t: int, h: int, w: int) -> torch.Tensor:
-    """(t*h*w, 3) (t, row, col) coordinates in raster order."""
+    """(t*h*w, 3) (t, row, col) coordinates in raster order (cached per grid; callers never write into it)."""
     tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
     return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
+
+
+def _layout_of(key: tuple[tuple[int, int, int, int], ...]) -> VisualLayout:
+    """The layout of a sample whose media items (kind, t, h, w) follow each other in this order."""
+    grid = torch.cat([_item_grid(t, h, w) for _, t, h, w in key])
+    sizes = torch.tensor([t * h * w for _, t, h, w in key])
+    media_index = torch.repeat_interleave(torch.arange(len(key)), sizes)
+    kind = torch.repeat_interleave(torch.tensor([item[0] for item in key]), sizes)
+    return VisualLayout(media_index, kind, grid[:, 0].clone(), grid, [tuple(item[1:]) for item in key])
 
 
 class QwenVLAdapter(Adapter):
@@ -34,6 +49,8 @@ class QwenVLAdapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
+        self._layouts: SmallLRU[VisualLayout] = SmallLRU(32)  # per-sample layouts by their items' (kind, grid)
+        self._delta_rows: tuple | None = None  # (state, batch, device, dtype) -> (4, B, 1) offsets of the M-RoPE rows
         config = model.config
         self.image_token_id = int(config.image_token_id)
         self.video_token_id = int(config.video_token_id)
@@ -136,11 +153,22 @@ class QwenVLAdapter(Adapter):
             VIDEO: (self.video_token_id, self._items(self._call_grids(call, "video"))),
         }
         next_item = {IMAGE: 0, VIDEO: 0}
+        # every row's media columns of each kind from one nonzero over the batch (and their values as ints, once)
+        by_kind = {}
+        for kind, (token_id, _) in queues.items():
+            hits = input_ids == token_id
+            counts = hits.sum(dim=1).tolist()
+            flat = hits.nonzero(as_tuple=True)[1].cpu() if any(counts) else torch.zeros(0, dtype=torch.long)
+            offsets = [0]
+            for count in counts:
+                offsets.append(offsets[-1] + count)
+            by_kind[kind] = (flat.split(counts), flat.tolist(), offsets)
         samples = []
-        for row in input_ids:
-            pieces = []  # (first column, kind, columns, grid block, grid size)
-            for kind, (token_id, grids) in queues.items():
-                columns = (row == token_id).nonzero(as_tuple=True)[0].cpu()
+        for row_index in range(len(input_ids)):
+            pieces = []  # (first column, kind, columns, grid block, grid size, last column)
+            for kind, (_, grids) in queues.items():
+                row_columns, values, offsets = by_kind[kind]
+                columns, base = row_columns[row_index], offsets[row_index]
                 start = 0
                 while start < len(columns):
                     if next_item[kind] >= len(grids):
@@ -151,7 +179,8 @@ class QwenVLAdapter(Adapter):
                     t, h, w = grids[next_item[kind]]
                     next_item[kind] += 1
                     count = t * h * w
-                    item_columns = columns[start : start + count]
+                    whole = start == 0 and count == len(columns)  # the row's only item of this kind: no slice
+                    item_columns = columns if whole else columns[start : start + count]
                     if len(item_columns) != count:
                         name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
                         raise InputError(
@@ -159,12 +188,18 @@ class QwenVLAdapter(Adapter):
                             f"{len(item_columns)} more; the {name} does not match the placeholders. Pass the "
                             f"processor's input_ids with the {name} it returned. {SPLIT_MEDIA_HINT}"
                         )
-                    pieces.append((int(item_columns[0]), kind, item_columns, _item_grid(t, h, w), (t, h, w)))
+                    first, last = values[base + start], values[base + start + count - 1]
+                    pieces.append((first, kind, item_columns, _item_grid(t, h, w), (t, h, w), last))
                     start += count
             pieces.sort(key=lambda piece: piece[0])
             if not pieces:
                 empty = torch.zeros(0, dtype=torch.long)
                 samples.append(SampleMedia(empty, VisualLayout(empty, empty, empty, torch.zeros(0, 3).long(), [])))
+                continue
+            if all(a[5] < b[0] for a, b in zip(pieces, pieces[1:])):  # items do not interleave: sorted
+                key = tuple((p[1], *p[4]) for p in pieces)
+                columns = torch.cat([p[2] for p in pieces]) if len(pieces) > 1 else pieces[0][2]
+                samples.append(SampleMedia(columns, copy.copy(self._layouts.get(key, partial(_layout_of, key)))))
                 continue
             columns = torch.cat([p[2] for p in pieces])
             grid = torch.cat([p[3] for p in pieces])
@@ -222,9 +257,12 @@ class QwenVLAdapter(Adapter):
         if state is None or position_ids.ndim != 3 or position_ids.shape[0] != self.rope_rows + 1:
             return None
         batch = position_ids.shape[1]
-        delta = state.repeat_interleave(batch // state.shape[0], dim=0).to(position_ids.device).view(1, batch, 1)
-        rows = position_ids[:1].expand(self.rope_rows, -1, -1) + delta
-        rebuilt = torch.cat([position_ids[:1], rows.to(position_ids.dtype)], dim=0)
+        key = (batch, position_ids.device, position_ids.dtype)
+        if self._delta_rows is None or self._delta_rows[0] is not state or self._delta_rows[1] != key:
+            delta = state.repeat_interleave(batch // state.shape[0], dim=0).to(position_ids.device).view(1, batch, 1)
+            offsets = torch.cat([torch.zeros_like(delta), delta.expand(self.rope_rows, -1, -1)]).to(position_ids.dtype)
+            self._delta_rows = (state, key, offsets)  # once per cached prefill: decode steps add it
+        rebuilt = position_ids[:1] + self._delta_rows[2]
         # decided on the device (no read back per decode step): rebuilt where the rows equal the text row
         same = (position_ids[1:] == position_ids[:1]).all()
         return torch.where(same, rebuilt, position_ids)

@@ -30,6 +30,9 @@ class CachedPrefill:
     position_state: object = None  # the adapter's `position_state()` after the prefill (Qwen: rope_deltas)
     token_chunks: list[torch.Tensor] = field(default_factory=list)  # later calls' tokens, not joined yet
     chunk_width: int = 0
+    # per segment: whether every cached prefill slot is real (no padding): then a decode step without a mask of
+    # its own needs no mask at all (decided on the host at the end of the prefill)
+    prefill_all_valid: list[bool] = field(default_factory=list)
     _mask_index: dict = field(default_factory=dict, repr=False)  # segment -> (clamped columns, pad slots)
 
     def virtual_past(self, past: int) -> int:
@@ -72,15 +75,20 @@ class CachedPrefill:
             return
         if self.tokens.shape[1] + self.chunk_width > virtual_past:
             self.recorded(virtual_past)
-        self.token_chunks.append(new.to(self.tokens.device))
+        self.token_chunks.append(new if new.device == self.tokens.device else new.to(self.tokens.device))
         self.chunk_width += new.shape[1]
 
     # ---- decode masks: the caller's 2-D mask spans the ORIGINAL sequence
-    def segment_mask(self, index: int, user_mask: torch.Tensor | None, batch: int, tail: int, device) -> torch.Tensor:
+    def segment_mask(
+        self, index: int, user_mask: torch.Tensor | None, batch: int, tail: int, device
+    ) -> torch.Tensor | None:
         """(B, L_seg + tail) mask of segment `index`'s cached prefill slots and the `tail` slots after them.
 
-        user_mask: (B, original_length + tail) over the original sequence, or None (every slot real).
+        user_mask: (B, original_length + tail) over the original sequence, or None (every slot real). Returns None
+        (no mask: every slot real) when both the caller and the cached prefill have no padding.
         """
+        if user_mask is None and index < len(self.prefill_all_valid) and self.prefill_all_valid[index]:
+            return None
         if user_mask is None:
             ones = torch.ones(batch, tail, dtype=self.prefill_mask[index].dtype, device=device)
             return torch.cat([self.prefill_mask[index], ones], dim=1)

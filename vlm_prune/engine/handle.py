@@ -36,23 +36,25 @@ from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
 from vlm_prune.engine.attention_rows import stage_rows_fn
-from vlm_prune.engine.batch import HostBatch, read_call, to_device
+from vlm_prune.engine.batch import HostBatch, read_call, row_views, to_device
 from vlm_prune.engine.cached import CACHE_STATE_ATTRIBUTE
 from vlm_prune.engine.cached import CachedPrefill as _Cached
+from vlm_prune.engine.calls import brings_media, cache_of, read_keeps, rope_view, segments_later
 from vlm_prune.engine.context import VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
 from vlm_prune.engine.labels import kept_labels, with_loss
 from vlm_prune.engine.ragged import trim_segments
 from vlm_prune.engine.reentry import reenter_tokens, remember
-from vlm_prune.engine.segments import segments_fn
 from vlm_prune.engine.signals import KEEP_RECORDINGS, SignalRecorder
 from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats, cache_bytes, finish_prefill_stats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
 from vlm_prune.kernels import compact_sequence, gather_tokens
+from vlm_prune.kernels.reference import take_rows
 from vlm_prune.methods.base import Stage
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 POSITION_POLICIES = ("preserve", "compact")
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
 
 
 class _Sample:
@@ -174,6 +176,10 @@ class PruneHandle:
         self._labels: torch.Tensor | None = None
         self._loss_kwargs: dict = {}
         self._kept_this_call: torch.Tensor | None = None
+        self._past = 0  # cached length of the current call's pruned cache (`_live_cached`)
+        self._decode_columns: torch.Tensor | None = None  # (B, q) slots of a decode step, reused while shapes repeat
+        self._plain_rope = type(adapter).rope_positions is Adapter.rope_positions
+        self._media_ids = torch.tensor(adapter.media_token_ids())
         try:
             self._install()
         except BaseException:
@@ -242,9 +248,10 @@ class PruneHandle:
     def _on_model_call(self, module, args, kwargs):
         # labels span the ORIGINAL sequence; the loss is computed on the kept positions after the forward
         self._labels = kwargs.pop("labels", None)
-        self._loss_kwargs = {key: kwargs[key] for key in ("num_items_in_batch", "ignore_index") if key in kwargs}
+        labelled = self._labels is not None
+        self._loss_kwargs = {key: kwargs[key] for key in _LOSS_KWARGS if key in kwargs} if labelled else {}
         self._kept_this_call = None
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         cached = self._live_cached(cache)
         resent = cached is not None and self._follow_up(kwargs, cached, cache)
         result = self._on_model_call_inner(args, kwargs, cache, cached)
@@ -258,7 +265,7 @@ class PruneHandle:
         """
         if cached.tokens is None:
             return False
-        past = cache.get_seq_length(cached.segments[0][0])
+        past = self._past
         virtual_past = cached.virtual_past(past)
         input_ids = kwargs.get("input_ids")
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
@@ -269,7 +276,7 @@ class PruneHandle:
             overlap = resent_overlap(input_ids, recorded, past, virtual_past, kwargs.get("attention_mask"))
             if overlap:
                 cut_leading(kwargs, overlap, input_ids.shape[1])
-        cached.add_tokens(kwargs["input_ids"].detach(), virtual_past)
+        cached.add_tokens(kwargs["input_ids"], virtual_past)
         return bool(overlap)
 
     def _on_model_call_inner(self, args, kwargs, cache, cached: _Cached | None):
@@ -284,19 +291,22 @@ class PruneHandle:
         call["vision_calls"] = self._vision_calls
         self._call = call
         self._host_of = {}
-        filled = cache is not None and cache.get_seq_length() > 0
-        if call.get("input_ids") is not None and (_brings_media(call) or not filled):  # a prefill: read it ONCE
+        # asked once per forward; the language-model hook reuses them for the same cache
+        brings = call["brings_media"] = brings_media(call)
+        filled = cached is not None or (cache is not None and cache.get_seq_length() > 0)
+        call["live"] = (cache, cached, filled)
+        if call.get("input_ids") is not None and (brings or not filled):  # a prefill: read it ONCE
             call["host"] = read_call(call)
             self._host_of = {id(call[key]): value for key, value in call["host"].items()}
-        if _brings_media(call):
+        if brings:
             self.adapter.check_media_inputs(self._host_call())
-        if cached is None or call.get("input_ids") is None or _brings_media(call):
+        if cached is None or call.get("input_ids") is None or brings:
             return None
         input_ids, state = call["input_ids"], cached.position_state
         if call.get("position_ids") is not None:
             positions = self.adapter.follow_up_position_ids(call["position_ids"], state)
         else:
-            virtual_past = cached.virtual_past(cache.get_seq_length(cached.segments[0][0]))
+            virtual_past = cached.virtual_past(self._past)
             positions = self.adapter.decode_position_ids(call, virtual_past, *input_ids.shape[::-1], state)
         if positions is None:
             return None
@@ -346,16 +356,18 @@ class PruneHandle:
 
     def _has_media(self, input_ids: torch.Tensor) -> bool:
         """Whether (host) `input_ids` hold media tokens."""
-        return bool(torch.isin(input_ids, torch.tensor(self.adapter.media_token_ids())).any())
+        return bool(torch.isin(input_ids, self._media_ids).any())
 
     def _live_cached(self, cache) -> _Cached | None:
+        """The pruned prefill state riding on `cache`, if any; sets `_past`, the cached length of its first layers
+        (segment 0 starts at layer 0), which the rest of the call reuses."""
         cached = None if cache is None else getattr(cache, CACHE_STATE_ATTRIBUTE, None)
-        if isinstance(cached, _Cached) and cache.get_seq_length() == 0:
-            delattr(cache, CACHE_STATE_ATTRIBUTE)  # an emptied cache (reset) starts over
-            return None
         if not isinstance(cached, _Cached):
             return None
-        past = cache.get_seq_length(cached.segments[0][0])
+        past = self._past = cache.get_seq_length()
+        if past == 0:
+            delattr(cache, CACHE_STATE_ATTRIBUTE)  # an emptied cache (reset) starts over
+            return None
         if past < cached.segments[0][1].shape[1]:
             cached.drop_prefill_tail(cached.segments[0][1].shape[1] - past)
         return cached
@@ -367,20 +379,24 @@ class PruneHandle:
         if embeds is None:
             return None
         batch, length = embeds.shape[:2]
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         call = self._call or {}
         input_ids = call.get("input_ids")
-        brings_media = _brings_media(call)
-        if input_ids is None and brings_media:
+        brings = call["brings_media"] if "brings_media" in call else brings_media(call)
+        live = call.get("live")
+        if live is None or live[0] is not cache:  # the language model got another cache than the call
+            live = (cache, None, cache is not None and cache.get_seq_length() > 0)
+            live = (cache, self._live_cached(cache) if live[2] else None, live[2])
+        if input_ids is None and brings:
             raise InputError(
                 "vlm_prune finds the visual tokens by their token ids, and this call passes inputs_embeds "
                 "with media but no input_ids; pass the processor's input_ids instead of inputs_embeds"
             )
-        filled = cache is not None and cache.get_seq_length() > 0
+        filled = live[2]
         # on a filled cache, media token ids without media (e.g. prompt-lookup candidates copied from the
         # prompt) are plain tokens to the model, as they are to the unwrapped one; decode steps stop here
         host_ids = call.get("host", {}).get("input_ids")
-        media_here = host_ids is not None and (brings_media or not filled) and self._has_media(host_ids)
+        media_here = host_ids is not None and (brings or not filled) and self._has_media(host_ids)
         if media_here and tuple(input_ids.shape) == (batch, length):
             if filled:
                 raise InputError(
@@ -388,7 +404,7 @@ class PruneHandle:
                     f"Start a new cache for a prompt with new images or video. {SPLIT_MEDIA_HINT}"
                 )
             return args, self._prefill(kwargs, input_ids, cache)
-        cached = self._live_cached(cache)
+        cached = live[1]
         if cached is not None:
             return args, self._continue(kwargs, cached, cache)
         return None
@@ -406,12 +422,14 @@ class PruneHandle:
         call = self._host_call()  # the host copies read once in `_on_model_call_inner`
         media = self.adapter.sample_media(call["input_ids"], call, embeds)
         host_mask = call.get("attention_mask") if mask is (self._call or {}).get("attention_mask") else None
-        if host_mask is None and "attention_mask" in kwargs:
+        if host_mask is None and kwargs.get("attention_mask") is not None:
             host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
         valid = torch.ones(batch, length, dtype=torch.bool) if host_mask is None else host_mask != 0
-        host = HostBatch(torch.arange(length).expand(batch, -1), valid, media)
-        samples = [_Sample(m, host.original_counts[row], host.row_present(row)) for row, m in enumerate(media)]
-        columns = torch.arange(length, device=device).expand(batch, -1)
+        host_columns = torch.arange(length).expand(batch, -1)
+        host = HostBatch(host_columns, valid, media)
+        presents = host.row_presents()
+        samples = [_Sample(m, host.original_counts[row], presents[row]) for row, m in enumerate(media)]
+        columns = host_columns if device.type == "cpu" else torch.arange(length, device=device).expand(batch, -1)
         stats = PruneStats(visual_tokens_in=len(host.rows))
         forward = _Forward(
             prefill=True,
@@ -437,23 +455,26 @@ class PruneHandle:
         if pre_llm:
             self.adapter.compact_lm_kwargs(kwargs, forward.columns, host.present)  # row-major over the batch
         forward.segments, forward.host_segments = [(0, forward.columns)], [forward.host.columns]
+        host.mark_segment()
         self._finish_lm_kwargs(kwargs, forward, past=0)
         return kwargs
 
-    def _finish_lm_kwargs(self, kwargs: dict, forward: _Forward, past: int) -> None:
-        """Set mask, contiguous position ids and the pending rotary positions for the language model."""
+    def _finish_lm_kwargs(self, kwargs: dict, forward: _Forward, past: int, rotary=None) -> None:
+        """Set mask, contiguous position ids and the pending rotary positions (`rotary`, if given: what the
+        rotary embedding gets, already in its layout) for the language model."""
         batch, length = forward.columns.shape
         contiguous = torch.arange(past, past + length, device=forward.rope.device).expand(batch, -1)
         kwargs["attention_mask"] = forward.mask
         kwargs["position_ids"] = self.adapter.lm_position_ids(contiguous)
-        self._pending_rope = forward.rope
+        if rotary is None:
+            rotary = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
+        self._pending_rope = rotary
 
     def _continue(self, kwargs: dict, cached: _Cached, cache) -> dict:
         embeds: torch.Tensor = kwargs["inputs_embeds"]
         device = embeds.device
         batch, q_len = embeds.shape[:2]
-        first_layer, first_columns = cached.segments[0]
-        past = cache.get_seq_length(first_layer)
+        first_columns, past = cached.segments[0][1], self._past  # (set by `_live_cached` for this cache)
         appended = past - first_columns.shape[1]
         virtual_past = cached.virtual_past(past)
         user_mask = kwargs.get("attention_mask")
@@ -468,15 +489,18 @@ class PruneHandle:
         def segment_mask(index: int) -> torch.Tensor:
             return cached.segment_mask(index, user_mask, batch, appended + q_len, device)  # engine/cached.py
 
-        rope = to_device(self.adapter.rope_positions(kwargs.get("position_ids"), batch, q_len, virtual_past), device)
+        ids = kwargs.get("position_ids")
+        rope = rope_view(ids, self.adapter.rope_rows, device) if self._plain_rope else None
+        as_given = rope is not None and self.position_policy == "preserve"
+        if rope is None:
+            rope = to_device(self.adapter.rope_positions(ids, batch, q_len, virtual_past), device)
         if self.position_policy == "compact":
             rope = rope - cached.shift.to(device).view(1, -1, 1)
-        forward = _Forward(
-            prefill=False,
-            columns=torch.arange(q_len, device=device).expand(batch, -1),
-            mask=segment_mask(0),
-            rope=rope,
-        )
+        if self._decode_columns is None or self._decode_columns.shape != (batch, q_len) or (
+            self._decode_columns.device != device
+        ):
+            self._decode_columns = torch.arange(q_len, device=device).expand(batch, -1)
+        forward = _Forward(prefill=False, columns=self._decode_columns, mask=segment_mask(0), rope=rope)
         if len(cached.segments) > 1:
             from transformers.masking_utils import create_causal_mask
 
@@ -493,7 +517,8 @@ class PruneHandle:
                 for covered in range(layer, bounds[index]):
                     forward.layer_masks[covered] = mask
         self._forward = forward
-        self._finish_lm_kwargs(kwargs, forward, past=past)
+        rotary = ids if as_given and ids.ndim == 2 and self.adapter.rope_rows == 1 else None  # rope[0] is `ids`
+        self._finish_lm_kwargs(kwargs, forward, past=past, rotary=rotary)
         return kwargs
 
     def _on_lm_return(self, module, args, kwargs, output):
@@ -508,9 +533,9 @@ class PruneHandle:
         final_columns, segments, host = forward.columns, forward.segments, forward.host
         if cache is not None and self.trim_cache and len(segments) > 1:  # engine/ragged.py, decided on the host
             mirrors = (forward.host_segments, host.columns)
-            segments = trim_segments(cache, segments, final_columns, len(self.adapter.layers), host=mirrors)
+            segments = trim_segments(cache, segments, final_columns, len(self.adapter.layers), mirrors, host.within)
         stats, length0 = forward.stats, self._call["input_ids"].shape[1]
-        stats.visual_tokens_out = int(host.present.sum())
+        stats.visual_tokens_out = sum(sum(counts) for counts in host.current_counts)
         if cache is not None:
             stats.kv_cache_bytes, stats.kv_cache_bytes_unpruned = cache_bytes(cache, length0)
         visual_in = [end - start for start, end in zip(host.offsets, host.offsets[1:])]
@@ -521,9 +546,11 @@ class PruneHandle:
         self.last_kept_index = final_columns
         self._kept_this_call = final_columns
         if cache is not None:
-            prefill_masks = []
+            prefill_masks, all_valid = [], []
             for _, seg_columns in segments:  # final segment: the compacted mask already is this gather
-                if seg_columns is final_columns and forward.mask_is_call_mask:
+                final = seg_columns is final_columns
+                all_valid.append(final and host.all_valid)  # the host mirror of `forward.mask != 0`
+                if final and forward.mask_is_call_mask:
                     prefill_masks.append(forward.mask[:, forward.mask.shape[1] - seg_columns.shape[1] :])
                     continue
                 seg_mask = (seg_columns >= 0).to(forward.mask.dtype)
@@ -536,6 +563,7 @@ class PruneHandle:
                 prefill_mask=prefill_masks,
                 tokens=self._call["input_ids"].detach(),  # stays on the device: decode steps append to it
                 position_state=self.adapter.position_state(),
+                prefill_all_valid=all_valid,
             )
             setattr(cache, CACHE_STATE_ATTRIBUTE, state)
         self._forward = None
@@ -549,9 +577,10 @@ class PruneHandle:
 
     # ------------------------------------------------------------------ stages
     def _check_media_kinds(self, host: HostBatch) -> None:
-        has_video = bool((host.kind == VIDEO).any())
-        for method in self.methods:
-            if getattr(method, "media", "any") == "video" and not has_video:
+        video_only = [method for method in self.methods if getattr(method, "media", "any") == "video"]
+        has_video = bool(video_only) and bool((host.kind == VIDEO).any())
+        for method in video_only:
+            if not has_video:
                 raise MediaKindError(
                     f"{type(method).__name__} prunes video, but this input holds only images; pass video inputs "
                     "or choose an image method (e.g. 'divprune', 'zoo' or 'fastv'; see vlm_prune.methods())"
@@ -577,22 +606,31 @@ class PruneHandle:
         budgets = host.budgets(stage.keep, plan.tokens_in)
         padded = to_device(plan.padded, device)  # (2, B, N_max): visual slots, their positions among the valid slots
         # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
-        features = hidden.gather(1, padded[0].clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        ragged = min(plan.counts, default=0) < padded.shape[-1]  # some row has pad entries (-1)
+        slots = padded[0].clamp(min=0) if ragged else padded[0]
+        features = take_rows(hidden, 1, slots)  # (no pad entry left: a plain copy)
         device_ids = self._call["input_ids"]
-        ids_now = device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0))  # pads: never read
-        host_ids = self._host_call()["input_ids"]
+        if forward.columns.shape == device_ids.shape and not forward.segments and host.all_present:
+            ids_now = device_ids  # nothing compacted yet: slot == column
+        else:
+            ids_now = device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0))  # pads: never read
+        host_ids = self._host_call()["input_ids"].unbind(0)
+        # every row's views with one unbind per tensor (a slice only where a row starts later or holds fewer)
+        firsts = [length - valid for valid in plan.valid_counts]
+        hidden_rows, id_rows = (row_views(t, firsts) for t in (hidden, ids_now))
+        host_columns = host.columns  # (replaced, not written, by `apply`)
+        feature_rows, index_rows = (row_views(t, None, plan.counts) for t in (features, padded[1]))
         keeps, selections = [], {}
         for row in range(batch):
             count = plan.counts[row]
             if count == 0:
                 continue
-            sample, first = forward.samples[row], length - plan.valid_counts[row]
+            sample, first = forward.samples[row], firsts[row]
             if plan.contiguous[row]:  # the usual case (left padding): views, no copies
-                valid_slots, row_hidden, row_ids = None, hidden[row, first:], ids_now[row, first:]
-                row_columns = host.columns[row, first:]
+                valid_slots, row_hidden, row_ids, where = None, hidden_rows[row], id_rows[row], slice(first, None)
             else:
-                valid_slots = host.valid[row].nonzero(as_tuple=True)[0]
-                row_columns, valid_slots = host.columns[row, valid_slots], to_device(valid_slots, device)
+                valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
+                valid_slots = to_device(valid_slots, device)
                 row_hidden, row_ids = hidden[row, valid_slots], ids_now[row, valid_slots]
             row_budgets = budgets[row]
             ctx = SelectionContext(
@@ -600,9 +638,9 @@ class PruneHandle:
                 num_visual=count,
                 budget=None if row_budgets is None else sum(row_budgets),
                 budget_per_media=row_budgets,
-                visual_features=features[row, :count],
+                visual_features=feature_rows[row],
                 hidden_states=row_hidden,
-                visual_index=padded[1, row, :count],
+                visual_index=index_rows[row],
                 input_ids=row_ids,
                 layout=sample.layout,
                 seed=self.seed,
@@ -612,44 +650,51 @@ class PruneHandle:
             if attention is not None:
                 slots = valid_slots if valid_slots is not None else torch.arange(first, length, device=device)
                 ctx.attention_fn = stage_rows_fn(self.adapter.layers, *attention, row, slots)
-            ctx.segments_fn = segments_fn(self.adapter, host_ids[row], row_columns, sample.media)
+            ctx.segments_fn = segments_later(self.adapter, host_ids[row], host_columns, row, where, sample.media)
             result = stage.select(ctx)
             if isinstance(result, Selection):
                 rope_here = forward.rope[:, row, padded[0, row, :count]]  # remembered for re-entry (reentry.py)
                 columns = to_device(sample.visual_columns, device)
-                remember(forward.reentry, row, result, columns, features[row, :count], rope_here)
+                remember(forward.reentry, row, result, columns, feature_rows[row], rope_here)
                 selections[row], result = result, result.keep_mask
-            keep_mask = torch.as_tensor(result, device=device)
+            keep_mask = result if isinstance(result, torch.Tensor) and result.device == device else torch.as_tensor(
+                result, device=device
+            )
             if keep_mask.dtype != torch.bool or keep_mask.shape != (count,):
                 raise PruneError(
                     f"{stage.name}.select returned {keep_mask.dtype} {tuple(keep_mask.shape)}; it must return a "
                     f"bool mask of shape ({count},) (ctx.num_visual)"
                 )
             keeps.append(keep_mask)
-        keep, groups = _read_keeps(keeps, selections, device)  # THE one device->host read of the stage
-        kept = torch.bincount(plan.rows[keep], minlength=batch).tolist()
+        keep, groups = read_keeps(keeps, selections, device)  # THE one device->host read of the stage
+        index, removed, new_slot = host.apply(plan, keep)
+        tokens_out = host.current_counts
+        kept = [sum(counts) for counts in tokens_out]
         for row, row_budgets in enumerate(budgets):
             if row_budgets is not None and plan.counts[row] and kept[row] != sum(row_budgets):
                 raise PruneError(f"{stage.name} kept {kept[row]} tokens, its budget is {sum(row_budgets)}")
+        keep_rows = keep.split(plan.counts) if batch > 1 else (keep,)
         for row, sample in enumerate(forward.samples):
             if plan.counts[row] and kept[row] < plan.counts[row]:
                 sample.layout  # noqa: B018 -- applies an earlier stage's pending mask first
-                sample.pending = keep[plan.starts[row] : plan.starts[row] + plan.counts[row]]
+                sample.pending = keep_rows[row]
             if row in groups:
                 sample.layout.group = groups[row]
-        tokens_out = host.media_counts(plan.present[keep])
-        index, removed, new_slot = host.apply(plan, keep)
-        forward.shift += removed.sum(dim=1)
-        if self.position_policy == "compact":
-            removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
-            forward.rope = forward.rope - removed_before.unsqueeze(0)
-        forward.index = to_device(index, device)
-        # one fused launch on CUDA (Triton), the torch reference elsewhere: hidden, columns, mask, rope
-        hidden, forward.columns, forward.mask, forward.rope = compact_sequence(
-            hidden, forward.index, columns=forward.columns, mask=forward.mask, rope=forward.rope
-        )
+        forward.index = None  # None: the stage kept every token, the slots stay as they are
+        if kept != plan.counts:
+            forward.shift += removed.sum(dim=1)
+            if self.position_policy == "compact":
+                removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
+                forward.rope = forward.rope - removed_before.unsqueeze(0)
+            forward.index = to_device(index, device)
+            # one fused launch on CUDA (Triton), the torch reference elsewhere: hidden, columns, mask, rope
+            hidden, forward.columns, forward.mask, forward.rope = compact_sequence(
+                hidden, forward.index, columns=forward.columns, mask=forward.mask, rope=forward.rope,
+                padded=host.index_padded,
+            )
         replaced = [row for row, selection in selections.items() if selection.features is not None]
         if replaced:  # merging methods: the kept tokens take the features the method gave them
+            hidden = hidden.clone() if forward.index is None else hidden  # never write into the caller's tensor
             kept_rows = plan.rows[keep]
             for row in replaced:
                 slots = to_device(new_slot[kept_rows == row], device)
@@ -679,7 +724,7 @@ class PruneHandle:
             if forward.prefill and stages_here:
                 hidden = self._in_llm_stages(index, stages_here, hidden, kwargs)
             if capture_for_next and forward.prefill:
-                forward.attention_input = (index, hidden, kwargs["position_embeddings"], _cache_of(kwargs))
+                forward.attention_input = (index, hidden, kwargs["position_embeddings"], cache_of(kwargs))
             return (hidden, *rest), kwargs
 
         return hook
@@ -704,6 +749,8 @@ class PruneHandle:
                 continue
             hidden = self._run_stage(stage, hidden, attention=attention)
             slot_index = forward.index
+            if slot_index is None:  # nothing removed: the position embeddings stay
+                continue
             if self.position_policy == "compact":
                 with torch.no_grad():
                     rope = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
@@ -712,10 +759,10 @@ class PruneHandle:
                 cos = gather_tokens(cos, slot_index)
                 sin = gather_tokens(sin, slot_index)
         batch, length = forward.columns.shape
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         contiguous = torch.arange(length, device=hidden.device).expand(batch, -1)
         # decided on the host mirror, so that transformers need not read the mask to skip it
-        plain = forward.mask.shape[1] == length and bool(forward.host.valid.all())
+        plain = forward.mask.shape[1] == length and forward.host.all_valid
         mask = create_causal_mask(
             config=self.adapter.text_config,
             inputs_embeds=hidden,
@@ -733,6 +780,7 @@ class PruneHandle:
         kwargs.update(forward.overrides)
         forward.segments.append((index, forward.columns))
         forward.host_segments.append(forward.host.columns)
+        forward.host.mark_segment()
         return hidden
 
     # ------------------------------------------------------------------ rotary
@@ -741,54 +789,8 @@ class PruneHandle:
         if rope is None:
             return None
         self._pending_rope = None
-        value = rope[0] if self.adapter.rope_rows == 1 else rope
         if len(args) >= 2:
-            args = (args[0], value, *args[2:])
+            args = (args[0], rope, *args[2:])
         else:
-            kwargs["position_ids"] = value
+            kwargs["position_ids"] = rope
         return args, kwargs
-
-
-def _cache_of(kwargs: dict):
-    cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
-    if cache is not None and not hasattr(cache, "layers"):
-        raise AttentionImplementationError(
-            f"cache of type {type(cache).__name__} is not supported; use transformers' DynamicCache (the default)"
-        )
-    if cache is not None and type(cache).__name__ in ("StaticCache", "HybridCache", "OffloadedStaticCache"):
-        raise AttentionImplementationError(
-            "static caches cannot hold pruned sequences of varying length; generate with the default "
-            "DynamicCache (do not set cache_implementation='static')"
-        )
-    if cache is not None and any("Quantized" in type(layer).__name__ for layer in cache.layers):
-        raise AttentionImplementationError(
-            "quantized KV caches are not supported yet (the engine trims and maps cached positions, which "
-            "quantized layers store packed); generate with the default DynamicCache (do not set "
-            "cache_implementation='quantized')"
-        )
-    return cache
-
-
-def _read_keeps(keeps: list[torch.Tensor], selections: dict, device) -> tuple[torch.Tensor, dict]:
-    """The stage's keep masks (and merge groups), concatenated row-major, in ONE device->host copy.
-
-    Returns (keep (P,) bool on the host, {row: (K_row,) long group labels on the host}).
-    """
-    flat = torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.bool, device=device)
-    groups = [(row, torch.as_tensor(s.group).to(device).reshape(-1).long()) for row, s in selections.items()
-              if s.group is not None]
-    if not groups:
-        return flat.cpu(), {}
-    packed = torch.cat([flat.long()] + [group for _, group in groups]).cpu()
-    parts = packed.split([len(flat)] + [len(group) for _, group in groups])
-    return parts[0].bool(), {row: part for (row, _), part in zip(groups, parts[1:])}
-
-
-def _brings_media(call: dict) -> bool:
-    """Whether the call carries media to encode or pre-encoded media features."""
-    return any(
-        call.get(key) is not None and len(call[key])
-        for key in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
-    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_prune.engine.batch import to_device
+from vlm_prune.engine.batch import SAME, to_device
 from vlm_prune.kernels import trim_layers
 
 Segments = list[tuple[int, torch.Tensor]]
@@ -65,6 +65,7 @@ def trim_segments(
     final_columns: torch.Tensor,
     num_layers: int,
     host: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+    within: list | None = None,
 ) -> Segments:
     """Trim the cache layers of every segment that contains the final set to it; return the new segments.
 
@@ -72,22 +73,31 @@ def trim_segments(
     columns are merged, so a cache without re-entry ends as one segment `[(0, final_columns)]`.
     host: host copies of the segments' columns and of the final columns (the engine's mirrors): every decision
     and index is then computed on the host and only the index is sent to the device (no sync).
+    within: per segment, the (host) slot within its slots of every final slot, as the engine composed it from the
+    stages' compaction indices (`HostBatch.within`), `SAME` for the final segment, None where unknown (then it is
+    found from the columns, as without `within`).
     """
     host_segments, host_final = host if host is not None else ([c for _, c in segments], final_columns)
     bounds = [layer for layer, _ in segments[1:]] + [num_layers]
     result: Segments = []
     previous = None
-    for (first, seg_columns), seg_host, end in zip(segments, host_segments, bounds):
-        if contains(seg_host, host_final):
-            if seg_host.shape != host_final.shape or not torch.equal(seg_host, host_final):
-                index = to_device(positions_within(seg_host, host_final), final_columns.device)
+    within = within if within is not None and len(within) == len(segments) else [None] * len(segments)
+    for (first, seg_columns), seg_host, end, known in zip(segments, host_segments, bounds, within):
+        if known is SAME:
+            seg_columns, seg_host = final_columns, host_final
+        elif known is not None or contains(seg_host, host_final):
+            if known is not None or seg_host.shape != host_final.shape or not torch.equal(seg_host, host_final):
+                known = positions_within(seg_host, host_final) if known is None else known
+                index = to_device(known, final_columns.device)
                 # every layer's keys and values in one launch on CUDA (Triton), the torch reference elsewhere
                 entries = [cache.layers[layer] for layer in range(first, end)]
                 trimmed = trim_layers([e.keys for e in entries] + [e.values for e in entries], index)
                 for entry, keys, values in zip(entries, trimmed, trimmed[len(entries) :]):
                     entry.keys, entry.values = keys, values
             seg_columns, seg_host = final_columns, host_final
-        if previous is not None and previous.shape == seg_host.shape and torch.equal(previous, seg_host):
+        if previous is not None and (previous is seg_host or (
+            previous.shape == seg_host.shape and torch.equal(previous, seg_host)
+        )):
             continue
         result.append((first, seg_columns))
         previous = seg_host

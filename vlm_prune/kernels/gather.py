@@ -82,6 +82,7 @@ def compact_sequence(
     mask: torch.Tensor | None = None,
     rope: torch.Tensor | None = None,
     backend: str = "auto",
+    padded: bool | None = None,
 ) -> Compacted:
     """Keep `index`'s slots of a sequence and of its slot metadata, in one launch on the Triton backend.
 
@@ -92,6 +93,8 @@ def compact_sequence(
         mask: (B, P + L) 2-D attention mask, the P cached columns first (copied); the L current ones are gathered.
         rope: (R, B, L) rotary positions (R = 1, 3 or 4 rows for M-RoPE), or (B, L).
         backend: "auto", "triton" or "torch" (see `kernels/backend.py`).
+        padded: whether `index` holds pad slots (-1), when the caller knows it on the host (the torch path then
+            skips finding and filling them); None = find out.
 
     Returns:
         `Compacted(hidden (B, L', D), columns (B, L'), mask (B, P + L'), rope (R, B, L') or (B, L'))`, every
@@ -106,7 +109,7 @@ def compact_sequence(
     if mask is not None and (mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] < length):
         raise KernelBackendError(f"mask must be (B, P + L) with B={batch}, L={length}, got {tuple(mask.shape)}")
     if resolve_backend(hidden, backend) == "torch":
-        return compact_reference(hidden, index, columns, mask, rope)
+        return compact_reference(hidden, index, columns, mask, rope, padded=padded)
     from vlm_prune.kernels.triton_gather import compact_triton, supports
 
     tensors = [t for t in (hidden, columns, mask, rope) if t is not None]

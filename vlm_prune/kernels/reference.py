@@ -1,7 +1,8 @@
 """The torch reference of the compaction primitives: the oracle that the Triton kernels must match bit for bit.
 
-Every function here is a chain of `torch.gather`s, one per tensor, exactly what the engine did before the fused
-kernels (`engine/handle.py`'s `_run_stage` and `engine/ragged.py`'s `trim_segments`).
+Every function here is a chain of gathers (`torch.gather`, or the same copy by `index_select` / advanced indexing,
+faster on CPU), one per tensor, exactly what the engine did before the fused kernels (`engine/handle.py`'s
+`_run_stage` and `engine/ragged.py`'s `trim_segments`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ class Compacted(NamedTuple):
     rope: torch.Tensor | None
 
 
+def take_rows(x: torch.Tensor, dim: int, safe: torch.Tensor) -> torch.Tensor:
+    """x (B, ..., L, ...) at the (B, L') index `safe` (no -1) along `dim` (1 or 2): what `torch.gather` with the
+    index broadcast over the other axes copies, by `index_select` for one row and advanced indexing otherwise
+    (the same values, new and contiguous; on CPU 3-10x faster than gathering with an expanded index)."""
+    if safe.shape[0] == 1 and x.shape[0] == 1:
+        return x.index_select(dim, safe[0])
+    batch = torch.arange(x.shape[0], device=x.device)
+    if dim == 1:
+        return x[batch.view(-1, 1), safe]
+    heads = torch.arange(x.shape[1], device=x.device)
+    return x[batch.view(-1, 1, 1), heads.view(1, -1, 1), safe.unsqueeze(1)]
+
+
 def gather_reference(x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: float | int = 0) -> torch.Tensor:
     """Gather along the sequence dimension, with -1 meaning "padding slot".
 
@@ -47,8 +61,10 @@ def gather_reference(x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: f
     view_shape[dim] = safe.shape[1]
     expand_shape = list(x.shape)
     expand_shape[dim] = safe.shape[1]
-    expanded = safe.view(view_shape).expand(expand_shape)
-    out = torch.gather(x, dim, expanded)
+    if dim in (1, 2) and x.ndim >= dim + 1 and x.shape[0] == safe.shape[0]:
+        out = take_rows(x, dim, safe)
+    else:
+        out = torch.gather(x, dim, safe.view(view_shape).expand(expand_shape))
     # On an accelerator asking whether there are pad slots would sync the device; filling costs less than that.
     # (A tensor subclass stands for a device tensor in the CPU sync counter, `engine/syncs.py`: same rule.)
     if x.device.type != "cpu" or type(index) is not torch.Tensor or not bool(valid.all()):
@@ -62,8 +78,12 @@ def compact_reference(
     columns: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     rope: torch.Tensor | None = None,
+    *,
+    padded: bool | None = None,
 ) -> Compacted:
     """Compact a sequence and its per-slot metadata with one gather each (see `Compacted` for the shapes).
+
+    padded: whether `index` holds pad slots (-1), if the caller knows it on the host; None = find out.
 
     Args:
         hidden: (B, L, D). index: (B, L') slots of L to keep, -1 = pad slot. columns: (B, L).
@@ -73,23 +93,30 @@ def compact_reference(
     `gather_reference` calls, in fewer host ops: this runs once per stage in the engine's hot path).
     """
     length = hidden.shape[1]
-    pads = index < 0
-    safe = index.clamp(min=0)
-    # on an accelerator (or its CPU stand-in, `engine/syncs.py`) asking whether there are pad slots would sync
-    fill = hidden.device.type != "cpu" or type(index) is not torch.Tensor or bool(pads.any())
-    new_hidden = torch.gather(hidden, 1, safe.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    if padded is False:  # the caller knows there is no pad slot: plain gathers
+        pads, safe, fill = None, index, False
+    else:
+        pads = index < 0
+        safe = index.clamp(min=0)
+        # on an accelerator (or its CPU stand-in, `engine/syncs.py`) asking whether there are pad slots would sync
+        fill = padded or hidden.device.type != "cpu" or type(index) is not torch.Tensor or bool(pads.any())
+    new_hidden = take_rows(hidden, 1, safe)
     if fill:
         new_hidden = new_hidden.masked_fill_(pads.unsqueeze(-1), 0)
-    new_columns = None if columns is None else columns.gather(1, safe).masked_fill_(pads, -1)
+    new_columns = None if columns is None else columns.gather(1, safe)
+    if new_columns is not None and fill:
+        new_columns = new_columns.masked_fill_(pads, -1)
     new_mask = None
     if mask is not None:
         past = mask.shape[1] - length
-        current = mask[:, past:].gather(1, safe).masked_fill_(pads, 0)
+        current = mask[:, past:].gather(1, safe)
+        current = current.masked_fill_(pads, 0) if fill else current
         new_mask = torch.cat([mask[:, :past], current], dim=1) if past else current
     new_rope = None
     if rope is not None:
         rows = rope.unsqueeze(0) if rope.ndim == 2 else rope
-        new_rope = rows.gather(2, safe.unsqueeze(0).expand(rows.shape[0], -1, -1)).masked_fill_(pads.unsqueeze(0), 0)
+        new_rope = rows.gather(2, safe.unsqueeze(0).expand(rows.shape[0], -1, -1))
+        new_rope = new_rope.masked_fill_(pads.unsqueeze(0), 0) if fill else new_rope
         if rope.ndim == 2:
             new_rope = new_rope[0]
     return Compacted(new_hidden, new_columns, new_mask, new_rope)

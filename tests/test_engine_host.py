@@ -1,0 +1,156 @@
+"""The engine's host-side fast paths (issue 15: host time per forward) against brute-force references.
+
+* `SmallLRU`: hits, misses, eviction order.
+* `HostBatch.stage_input` / `apply`: the no-padding, one-row and kept-everything shortcuts give what a per-row
+  Python loop over the slots gives (random keep masks, ragged and equal kept counts, left padding).
+* the LLaVA-NeXT anyres block (`_hires_block`) equals the token-by-token construction it replaced.
+* `compact_reference(padded=False)` equals the default path when the index has no pad slot.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm_prune.adapters.base import SampleMedia
+from vlm_prune.adapters.llava import _grid_block, _hires_block
+from vlm_prune.engine.batch import SAME, HostBatch
+from vlm_prune.engine.context import IMAGE, VisualLayout
+from vlm_prune.engine.lru import SmallLRU
+from vlm_prune.engine.ragged import positions_within
+from vlm_prune.kernels.reference import compact_reference
+
+
+def test_small_lru_keeps_the_most_recent_entries():
+    lru = SmallLRU(2)
+    built = []
+
+    def build(value):
+        def make():
+            built.append(value)
+            return value
+
+        return make
+
+    assert lru.get("a", build(1)) == 1 and lru.get("b", build(2)) == 2
+    assert lru.get("a", build(10)) == 1  # a hit: not rebuilt, and now the most recent
+    lru.get("c", build(3))  # evicts "b", the least recently used
+    assert "a" in lru and "c" in lru and "b" not in lru and len(lru) == 2
+    assert built == [1, 2, 3] and (lru.hits, lru.misses) == (1, 3)
+    with pytest.raises(ValueError):
+        SmallLRU(0)
+
+
+# ---------------------------------------------------------------- HostBatch against a per-row loop
+
+
+def _samples(valid: torch.Tensor, generator: torch.Generator) -> list[SampleMedia]:
+    """Per row: a random run of visual columns among the valid slots, in one or two media items."""
+    samples = []
+    for row in valid:
+        slots = row.nonzero(as_tuple=True)[0]
+        count = int(torch.randint(0, len(slots) + 1, (1,), generator=generator))
+        start = int(torch.randint(0, len(slots) - count + 1, (1,), generator=generator))
+        columns = slots[start : start + count]
+        split = count // 2
+        media = torch.cat([torch.zeros(split, dtype=torch.long), torch.ones(count - split, dtype=torch.long)])
+        grids = [(1, 1, split), (1, 1, count - split)] if split else [(1, 1, count)] if count else []
+        if not split:
+            media = torch.zeros(count, dtype=torch.long)
+        layout = VisualLayout(media, torch.full_like(media, IMAGE), torch.zeros_like(media),
+                              torch.zeros(count, 3, dtype=torch.long), grids)
+        samples.append(SampleMedia(columns, layout))
+    return samples
+
+
+def _expected_index(columns: torch.Tensor, removed_columns: list[set]) -> torch.Tensor:
+    """(B, L') original column per new slot, rows left-padded with -1: the kept slots of each row, in order."""
+    rows = [[int(c) for c in row if int(c) not in gone] for row, gone in zip(columns, removed_columns)]
+    width = max(len(row) for row in rows)
+    return torch.tensor([[-1] * (width - len(row)) + row for row in rows], dtype=torch.long)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("mode", ["random", "all", "equal"])
+def test_host_batch_matches_a_per_row_loop(batch, padding, mode):
+    generator = torch.Generator().manual_seed(batch * 10 + padding + len(mode))
+    length = 12
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    if padding:
+        for row in range(batch):
+            valid[row, : int(torch.randint(0, 4, (1,), generator=generator))] = False
+    samples = _samples(valid, generator)
+    host = HostBatch(torch.arange(length).expand(batch, -1), valid, samples)
+    removed: list[set] = [set() for _ in range(batch)]
+    host.mark_segment()  # a segment starts before the stages: `within` must follow both compactions
+    segment_columns = host.columns
+    for _stage in range(2):
+        plan = host.stage_input()
+        # the plan against the samples: counts, starts, valid counts and padded slots / ranks, per row
+        present = [[int(c) for c in s.visual_columns if int(c) not in removed[r]] for r, s in enumerate(samples)]
+        assert plan.counts == [len(p) for p in present]
+        assert plan.starts == [sum(len(p) for p in present[:r]) for r in range(batch)]
+        assert plan.valid_counts == host.valid.sum(dim=1).tolist()
+        for row in range(batch):
+            slot_of = {int(c): s for s, c in enumerate(host.columns[row].tolist()) if c >= 0}
+            slots = [slot_of[c] for c in present[row]]
+            ranks = [int(host.valid[row, :s].sum()) for s in slots]
+            assert plan.padded[0, row, : len(slots)].tolist() == slots
+            assert plan.padded[1, row, : len(slots)].tolist() == ranks
+        total = sum(plan.counts)
+        if mode == "all":
+            keep = torch.ones(total, dtype=torch.bool)
+        elif mode == "equal":  # the same number dropped in every row: no pad slot in the index
+            keep = torch.ones(total, dtype=torch.bool)
+            drop = min(plan.counts)
+            for row in range(batch):
+                keep[plan.starts[row] : plan.starts[row] + drop] = False
+        else:
+            keep = torch.rand(total, generator=generator) < 0.5
+        for row in range(batch):
+            mine = keep[plan.starts[row] : plan.starts[row] + plan.counts[row]]
+            removed[row] |= {c for c, k in zip(present[row], mine.tolist()) if not k}
+        before = host.columns.clone()
+        index, gone, new_slot = host.apply(plan, keep)
+        expected = _expected_index(before, removed) if mode != "all" else before
+        real = index >= 0
+        assert torch.equal(torch.where(real, before.gather(1, index.clamp(min=0)), -1), expected)
+        assert torch.equal(host.columns, expected)
+        assert host.index_padded == bool((index < 0).any())
+        assert host.all_valid == bool(host.valid.all())
+        assert gone.sum().item() == int((~keep).sum())
+        # the new slot of every kept visual token holds its column
+        kept_columns = [c for row in range(batch) for c in present[row] if c not in removed[row]]
+        rows = [row for row in range(batch) for c in present[row] if c not in removed[row]]
+        assert [int(host.columns[r, s]) for r, s in zip(rows, new_slot.tolist())] == kept_columns
+        assert host.current_counts == host.media_counts(host.present)
+    within = host.within[0]
+    if within is SAME:  # no stage removed anything
+        assert torch.equal(segment_columns, host.columns)
+    else:  # the composed index equals the one found from the columns (what trimming would compute)
+        assert torch.equal(within, positions_within(segment_columns, host.columns))
+    assert (within is SAME) == (mode == "all" or torch.equal(segment_columns, host.columns))
+
+
+def test_hires_block_equals_the_token_loop():
+    base = _grid_block(1, 3, 3)
+    for rows, width in [(1, 1), (2, 5), (4, 3)]:
+        expected = []
+        for row in range(rows):
+            expected += [[1, row, col] for col in range(width)] + [[-1, -1, -1]]
+        block = _hires_block(rows, width, base)
+        assert torch.equal(block[: len(base)], base)
+        assert block[len(base) :].tolist() == expected
+
+
+def test_compact_without_pads_equals_the_default_path():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 4, generator=generator)
+    index = torch.stack([torch.randperm(7, generator=generator)[:5].sort().values for _ in range(3)])
+    columns, mask = torch.arange(7).expand(3, -1), torch.ones(3, 9, dtype=torch.long)
+    rope = torch.arange(21).view(3, 7).unsqueeze(0).expand(3, -1, -1)
+    fast = compact_reference(hidden, index, columns, mask, rope, padded=False)
+    default = compact_reference(hidden, index, columns, mask, rope)
+    for a, b in zip(fast, default):
+        assert torch.equal(a, b)
