@@ -151,7 +151,6 @@ def _serve(folder: str, spec: dict, requests, arch: str = ARCH, **engine) -> lis
 
 CASES = [
     ("qwen2_5_vl", {"method": "divprune", "keep": 0.25}),
-    ("qwen2_5_vl", {"method": "pool", "keep": 5}),
     ("qwen2_5_vl", {"method": "zoo", "keep": 0.3}),
     ("qwen2_5_vl", {"method": "evs", "keep": 0.5}),
     ("qwen2_vl", {"method": "zoo", "keep": 0.3}),
@@ -180,8 +179,9 @@ def test_vllm_greedy_tokens_equal_transformers(family: str, spec: dict, tmp_path
     _check(family, spec, tmp_path_factory)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_chunked_prefill_that_splits_media_items_gives_the_same_tokens(family: str, tmp_path_factory, monkeypatch):
+@pytest.mark.parametrize("family,spec", [("qwen2_5_vl", {"method": "pool", "keep": 0.5}),
+                                         ("qwen3_vl", {"method": "divprune", "keep": 0.5})])
+def test_chunked_prefill_that_splits_media_items_gives_the_same_tokens(family, spec, tmp_path_factory, monkeypatch):
     """16-token prefill chunks: the video (20 kept rows, 40 on Qwen3-VL with its frames' text) cannot fit in one
     chunk, so its rows reach the model in two or three chunks (and the 4 prompts' images fall across chunk edges).
     Greedy tokens equal transformers', and each prompt's final M-RoPE positions equal those of the same rows
@@ -196,8 +196,8 @@ def test_chunked_prefill_that_splits_media_items_gives_the_same_tokens(family: s
         return out
 
     monkeypatch.setattr(models, "write_media_positions", recording)
-    _check(family, {"method": "divprune", "keep": 0.5}, tmp_path_factory, enable_chunked_prefill=True,
-           max_num_batched_tokens=16, enable_prefix_caching=False)
+    _check(family, spec, tmp_path_factory, enable_chunked_prefill=True, max_num_batched_tokens=16,
+           enable_prefix_caching=False)
     requests: dict[tuple, list[list]] = {}  # prompt ids -> each request's calls (both passes serve the same prompts)
     for call in calls:
         runs = requests.setdefault(call[0], [])
@@ -217,6 +217,23 @@ def test_chunked_prefill_that_splits_media_items_gives_the_same_tokens(family: s
         _, unsplit, _ = positions.write_media_positions(torch.tensor(ids), items, prompt_calls[0][2], 0, media)
         assert torch.equal(prompt_calls[-1][4], unsplit), f"{family}: positions of a split prompt of {len(ids)}"
     assert continued >= 2, "no media item was split across prefill chunks"
+
+
+def test_images_by_the_plugin_and_video_by_vllms_own_evs(tmp_path_factory) -> None:
+    """`"modalities": ["image"]` plus --video-pruning-rate: images pruned by divprune, video by vLLM's EVS mask (equal
+    to our evs, tier 1), placed by our position writer: each single-media prompt equals transformers with that
+    method; the image + video prompt is checked for its length."""
+    folder = _folder("qwen2_5_vl", tmp_path_factory)
+    requests = _requests()
+    served = _serve(folder, {"method": "divprune", "keep": 0.25, "modalities": ["image"]}, requests,
+                    video_pruning_rate=0.5)
+    hf = _hf("qwen2_5_vl", folder)
+    images = _transformers_tokens(hf, {"method": "divprune", "keep": 0.25}, requests)
+    video = _transformers_tokens(hf, {"method": "evs", "keep": 0.5}, requests)
+    assert served[0] == images[0] and served[1] == images[1]
+    assert served[2] == video[2]
+    mixed = images[3][1] + video[2][1] - images[2][1]  # divprune's image count, EVS's video count
+    assert served[3][1] == mixed
 
 
 SPAWN_SCRIPT = """
