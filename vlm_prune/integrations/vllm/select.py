@@ -116,13 +116,13 @@ def select_item(
 def item_positions(
     grid: tuple[int, int, int], keep_mask: torch.Tensor | None = None, t_factor: float = 1.0
 ) -> torch.Tensor:
-    """(k, 4) long M-RoPE offsets of the kept tokens for vLLM's `recompute_mrope_positions`.
+    """(k, 4) long M-RoPE offsets of the kept tokens, relative to the item's start.
 
     Columns 0..2: each kept token's ORIGINAL (t * t_factor, h, w), as `get_mrope_input_positions` numbers an
-    unpruned item (t scaled as there: int64 of t * second_per_grid_ts * tokens_per_second). Column 3: where the
-    text after the item continues, relative to the item's start: the unpruned extent max(t_pos) + 1, H, W maxed,
-    i.e. our "preserve" policy (text after media keeps its unpruned positions). vLLM's own EVS puts W there
-    (text continues from base + llm_grid_w), which differs on tall images and long videos.
+    unpruned item (t scaled as there: int64 of t * second_per_grid_ts * tokens_per_second); the model sends these
+    on (`positions.media_columns`). Column 3: where the text after the item continues, relative to the item's
+    start: the unpruned extent max(t_pos) + 1, H, W maxed, i.e. our "preserve" policy (vLLM's own EVS continues
+    from base + llm_grid_w instead, which differs on tall images and long videos).
     """
     t, h, w = grid
     coords = raster_grid(t, h, w)
