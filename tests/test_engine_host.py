@@ -18,7 +18,7 @@ from vlm_prune.engine.batch import SAME, HostBatch
 from vlm_prune.engine.context import IMAGE, VisualLayout
 from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.engine.ragged import positions_within
-from vlm_prune.kernels.reference import compact_reference
+from vlm_prune.kernels.reference import compact_reference, take_rows, trim_reference
 
 
 def test_small_lru_keeps_the_most_recent_entries():
@@ -154,3 +154,25 @@ def test_compact_without_pads_equals_the_default_path():
     default = compact_reference(hidden, index, columns, mask, rope)
     for a, b in zip(fast, default):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_take_rows_and_trim_equal_the_broadcast_gather(batch, contiguous):
+    generator = torch.Generator().manual_seed(batch + 2 * contiguous)
+    index = torch.stack([torch.randperm(9, generator=generator)[:4].sort().values for _ in range(batch)])
+    hidden = torch.randn(batch, 9, 5, generator=generator)
+    cache = torch.randn(batch, 2, 9, 3, generator=generator)
+    if not contiguous:
+        hidden = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+        cache = cache.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(take_rows(hidden, 1, index), torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, 5)))
+    expected = torch.gather(cache, 2, index.view(batch, 1, 4, 1).expand(-1, 2, -1, 3))
+    assert torch.equal(take_rows(cache, 2, index), expected)
+    padded = index.clone()
+    padded[0, 0] = -1  # a pad slot: filled
+    trimmed = trim_reference([cache, cache * 2], padded, fill=7)
+    safe = padded.clamp(min=0).view(batch, 1, 4, 1).expand(-1, 2, -1, 3)
+    for tensor, out in zip([cache, cache * 2], trimmed):
+        want = torch.gather(tensor, 2, safe).masked_fill((padded < 0).view(batch, 1, 4, 1), 7)
+        assert torch.equal(out, want) and out.is_contiguous()

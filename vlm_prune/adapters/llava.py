@@ -216,8 +216,14 @@ class LlavaNextAdapter(LlavaAdapter):
         rows are recovered from where the model's `image_newline` vector sits in `inputs_embeds`.
         """
         side, base_count = self._grid_side(), self._tokens_per_image()
-        flat_embeds = inputs_embeds[input_ids == self.image_token_id]
+        is_image = input_ids == self.image_token_id
+        total = int(is_image.sum())
         newline = getattr(self.model.model, "image_newline", None)
+        # where the newline vector sits, for every image token of the call, in ONE device->host read (compared in
+        # place: the image tokens' embeddings are not copied out)
+        all_newline = None
+        if newline is not None:
+            all_newline = (inputs_embeds == newline.to(inputs_embeds.dtype)).all(dim=-1)[is_image].cpu()
         counts = item_counts(call, "image")
         if counts is None:
             counts = self._counts_from_sizes(call)
@@ -226,15 +232,13 @@ class LlavaNextAdapter(LlavaAdapter):
             # generate(prefill_chunk_size=N) hands a chunk all its images' features as one block; rows
             # separate images, and the row check below refuses a row that holds more than one
             counts = with_images
-        counts = self._split_image_runs(counts, flat_embeds, newline)
-        if sum(counts) != len(flat_embeds):
+        counts = self._split_image_runs(counts, all_newline)
+        if sum(counts) != total:
             raise InputError(
-                f"LLaVA-NeXT: {len(flat_embeds)} image tokens but the images need {sum(counts)}; "
+                f"LLaVA-NeXT: {total} image tokens but the images need {sum(counts)}; "
                 f"pass the processor's input_ids, pixel_values and image_sizes unchanged. {SPLIT_MEDIA_HINT}"
             )
         base = _grid_block(base_count - side * side, side, side, t=0)
-        # where the newline vector sits, for every image token of the call in ONE device->host read
-        all_newline = None if newline is None else (flat_embeds == newline.to(flat_embeds.dtype)).all(dim=-1).cpu()
         blocks, start = [], 0
         for count in counts:
             rest_start, start = start + base_count, start + count
@@ -269,10 +273,11 @@ class LlavaNextAdapter(LlavaAdapter):
                 "do not match the placeholders. Pass the processor's input_ids, pixel_values and image_sizes together"
             )
 
-    def _split_image_runs(
-        self, counts: list[int], flat_embeds: torch.Tensor, newline: torch.Tensor | None
-    ) -> list[int]:
-        """Split blocks that hold several images of fixed size (none on LLaVA-NeXT: anyres images vary)."""
+    def _split_image_runs(self, counts: list[int], is_newline: torch.Tensor | None) -> list[int]:
+        """Split blocks that hold several images of fixed size (none on LLaVA-NeXT: anyres images vary).
+
+        is_newline: (N,) host bool, whether each image token of the call is the `image_newline` vector (None when
+        the model has none)."""
         return counts
 
     def _counts_from_sizes(self, call: dict) -> list[int]:

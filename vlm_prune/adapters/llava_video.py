@@ -202,23 +202,22 @@ class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
         """The base grid: the model requires (image_size / patch_size)^2 features (SigLIP has no CLS token)."""
         return self._grid_side() ** 2
 
-    def _split_image_runs(
-        self, counts: list[int], flat_embeds: torch.Tensor, newline: torch.Tensor | None
-    ) -> list[int]:
+    def _split_image_runs(self, counts: list[int], is_newline: torch.Tensor | None) -> list[int]:
         """Split a chunk's block of multi-image-prompt images (base + newline each, a fixed size) into images.
 
-        flat_embeds: (N, D) the call's image-token embeddings. An anyres image has a base grid then rows of
-        width >= 1, so a newline right after its base marks the fixed-size multi-image unit instead.
+        is_newline: (N,) host bool, whether each of the call's image tokens is the `image_newline` vector. An anyres
+        image has a base grid then rows of width >= 1, so a newline right after its base marks the fixed-size
+        multi-image unit instead.
         """
         unit = self._grid_side() ** 2 + 1
-        if newline is None:
+        if is_newline is None:
             return counts
         out, start = [], 0
         for count in counts:
-            item = flat_embeds[start : start + count]
+            item = is_newline[start : start + count]
             start += count
             ends = item[unit - 1 :: unit] if count % unit == 0 else item[:0]
-            if count > unit and len(ends) and bool((ends == newline.to(item.dtype)).all()):
+            if count > unit and len(ends) and bool(ends.all()):
                 out += [unit] * (count // unit)
             else:
                 out.append(count)

@@ -27,17 +27,30 @@ class Compacted(NamedTuple):
     rope: torch.Tensor | None
 
 
-def take_rows(x: torch.Tensor, dim: int, safe: torch.Tensor) -> torch.Tensor:
+def take_rows(x: torch.Tensor, dim: int, safe: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, ..., L, ...) at the (B, L') index `safe` (no -1) along `dim` (1 or 2): what `torch.gather` with the
-    index broadcast over the other axes copies, by `index_select` for one row and advanced indexing otherwise
-    (the same values, new and contiguous; on CPU 3-10x faster than gathering with an expanded index)."""
+    index broadcast over the other axes copies (the same values, new and contiguous), by `index_select`: along
+    `dim` for one row, else over the rows of x viewed as (B * [H *] L, rest) with `flat_rows`' index (`flat`, if
+    the caller computed it for several tensors of this shape). On CPU 3-10x faster than the broadcast gather."""
     if safe.shape[0] == 1 and x.shape[0] == 1:
         return x.index_select(dim, safe[0])
-    batch = torch.arange(x.shape[0], device=x.device)
-    if dim == 1:
-        return x[batch.view(-1, 1), safe]
-    heads = torch.arange(x.shape[1], device=x.device)
-    return x[batch.view(-1, 1, 1), heads.view(1, -1, 1), safe.unsqueeze(1)]
+    if not x.is_contiguous():
+        batch = torch.arange(x.shape[0], device=x.device)
+        if dim == 1:
+            return x[batch.view(-1, 1), safe]
+        heads = torch.arange(x.shape[1], device=x.device)
+        return x[batch.view(-1, 1, 1), heads.view(1, -1, 1), safe.unsqueeze(1)]
+    flat = flat_rows(x, dim, safe) if flat is None else flat
+    rest = x.shape[dim + 1 :]
+    rows = x.reshape(-1, *rest) if rest else x.reshape(-1)
+    return rows.index_select(0, flat).view(*x.shape[:dim], safe.shape[1], *rest)
+
+
+def flat_rows(x: torch.Tensor, dim: int, safe: torch.Tensor) -> torch.Tensor:
+    """The index of `take_rows` into x (B, [H,] L, ...) viewed as rows: (B [* H] * L',) long."""
+    groups = x.shape[0] * (x.shape[1] if dim == 2 else 1)
+    starts = torch.arange(groups, device=x.device).view(x.shape[0], -1, 1) * x.shape[dim]
+    return (starts + safe.unsqueeze(1)).reshape(-1)
 
 
 def gather_reference(x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: float | int = 0) -> torch.Tensor:
@@ -123,5 +136,23 @@ def compact_reference(
 
 
 def trim_reference(tensors: list[torch.Tensor], index: torch.Tensor, fill: float | int = 0) -> list[torch.Tensor]:
-    """Gather every (B, H, S, d) tensor (keys and values of each layer) down to (B, H, S', d) along S."""
-    return [gather_reference(t, index.to(t.device), dim=2, fill=fill) for t in tensors]
+    """Gather every (B, H, S, d) tensor (keys and values of each layer) down to (B, H, S', d) along S.
+
+    The same values as `gather_reference(t, index, dim=2, fill)` for each tensor; the row index and the pad
+    slots are found once per distinct (B, H, S) and device, not once per tensor."""
+    out, shared = [], {}
+    for tensor in tensors:
+        idx = index.to(tensor.device)
+        if tensor.ndim != 4 or not tensor.is_contiguous() or idx.shape[0] != tensor.shape[0]:
+            out.append(gather_reference(tensor, idx, dim=2, fill=fill))
+            continue
+        key = (tuple(tensor.shape[:3]), tensor.device)
+        if key not in shared:
+            valid = idx >= 0
+            safe = idx.clamp(min=0)
+            fill_here = tensor.device.type != "cpu" or type(idx) is not torch.Tensor or not bool(valid.all())
+            shared[key] = (safe, flat_rows(tensor, 2, safe), ~valid.view(valid.shape[0], 1, -1, 1), fill_here)
+        safe, flat, pads, fill_here = shared[key]
+        trimmed = take_rows(tensor, 2, safe, flat)
+        out.append(trimmed.masked_fill(pads, fill) if fill_here else trimmed)
+    return out
