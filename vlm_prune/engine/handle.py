@@ -418,7 +418,9 @@ class PruneHandle:
             mask = torch.ones(batch, length, dtype=torch.long, device=device)
         elif not isinstance(mask, torch.Tensor) or mask.ndim != 2:
             raise InputError("vlm_prune needs a 2-D attention mask (or none); a prepared 4-D mask cannot be pruned")
-        rope = to_device(self.adapter.rope_positions(kwargs.get("position_ids"), batch, length, 0), device)
+        rope = rope_view(kwargs.get("position_ids"), self.adapter.rope_rows, device) if self._plain_rope else None
+        if rope is None:  # (a view is enough: the engine never writes into `forward.rope`, it replaces it)
+            rope = to_device(self.adapter.rope_positions(kwargs.get("position_ids"), batch, length, 0), device)
         call = self._host_call()  # the host copies read once in `_on_model_call_inner`
         media = self.adapter.sample_media(call["input_ids"], call, embeds)
         host_mask = call.get("attention_mask") if mask is (self._call or {}).get("attention_mask") else None
