@@ -1,32 +1,61 @@
 """Train the embedded LLaVA-3D demo model (`vlm_prune/demo_models/llava3d_scene`) on the scene3d task.
 
-    python benchmarks/train_scene3d_model.py --minutes 65                    # the shipped run
-    python benchmarks/train_scene3d_model.py --pilot                         # 3-minute smoke run into /tmp
+    python benchmarks/train_scene3d_model.py --pilot                         # 300-step smoke run into /tmp
+
+The shipped model, two phases (the second warm-starts from the first's step-300 checkpoint; --stop-file's
+folder holds checkpoint.pt and probes.pt, written every --eval-every steps):
+
+    python benchmarks/train_scene3d_model.py --steps 3600 --minutes 72 --scenes 2000 --bank-cache /tmp/s3d \
+        --attention-reduce mean --eval-every 300 --stop-file /tmp/s3d/a/stop     # stopped after step 300
+    python benchmarks/train_scene3d_model.py --steps 2000 --minutes 55 --scenes 2000 --bank-cache /tmp/s3d \
+        --init-from /tmp/s3d/a/checkpoint.pt --eval-every 250 --stop-file /tmp/s3d/b/stop
 
 Model: a tiny `Llava3DForConditionalGeneration` (`vlm_prune.models.llava3d`): CLIP 2 layers x 32 wide on 96 px
 views (patch 12, 8 x 8 patches a view), the 3-D position MLP, 0.2 m voxels (about 240 voxel tokens for the 4
-views of a room), a Llama decoder of 8 layers x 96 (4 heads, GQA 2), a word-level tokenizer of the task's words.
+views of a room), a Llama decoder of 8 layers x 96 (4 heads of 24, no GQA, MLP 4 x 96, RoPE theta 1e6 so that
+content matches across the ~240 voxel positions), a word-level tokenizer of the task's words. The prompt is
+the processor's own chat template, scene first: "<s> USER: <image>*N question ASSISTANT:".
 
 Data: train scenes of `vlm_prune.tasks.scene3d` (easy-VQA train images only; seed string "train"), rendered
-once at start (`--scenes`), each step drawing `--batch-scenes` of them with one fresh question of each type
-(nearest / count / left), twice. Held-out evaluation: `eval_samples` (easy-VQA test images, seed 1234), greedy
-generate through `Llava3DProcessor`, exact match, per question type.
+once at start (`--scenes`, cached with `--bank-cache`), each step drawing `--batch-scenes` of them with two
+fresh questions of each type (nearest / count / left); the scene prefix is run once and its cache shared by
+its six questions. Held-out: `eval_samples` (easy-VQA test images, seed 1234), greedy generate through
+`Llava3DProcessor`, exact match, per question type (a 90-sample check every `--eval-every` steps, seed 4321).
 
-Losses (tiny models trained on the answer alone stay on the answer prior; each auxiliary loss teaches one
-step the answer needs, all from the scene record). Voxel labels: each patch takes the majority label of its
-pixels (object / floor / wall / door), each voxel the majority of its patches.
-  * answer: cross-entropy on the answer word and </s>;
-  * dense (vision tower + position MLP + projector): linear heads on the voxel tokens' embeddings predict their
-    colour-or-surface (8 colours, floor, wall, door), kind (box / sphere / cylinder / none) and voxel centre;
-  * objects (output of layer 1): per voxel token, whether it is the first token (in sequence order) of its
-    object, and its object's centre;
-  * key words (layer 0, heads 0 and 1 of the answer position): the question's first and second key word
-    (nearest: the colour; count: the kind; left: the two colours);
-  * retrieval (layer 2 heads 0 / 1): the tokens of the object the question names (left: both objects);
-    (layer 3 head 0): the door's tokens (left); (layer 4 head 0): the tokens of the nearest object (nearest),
-    or the first tokens of every object of the asked kind plus <s> (count: the share of attention left on <s>
-    tells the count).
+Schedule: by steps (warm-up 100, cosine to 5 %); when `--minutes` is given the schedule's progress is the larger
+of steps and wall-clock fractions, so a slower machine still anneals before the cap.
+
+Losses: tiny models trained on the answer alone stay on the answer prior, so each step of a circuit that
+answers the three questions is supervised from step 0 (all targets come from the scene record; voxel labels:
+each patch takes the majority label of its pixels, each voxel the majority of its patches):
+  * answer: cross-entropy on the answer word and </s>; lens: the same on layer 4's output through the final
+    norm and lm_head (the answer is ready after the last retrieval);
+  * dense (embeddings): colour-or-surface (8 colours, floor, wall, door), kind and voxel centre;
+  * voxels: layer 0 head 2 of every voxel token spreads over the earlier tokens of its own object (its running
+    centre), head 3 over those plus <s> (the share left on <s> says "first token of my object"); off-object
+    tokens rest on <s>. Probes on layer 1's output: first-of-object, the object's centre, the door's wall (door
+    tokens); on layer 2's: the squared norm of the object's centre (for a distance in q.k);
+  * attention of the answer position (mass on the target set): layer 0 heads 0/1 the question's key words;
+    layer 1 head 0 the door (left); layer 2 heads 0/1 the named objects; layer 4 head 0 the nearest object
+    (nearest) or, spread evenly, <s> plus the first token of every object of the asked kind (count: the share on
+    <s> tells the count); relevance heads one layer before each AdaToken-3D stage (layer 1 head 1: every object
+    (nearest), the asked kind's tokens (count), the two objects and the door (left); layer 3 head 1: the nearest
+    object, the counted first tokens, the two objects); layers 5-7 rest on text tokens. The relevance heads
+    give the last instruction token's attention, which AdaToken-3D and FastV score by, the property those
+    methods assume of a real LLM; it is built in here by training, so the bench measures the gate and schedule
+    against the other methods on a model that has it.
+  * probes of the answer position: the named objects' centres and the door's wall after layer 2, the lateral
+    offset (a - b) . left-axis after layer 3 (left: its sign is the answer).
 The auxiliary heads are not saved; the shipped model is the plain HF model in fp16.
+
+STATUS (2026-12-02, shared 2-core CPU, 1 thread, load 2.5-6): phase 1 300 steps (12 min; its probes were not
+yet saved, so phase 2 started them afresh), phase 2 1750 steps (55 min, lr 2e-3 annealed by the wall-clock
+cap), phase 3 600 steps (11 min, lr 1e-3), 2650 steps, 76 min of training. Held-out (300 rooms): nearest 0.63,
+count 0.63, left 0.94: the 0.85 bar is met for left only. Left left chance at step ~400 of phase 2, once the
+named-object retrieval (layer 2) passed ~0.7 of the attention mass; nearest only rose after ~1200 steps (the
+layer-4 nearest-object head stayed at ~0.46 mass); count's first-of-object signal (the <s> share of layer 0
+head 3) stayed weakly separated (about 0.55 vs 0.3), and count accuracy with it. Both were still rising when
+the schedule ended (`demo_scene3d_train.json`, `held_out_checks`): more steps are the first thing to try.
 """
 
 from __future__ import annotations
@@ -56,7 +85,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 IMAGE_SIZE, PATCH = 96, 12
 SURFACE = {R.LABEL_FLOOR: 8, R.LABEL_WALL: 9, R.LABEL_DOOR: 10, R.LABEL_NONE: 9}
 # (layer, head) of each supervised attention of the answer position
-KEY1, KEY2, OBJ_A, OBJ_B, DOOR, FINAL = (0, 0), (0, 1), (2, 0), (2, 1), (3, 0), (4, 0)
+KEY1, KEY2, OBJ_A, OBJ_B, DOOR, FINAL = (0, 0), (0, 1), (2, 0), (2, 1), (1, 0), (4, 0)
+# (layer, head) of the voxel tokens' own supervised attentions
+SAME, SINK = (0, 2), (0, 3)
+LATERAL_LAYER, LENS_LAYER = 3, 4  # answer-position probe of the lateral offset; logit-lens answer
+# relevance heads of the answer position, one layer before each stage of AdaToken-3D's schedule scaled to
+# 8 layers (inputs of layers 2, 4, 6): what the later layers still need; the layers after the last retrieval
+# rest on the text tokens
+RELEVANT_1, RELEVANT_3, TEXT_LAYERS = (1, 1), (3, 1), (5, 6, 7)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -64,7 +100,7 @@ def build_tokenizer():
     return S.build_tokenizer()
 
 
-def build_model(tokenizer, num_layers: int, hidden: int, seed: int):
+def build_model(tokenizer, num_layers: int, hidden: int, seed: int, mlp: int = 4, rope_theta: float = 1e6):
     from vlm_prune.models.llava3d.modeling import Llava3DForConditionalGeneration
     from vlm_prune.models.llava3d.tiny import tiny_llava3d_config
 
@@ -72,6 +108,9 @@ def build_model(tokenizer, num_layers: int, hidden: int, seed: int):
         num_layers, image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=hidden, vocab_size=len(tokenizer),
         attn_implementation="eager",
     )  # fmt: skip
+    text = config.text_config
+    text.intermediate_size, text.num_key_value_heads = mlp * hidden, text.num_attention_heads
+    text.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
     config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
     config.click_token_id = tokenizer.convert_tokens_to_ids("<boxes>")
     config.text_config.pad_token_id, config.text_config.bos_token_id, config.text_config.eos_token_id = 0, 1, 2
@@ -102,7 +141,8 @@ class Bank:
                 prep["depths"][None], prep["intrinsics"][None], prep["poses"][None], prep["axis_align"][None], grid
             )[0]
             labels = _voxel_labels(views.labels, geo, grid, patch_pixels)
-            self.items.append(dict(scene=scene, prep=prep, labels=labels, xyz=geo.voxel_xyz.float()))
+            targets = voxel_targets(scene, labels, geo.voxel_xyz.float())
+            self.items.append(dict(scene=scene, prep=prep, labels=labels, targets=targets, first=targets["firsts"]))
 
 
 def _voxel_labels(label_maps: np.ndarray, geo, grid, patch_pixels) -> torch.Tensor:
@@ -123,11 +163,14 @@ def _voxel_labels(label_maps: np.ndarray, geo, grid, patch_pixels) -> torch.Tens
 
 
 HEAD = 3  # "<s> USER :" before the scene's placeholders
+N_WALLS = 4
 
 
 def build_rows(bank: Bank, tokenizer, picks: list[int], rng: random.Random, per_type: int = 2):
-    """`per_type` questions of each type per picked scene: suffix ids (question, answer, </s>) and attention targets as
-    ("prefix", i) (i indexes "<s> USER : <image>*N") or ("suffix", i)."""
+    """`per_type` questions of each type per picked scene: suffix ids (question, answer, </s>), attention targets
+    of the answer position as {(layer, head): (kind, [("prefix", i) or ("suffix", i)])} (i indexes
+    "<s> USER : <image>*N" or the suffix; kind "mass": the attention summed over the set, "uniform": spread
+    evenly over it) and the answer-position probe targets."""
     tok = tokenizer
     rows = []
     for si in picks:
@@ -137,6 +180,7 @@ def build_rows(bank: Bank, tokenizer, picks: list[int], rng: random.Random, per_
         by_label: dict[int, list[tuple[str, int]]] = {}
         for j, k in enumerate(labels.tolist()):
             by_label.setdefault(int(k), []).append(("prefix", HEAD + j))
+        first = item["first"]
         for qtype in S.QTYPES * per_type:
             spec = S.sample_question(rng, scene, qtype)
             if spec is None:
@@ -149,49 +193,75 @@ def build_rows(bank: Bank, tokenizer, picks: list[int], rng: random.Random, per_
                 return [("suffix", i) for i, t in enumerate(q_ids) if t == wid]
 
             objs = scene.objects
-            att: dict[tuple[int, int], list[tuple[str, int]]] = {}
+            att: dict[tuple[int, int], tuple[str, list[tuple[str, int]]]] = {}
+            probe: dict[str, torch.Tensor] = {}
             if qtype == "nearest":
                 ref = objs[spec.target]
-                att[KEY1], att[KEY2] = qpos(ref.color), qpos(ref.kind)
-                att[OBJ_A] = by_label.get(spec.target, [])
-                att[FINAL] = by_label.get(S.nearest_object(scene, spec.target)[0], [])
+                att[KEY1], att[KEY2] = ("mass", qpos(ref.color)), ("mass", qpos(ref.kind))
+                att[OBJ_A] = ("mass", by_label.get(spec.target, []))
+                near = by_label.get(S.nearest_object(scene, spec.target)[0], [])
+                att[FINAL] = att[RELEVANT_3] = ("mass", near)
+                att[RELEVANT_1] = ("mass", [x for k, v in by_label.items() if k >= 0 for x in v])
+                probe["a_xyz"] = torch.tensor(ref.centroid, dtype=torch.float32) / 2.0
             elif qtype == "count":
-                att[KEY1] = att[KEY2] = qpos(S.PLURAL[spec.kind])
-                att[FINAL] = [("prefix", 0)] + [
-                    by_label[k][0] for k, o in enumerate(objs) if o.kind == spec.kind and by_label.get(k)
-                ]
+                att[KEY1] = att[KEY2] = ("mass", qpos(S.PLURAL[spec.kind]))
+                firsts = [("prefix", HEAD + j) for j in first.get(spec.kind, [])]
+                att[FINAL] = ("uniform", [("prefix", 0)] + firsts)
+                att[RELEVANT_3] = ("mass", firsts)
+                att[RELEVANT_1] = ("mass", [x for k, o in enumerate(objs) if o.kind == spec.kind
+                                            for x in by_label.get(k, [])])  # fmt: skip
             else:
                 a, b = objs[spec.target], objs[spec.other]
-                att[KEY1], att[KEY2] = qpos(a.color)[:1], qpos(b.color)[-1:]
-                att[OBJ_A], att[OBJ_B] = by_label.get(spec.target, []), by_label.get(spec.other, [])
-                att[DOOR] = by_label.get(R.LABEL_DOOR, [])
+                att[KEY1], att[KEY2] = ("mass", qpos(a.color)[:1]), ("mass", qpos(b.color)[-1:])
+                att[OBJ_A] = ("mass", by_label.get(spec.target, []))
+                att[OBJ_B] = ("mass", by_label.get(spec.other, []))
+                att[DOOR] = ("mass", by_label.get(R.LABEL_DOOR, []))
+                att[RELEVANT_1] = ("mass", att[OBJ_A][1] + att[OBJ_B][1] + att[DOOR][1])
+                att[RELEVANT_3] = ("mass", att[OBJ_A][1] + att[OBJ_B][1])
+                probe["a_xyz"] = torch.tensor(a.centroid, dtype=torch.float32) / 2.0
+                probe["b_xyz"] = torch.tensor(b.centroid, dtype=torch.float32) / 2.0
+                probe["wall"] = torch.tensor(scene.room.door_wall)
+                probe["lateral"] = torch.tensor(float((a.centroid - b.centroid) @ scene.left_axis()) / 2.0)
             rows.append(dict(scene=si, n=n, suffix=q_ids + a_ids, answer_pos=len(q_ids) - 1, n_answer=len(a_ids),
-                             att=att, qtype=qtype))  # fmt: skip
+                             att=att, probe=probe, qtype=qtype))  # fmt: skip
     return rows
 
 
-def voxel_targets(item) -> dict[str, torch.Tensor]:
-    scene, labels = item["scene"], item["labels"]
-    color = torch.tensor([COLORS.index(scene.objects[k].color) if k >= 0 else SURFACE[int(k)] for k in labels])
-    kind = torch.tensor([S.KINDS.index(scene.objects[k].kind) if k >= 0 else 3 for k in labels])
-    first = torch.zeros(len(labels), dtype=torch.long)
-    centre = torch.zeros(len(labels), 3)
+def voxel_targets(scene, labels: torch.Tensor, xyz: torch.Tensor) -> dict:
+    """Per-voxel targets of one scene (labels (K,) as `_voxel_labels`): colour-or-surface, kind, xyz, whether the
+    token is the first (sequence order) of its object, the object's centre and squared norm, the door's wall,
+    the same-object mask (K, K) (token j, earlier-or-equal tokens i of its object) and, per kind, the first tokens."""
+    lab = labels.tolist()
+    color = torch.tensor([COLORS.index(scene.objects[k].color) if k >= 0 else SURFACE[int(k)] for k in lab])
+    kind = torch.tensor([S.KINDS.index(scene.objects[k].kind) if k >= 0 else 3 for k in lab])
+    first = torch.zeros(len(lab), dtype=torch.long)
+    centre = torch.zeros(len(lab), 3)
+    firsts: dict[str, list[int]] = {}
     seen = set()
-    for j, k in enumerate(labels.tolist()):
+    for j, k in enumerate(lab):
         if k >= 0:
             if k not in seen:
                 first[j] = 1
                 seen.add(k)
+                firsts.setdefault(scene.objects[k].kind, []).append(j)
             centre[j] = torch.tensor(scene.objects[k].centroid, dtype=torch.float32)
-    return dict(color=color, kind=kind, first=first, centre=centre / 2.0, xyz=item["xyz"] / 2.0, obj=labels >= 0)
+    wall = torch.where(labels == R.LABEL_DOOR, scene.room.door_wall + 1, 0)
+    same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
+    same = torch.tril(same)
+    centre = centre / 2.0
+    return dict(color=color, kind=kind, first=first, centre=centre, sq=(centre**2).sum(-1), wall=wall,
+                xyz=xyz / 2.0, obj=labels >= 0, same=same, firsts=firsts)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- training
 def make_heads(hidden: int) -> torch.nn.ModuleDict:
+    """Linear probes (not shipped): voxel embeddings, voxel tokens after layers 1 and 2, the answer position."""
+    lin = torch.nn.Linear
     return torch.nn.ModuleDict(
         dict(
-            color=torch.nn.Linear(hidden, 11), kind=torch.nn.Linear(hidden, 4), xyz=torch.nn.Linear(hidden, 3),
-            first=torch.nn.Linear(hidden, 2), centre=torch.nn.Linear(hidden, 3),
+            color=lin(hidden, 11), kind=lin(hidden, 4), xyz=lin(hidden, 3), first=lin(hidden, 2),
+            centre=lin(hidden, 3), wall=lin(hidden, N_WALLS + 1), sq=lin(hidden, 1), a_xyz=lin(hidden, 3),
+            b_xyz=lin(hidden, 3), q_wall=lin(hidden, N_WALLS), lateral=lin(hidden, 1),
         )
     )  # fmt: skip
 
@@ -201,7 +271,7 @@ def _batch_media(bank, scenes):
     return [torch.stack([p[k] for p in prep]) for k in ("pixel_values", "depths", "intrinsics", "poses", "axis_align")]
 
 
-def shared_prefix_forward(model, bank, tokenizer, rows, scenes):
+def shared_prefix_forward(model, bank, tokenizer, rows, scenes, prefix_attentions: bool = False):
     """Prefix "<s> USER : <image>*N" once per scene (left-padded), its cache repeated per question, then the
     question + answer suffixes (right-padded). Returns (features per scene, prefix output, suffix output, P, pads)."""
     from vlm_prune.models.llava3d.modeling import Llava3DSceneOutput
@@ -223,7 +293,7 @@ def shared_prefix_forward(model, bank, tokenizer, rows, scenes):
     pre = model(
         input_ids=pre_ids, attention_mask=pre_mask, position_ids=pos,
         mm_encoder_outputs={"image": Llava3DSceneOutput(pooler_output=[feats[s] for s in scenes])},
-        use_cache=True, output_hidden_states=True,
+        use_cache=True, output_hidden_states=True, output_attentions=prefix_attentions,
     )  # fmt: skip
     cache = pre.cache
     order = [scenes.index(r["scene"]) for r in rows]
@@ -238,46 +308,96 @@ def shared_prefix_forward(model, bank, tokenizer, rows, scenes):
     suf_pos = torch.tensor([lens[i] for i in order])[:, None] + torch.arange(t)[None]
     out = model(
         input_ids=suf_ids, attention_mask=mask, position_ids=suf_pos, cache=cache, use_cache=True,
-        output_attentions=True,
+        output_attentions=True, output_hidden_states=True,
     )  # fmt: skip
     return feats, pre, out, width, pads
 
 
-def train_step(model, heads, bank, tokenizer, picks, rng, weights) -> dict[str, float]:
+def _mass_loss(row: torch.Tensor, cols: torch.Tensor, kind: str) -> torch.Tensor:
+    """-log of the attention summed over `cols` ("mass"), or the cross-entropy to the uniform distribution over
+    them ("uniform")."""
+    if kind == "mass":
+        return -torch.log(row[cols].sum() + 1e-6)
+    return -torch.log(row[cols] + 1e-6).mean()
+
+
+def train_step(model, heads, bank, tokenizer, picks, rng, weights, reduce: str = "sum") -> dict[str, float]:
     rows = build_rows(bank, tokenizer, picks, rng)
     scenes = sorted({r["scene"] for r in rows})
-    feats, pre, out, width, pads = shared_prefix_forward(model, bank, tokenizer, rows, scenes)
+    feats, pre, out, width, pads = shared_prefix_forward(model, bank, tokenizer, rows, scenes, prefix_attentions=True)
     logp = F.log_softmax(out.logits.float(), -1)
-    answer = []
+    lm = model.lm_head
+    norm = model.model.language_model.norm
+    answer, lens_loss = [], []
     for b, r in enumerate(rows):
         for i in range(r["n_answer"]):
             answer.append(-logp[b, r["answer_pos"] + i, r["suffix"][r["answer_pos"] + i + 1]])
-    losses = {"answer": torch.stack(answer).mean()}
-    dense, objl = [], []
+    ans_h = torch.stack([out.hidden_states[LENS_LAYER + 1][b, r["answer_pos"]] for b, r in enumerate(rows)])
+    ans_t = torch.tensor([r["suffix"][r["answer_pos"] + 1] for r in rows])
+    lens_loss = F.cross_entropy(lm(norm(ans_h)).float(), ans_t)
+    losses = {"answer": torch.stack(answer).mean(), "lens": lens_loss}
+    dense, vox = [], []
     for i, s in enumerate(scenes):
-        t = voxel_targets(bank.items[s])
+        t = bank.items[s]["targets"]
         emb = feats[s].float()
         dense.append(
             F.cross_entropy(heads["color"](emb), t["color"]) + F.cross_entropy(heads["kind"](emb), t["kind"])
             + 4 * F.mse_loss(heads["xyz"](emb), t["xyz"])
         )  # fmt: skip
+        n = len(t["color"])
         start = pads[s] + HEAD
-        h1 = pre.hidden_states[2][i, start : start + len(t["color"])].float()
+        h1 = pre.hidden_states[2][i, start : start + n].float()
+        h2 = pre.hidden_states[3][i, start : start + n].float()
         loss = F.cross_entropy(heads["first"](h1), t["first"], weight=torch.tensor([1.0, 4.0]))
-        if t["obj"].any():
-            loss = loss + 4 * F.mse_loss(heads["centre"](h1[t["obj"]]), t["centre"][t["obj"]])
-        objl.append(loss)
+        loss = loss + F.cross_entropy(heads["wall"](h1), t["wall"], weight=torch.tensor([1.0] + [8.0] * N_WALLS))
+        obj = t["obj"]
+        if obj.any():
+            loss = loss + 8 * F.mse_loss(heads["centre"](h1[obj]), t["centre"][obj])
+            loss = loss + 8 * F.mse_loss(heads["sq"](h2[obj])[:, 0], t["sq"][obj])
+        # layer 0 voxel queries: head SAME spreads over the earlier tokens of the token's object (its running
+        # centre), head SINK over those plus <s> (the share left on <s> says "first of its object");
+        # tokens off the objects rest on <s>.
+        att0 = pre.attentions[0][i, :, start : start + n, pads[s] :].float()  # (H, n, P - pad)
+        logs = torch.log(att0 + 1e-6)
+        same = t["same"].float()
+        lp_self = logs[SAME[1], :, HEAD : HEAD + n]
+        rest = ~obj
+        l_same = -(lp_self * same).sum(-1)[obj] / same.sum(-1)[obj] if obj.any() else lp_self.new_zeros(0)
+        sink = logs[SINK[1]]
+        l_sink = (-(sink[:, HEAD : HEAD + n] * same).sum(-1) - sink[:, 0]) / (same.sum(-1) + 1)
+        l_rest = torch.cat([-logs[SAME[1], :, 0][rest], -sink[:, 0][rest]])
+        loss = loss + torch.cat([l_same, l_sink[obj], l_rest]).mean()
+        vox.append(loss)
     losses["dense"] = torch.stack(dense).mean()
-    losses["objects"] = torch.stack(objl).mean()
-    att = []
+    losses["voxels"] = torch.stack(vox).mean()
+    att, probes = [], []
     for b, r in enumerate(rows):
-        for (layer, head), where in r["att"].items():
+        for (layer, head), (kind, where) in r["att"].items():
             if not where:
                 continue
             cols = [pads[r["scene"]] + i if part == "prefix" else width + i for part, i in where]
             row = out.attentions[layer][b, head, r["answer_pos"]].float()
-            att.append(-torch.log(row[torch.tensor(cols)] + 1e-6).mean())
-    losses["attention"] = torch.stack(att).mean() if att else torch.zeros(())
+            att.append(_mass_loss(row, torch.tensor(cols), kind))
+        pad = pads[r["scene"]]
+        text = torch.tensor([*range(pad, pad + HEAD), *range(width, width + r["answer_pos"] + 1)])
+        for layer in TEXT_LAYERS:
+            mass = out.attentions[layer][b, :, r["answer_pos"], text].float().sum(-1)
+            att.append(-torch.log(mass + 1e-6).mean())
+        p = r["probe"]
+        if p:
+            h3 = out.hidden_states[OBJ_A[0] + 1][b, r["answer_pos"]].float()
+            probes.append(8 * F.mse_loss(heads["a_xyz"](h3), p["a_xyz"]))
+            if "b_xyz" in p:
+                probes.append(8 * F.mse_loss(heads["b_xyz"](h3), p["b_xyz"]))
+                probes.append(F.cross_entropy(heads["q_wall"](h3)[None], p["wall"][None]))
+                h4 = out.hidden_states[LATERAL_LAYER + 1][b, r["answer_pos"]].float()
+                probes.append(8 * F.mse_loss(heads["lateral"](h4)[0], p["lateral"]))
+    # summed over the supervised heads of a row (a mean would dilute the few unsolved ones), mean over rows
+    if not att:
+        losses["attention"] = torch.zeros(())
+    else:
+        losses["attention"] = torch.stack(att).sum() / len(rows) if reduce == "sum" else torch.stack(att).mean()
+    losses["probes"] = torch.stack(probes).mean() if probes else torch.zeros(())
     total = sum(weights[k] * v for k, v in losses.items())
     total.backward()
     acc = {}
@@ -288,7 +408,6 @@ def train_step(model, heads, bank, tokenizer, picks, rng, weights) -> dict[str, 
     result = {k: float(v.detach()) for k, v in losses.items()}
     result.update({f"acc_{q}": sum(v) / len(v) for q, v in acc.items()})
     return result
-
 
 @torch.no_grad()
 def check_shared_prefix(model, bank, tokenizer, rng) -> float:
@@ -358,7 +477,7 @@ def plot(history, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     steps = [h["step"] for h in history]
-    for key in ("answer", "dense", "objects", "attention"):
+    for key in ("answer", "lens", "dense", "voxels", "attention", "probes"):
         axes[0].plot(steps, [max(h[key], 1e-4) for h in history], lw=1, label=key)
     axes[0].set_yscale("log")
     axes[0].set_title("losses (running mean)")
@@ -402,10 +521,11 @@ def write_report(report: dict, save: Path, results: Path) -> Path:
         "| " + " | ".join(f"{acc.get(q, 0.0):.3f}" for q in (*S.QTYPES, "all")) + " |",
         "",
         "Chance: nearest 1/7 over the other colours at most, count about 0.4 (the prior), left 0.5.",
+        "Prompt: the processor's chat template, scene first (`<s> USER: <image>*N question ASSISTANT:`).",
         f"Bar (>= 0.85 per question type): {'met' if bar else 'NOT met'}.",
         "",
         f"Machine: {report['machine']['platform']}, torch {report['machine']['torch']}, 1 thread, a CPU shared by "
-        "several training jobs (load average 9-12 on 2 cores during the run).",
+        f"other jobs (load average {report['machine'].get('load', 'not recorded')} on 2 cores during the run).",
         "Config, loss weights and loss history: `demo_scene3d_train.json`; curves: `demo_scene3d_loss.png`.",
     ]
     path = save / "README.md"
@@ -418,21 +538,29 @@ def write_report(report: dict, save: Path, results: Path) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=65.0, help="training wall-clock budget (rendering excluded)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (sizes the schedule)")
+    p.add_argument("--minutes", type=float, default=0.0, help="wall-clock cap, rendering excluded (0: none)")
     p.add_argument("--scenes", type=int, default=1500, help="train scenes rendered at start")
-    p.add_argument("--batch-scenes", type=int, default=6, help="scenes per step (3 questions each)")
+    p.add_argument("--batch-scenes", type=int, default=6, help="scenes per step (3 question types x 2 each)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=96)
+    p.add_argument("--mlp", type=int, default=4, help="decoder MLP width as a multiple of --hidden")
+    p.add_argument("--rope-theta", type=float, default=1e6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=300, help="held-out test samples for the final report")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between quick held-out checks (90 samples)")
     p.add_argument("--save-dir", default=str(SAVE_DIR))
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--stop-file", default="/tmp/scene3d/stop", help="end training early when this file appears")
-    p.add_argument("--pilot", action="store_true", help="3 minutes, 150 scenes, into /tmp/scene3d_pilot")
+    p.add_argument("--attention-reduce", choices=("sum", "mean"), default="sum",
+                   help="attention losses of a row: summed over its supervised heads, or their mean")
+    p.add_argument("--init-from", default="", help="a checkpoint.pt of an earlier run to start from (warm start)")
+    p.add_argument("--bank-cache", default="", help="folder to keep the rendered train scenes in between runs")
+    p.add_argument("--pilot", action="store_true", help="300 steps, 150 scenes, into /tmp/scene3d_pilot")
     args = p.parse_args(argv)
     if args.pilot:
-        args.minutes, args.scenes, args.eval_n = 3.0, 150, 30
+        args.steps, args.scenes, args.eval_n = min(args.steps, 300), 150, 30
         args.save_dir = args.results_dir = "/tmp/scene3d_pilot"
     torch.set_num_threads(1)
     random.seed(args.seed)
@@ -440,12 +568,21 @@ def main(argv=None) -> int:
     from vlm_prune.models.llava3d.processing import Llava3DProcessor
 
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, args.layers, args.hidden, args.seed)
+    model = build_model(tokenizer, args.layers, args.hidden, args.seed, args.mlp, args.rope_theta)
     processor = Llava3DProcessor.for_model(model.config, tokenizer)
     eval_set = S.eval_samples(args.eval_n, seed=1234, image_size=IMAGE_SIZE)
+    quick_set = S.eval_samples(90, seed=4321, image_size=IMAGE_SIZE)
     check_prompt(processor, tokenizer, eval_set[0])
     t0 = time.time()
-    bank = Bank(model, processor, args.scenes, args.seed)
+    cache = Path(args.bank_cache) / f"scene3d_bank_n{args.scenes}_seed{args.seed}.pt" if args.bank_cache else None
+    if cache is not None and cache.is_file():
+        bank = Bank.__new__(Bank)
+        bank.items = torch.load(cache, weights_only=False)
+    else:
+        bank = Bank(model, processor, args.scenes, args.seed)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(bank.items, cache)
     render_s = time.time() - t0
     voxels = [len(it["labels"]) for it in bank.items]
     print(f"rendered {len(bank.items)} scenes in {render_s:.0f} s; voxels {min(voxels)}-{max(voxels)}", flush=True)
@@ -454,32 +591,34 @@ def main(argv=None) -> int:
     if diff > 1e-3:
         raise SystemExit("the shared-prefix forward does not match the plain forward")
     heads = make_heads(args.hidden)
+    if args.init_from:
+        model.load_state_dict(torch.load(args.init_from))
+        probes = Path(args.init_from).with_name("probes.pt")
+        if probes.is_file():
+            heads.load_state_dict(torch.load(probes))
+        print(f"initialised from {args.init_from}", flush=True)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    weights = {"answer": 1.0, "dense": 0.5, "objects": 0.5, "attention": 0.3}
+    weights = {"answer": 1.0, "lens": 0.5, "dense": 0.5, "voxels": 0.5, "attention": 0.5, "probes": 0.5}
     rng = random.Random(f"train_scene3d/stream/seed={args.seed}")
-    history, running = [], {}
-    budget = args.minutes * 60
+    history, running, checks = [], {}, []
     start = time.time()
     step = 0
     model.train()
-    est_total = None
-    while True:
+    warm = max(1, min(100, args.steps // 10))
+    Path(args.stop_file).parent.mkdir(parents=True, exist_ok=True)
+    while step < args.steps:
         elapsed = time.time() - start
-        if elapsed >= budget or Path(args.stop_file).exists():
+        if (args.minutes and elapsed >= args.minutes * 60) or Path(args.stop_file).exists():
             break
-        if step == 20:
-            est_total = int(budget / (elapsed / 20))
-        total = est_total or 10_000
-        warm = 50
-        lr = (
-            args.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
-        )
+        # progress: by steps, or by the wall-clock cap when that comes first (so the schedule always anneals)
+        frac = min(1.0, max(step / args.steps, elapsed / (args.minutes * 60) if args.minutes else 0.0))
+        lr = args.lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         picks = rng.sample(range(len(bank.items)), args.batch_scenes)
         opt.zero_grad(set_to_none=True)
-        stats = train_step(model, heads, bank, tokenizer, picks, rng, weights)
+        stats = train_step(model, heads, bank, tokenizer, picks, rng, weights, args.attention_reduce)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -490,8 +629,12 @@ def main(argv=None) -> int:
             print(
                 json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in history[-1].items()}), flush=True
             )
-        if step % 200 == 0:
+        if step % args.eval_every == 0 or step == args.steps:
+            quick = evaluate(model, processor, quick_set)
+            checks.append({"step": step, "seconds": round(time.time() - start, 1), **quick})
+            print("held-out check", json.dumps(checks[-1]), flush=True)
             torch.save(model.state_dict(), Path(args.stop_file).parent / "checkpoint.pt")
+            torch.save(heads.state_dict(), Path(args.stop_file).parent / "probes.pt")
     train_s = time.time() - start
     model.eval()
     t1 = time.time()
@@ -520,6 +663,8 @@ def main(argv=None) -> int:
             "views": 4,
             "layers": args.layers,
             "hidden": args.hidden,
+            "mlp": args.mlp * args.hidden,
+            "rope_theta": args.rope_theta,
             "vocab": len(tokenizer),
             "voxel_size": model.config.voxel_size,
         },  # fmt: skip
@@ -527,6 +672,7 @@ def main(argv=None) -> int:
         "checkpoint_bytes": sum(f.stat().st_size for f in save.glob("*.safetensors")),
         "voxels_per_scene": {"min": min(voxels), "max": max(voxels), "mean": sum(voxels) / len(voxels)},
         "steps": step,
+        "planned_steps": args.steps,
         "render_seconds": render_s,
         "train_seconds": train_s,
         "eval_seconds": eval_s,
@@ -534,6 +680,7 @@ def main(argv=None) -> int:
         "held_out": {"n": len(eval_set), "seed": 1234, "accuracy": acc},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
         "history": history,
+        "held_out_checks": checks,
     }
     (results / "demo_scene3d_train.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(history, results / "demo_scene3d_loss.png")
