@@ -61,6 +61,16 @@ class PruningMixin:
     #: vLLM's SupportsMultiModalPruning flag (the runner checks it; Qwen2-VL's own class lacks it)
     supports_multimodal_pruning = True
 
+    def _merger_linears(self) -> tuple[nn.Module, nn.Module]:
+        """The merger's two linear layers (the family's projector), whose loaded weights ZOO-Prune reads."""
+        raise NotImplementedError
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)  # type: ignore[misc]
+        if "projector" in self._vlm_prune_built[1].needs:  # ZOO-Prune's signal: the merger as loaded
+            self._vlm_prune_merger = _merger_copy(*self._merger_linears())
+        return loaded
+
     def _vlm_prune_init(self, vllm_config) -> None:
         spec = spec_from_config(vllm_config.model_config.hf_config)
         if spec is None:
@@ -248,11 +258,8 @@ def _qwen2_5_class() -> type:
         def _projector_module(self) -> nn.Module:
             return self.visual.merger.mlp
 
-        def load_weights(self, weights):
-            loaded = super().load_weights(weights)
-            if "projector" in self._vlm_prune_built[1].needs:  # ZOO-Prune's signal: the merger as loaded
-                self._vlm_prune_merger = _merger_copy(self.visual.merger.mlp[0], self.visual.merger.mlp[2])
-            return loaded
+        def _merger_linears(self) -> tuple[nn.Module, nn.Module]:
+            return self.visual.merger.mlp[0], self.visual.merger.mlp[2]
 
         def _projector_parts(self) -> ProjectorParts:
             w0, b0, w2, b2 = self._vlm_prune_merger
@@ -282,11 +289,8 @@ def _qwen2_class() -> type:
         def _projector_module(self) -> nn.Module:
             return self.visual.merger.mlp[0]  # an nn.ModuleList: its first linear layer sees the MLP's input
 
-        def load_weights(self, weights):
-            loaded = super().load_weights(weights)
-            if "projector" in self._vlm_prune_built[1].needs:
-                self._vlm_prune_merger = _merger_copy(self.visual.merger.mlp[0], self.visual.merger.mlp[2])
-            return loaded
+        def _merger_linears(self) -> tuple[nn.Module, nn.Module]:
+            return self.visual.merger.mlp[0], self.visual.merger.mlp[2]
 
         def _projector_parts(self) -> ProjectorParts:
             w0, b0, w2, b2 = self._vlm_prune_merger

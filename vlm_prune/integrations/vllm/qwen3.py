@@ -24,7 +24,7 @@ from torch import nn
 
 from vlm_prune.adapters.base import ProjectorParts
 from vlm_prune.integrations.vllm import compat
-from vlm_prune.integrations.vllm.models import PruningMixin, _linear, _merger_copy
+from vlm_prune.integrations.vllm.models import PruningMixin, _linear
 from vlm_prune.integrations.vllm.positions import frames_layout, grid_layout, media_columns, prompt_positions
 from vlm_prune.integrations.vllm.spec import count
 
@@ -90,12 +90,8 @@ def qwen3_class() -> type:
         def _projector_module(self) -> nn.Module:
             return self.visual.merger.linear_fc1
 
-        def load_weights(self, weights):
-            loaded = super().load_weights(weights)
-            if "projector" in self._vlm_prune_built[1].needs:
-                merger = self.visual.merger
-                self._vlm_prune_merger = _merger_copy(merger.linear_fc1, merger.linear_fc2)
-            return loaded
+        def _merger_linears(self) -> tuple[nn.Module, nn.Module]:
+            return self.visual.merger.linear_fc1, self.visual.merger.linear_fc2
 
         def _projector_parts(self) -> ProjectorParts:
             w1, b1, w2, b2 = self._vlm_prune_merger
