@@ -27,15 +27,16 @@ from vlm_prune.errors import InputError, PruneError
 
 
 @functools.lru_cache(maxsize=256)
-def _item_grid(t: int, h: int, w: int) -> torch.Tensor:
-    """(t*h*w, 3) (t, row, col) coordinates in raster order (cached per grid; callers never write into it)."""
+def item_grid(t: int, h: int, w: int) -> torch.Tensor:
+    """(t*h*w, 3) long (t, row, col) coordinates of a Qwen media item's LLM grid in raster order (cached per grid:
+    read-only, callers that write take a copy)."""
     tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
     return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
 
 
 def _layout_of(key: tuple[tuple[int, int, int, int], ...]) -> VisualLayout:
     """The layout of a sample whose media items (kind, t, h, w) follow each other in this order."""
-    grid = torch.cat([_item_grid(t, h, w) for _, t, h, w in key])
+    grid = torch.cat([item_grid(t, h, w) for _, t, h, w in key])
     sizes = torch.tensor([t * h * w for _, t, h, w in key])
     media_index = torch.repeat_interleave(torch.arange(len(key)), sizes)
     kind = torch.repeat_interleave(torch.tensor([item[0] for item in key]), sizes)
@@ -189,7 +190,7 @@ class QwenVLAdapter(Adapter):
                             f"processor's input_ids with the {name} it returned. {SPLIT_MEDIA_HINT}"
                         )
                     first, last = values[base + start], values[base + start + count - 1]
-                    pieces.append((first, kind, item_columns, _item_grid(t, h, w), (t, h, w), last))
+                    pieces.append((first, kind, item_columns, item_grid(t, h, w), (t, h, w), last))
                     start += count
             pieces.sort(key=lambda piece: piece[0])
             if not pieces:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_prune.adapters.qwen_vl import item_grid
 from vlm_prune.engine.budget import tokens_to_keep
 from vlm_prune.engine.context import IMAGE, VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.errors import PruneError
@@ -24,9 +25,8 @@ from vlm_prune.integrations.vllm.spec import PruneSpec
 
 
 def raster_grid(t: int, h: int, w: int) -> torch.Tensor:
-    """(t*h*w, 3) long (t, row, col) coordinates in raster order."""
-    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
+    """(t*h*w, 3) long (t, row, col) coordinates in raster order: a writable copy of the Qwen adapter's cached grid."""
+    return item_grid(t, h, w).clone()
 
 
 @dataclass
