@@ -697,7 +697,7 @@ class PruneHandle:
         replaced = [row for row, selection in selections.items() if selection.features is not None]
         if replaced:  # merging methods: the kept tokens take the features the method gave them
             hidden = hidden.clone() if forward.index is None else hidden  # never write into the caller's tensor
-            kept_rows = plan.rows[keep]
+            kept_rows = torch.from_numpy(plan.rows[keep.numpy()])
             for row in replaced:
                 slots = to_device(new_slot[kept_rows == row], device)
                 hidden[row, slots] = selections[row].features.to(hidden.dtype)
