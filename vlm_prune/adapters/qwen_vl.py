@@ -263,10 +263,10 @@ class QwenVLAdapter(Adapter):
             delta = state.repeat_interleave(batch // state.shape[0], dim=0).to(position_ids.device).view(1, batch, 1)
             offsets = torch.cat([torch.zeros_like(delta), delta.expand(self.rope_rows, -1, -1)]).to(position_ids.dtype)
             self._delta_rows = (state, key, offsets)  # once per cached prefill: decode steps add it
-        rebuilt = position_ids[:1] + self._delta_rows[2]
-        # decided on the device (no read back per decode step): rebuilt where the rows equal the text row
-        same = (position_ids[1:] == position_ids[:1]).all()
-        return torch.where(same, rebuilt, position_ids)
+        text = position_ids[:1]
+        # decided on the device (no read back per decode step): rebuilt where the rows equal the text row (row 0
+        # equals itself, so comparing every row is the same test, one op fewer)
+        return torch.where((position_ids == text).all(), text + self._delta_rows[2], position_ids)
 
     # ---- projector (merger) --------------------------------------------------------------------
     def projector_module(self) -> nn.Module:

@@ -92,10 +92,18 @@ class CachedPrefill:
         if user_mask is None:
             ones = torch.ones(batch, tail, dtype=self.prefill_mask[index].dtype, device=device)
             return torch.cat([self.prefill_mask[index], ones], dim=1)
-        if index not in self._mask_index:  # once per segment: the gather index and its pad slots
-            columns = self.segments[index][1].to(device)
-            self._mask_index[index] = (columns.clamp(min=0), columns < 0)
-        safe, pads = self._mask_index[index]
-        head = user_mask.gather(1, safe).masked_fill_(pads, 0)
-        return torch.cat([head, user_mask[:, self.original_length :]], dim=1)
+        width = self.segments[index][1].shape[1] + tail
+        entry = self._mask_index.get(index)
+        if entry is None or entry[0].shape[1] < width or entry[0].device != user_mask.device:
+            # once per segment (and when the tail outgrows it): the gather index of the cached slots' columns
+            # followed by the original columns after the prefill, and its pad slots; steps take views of both
+            columns = self.segments[index][1].to(user_mask.device)
+            after = torch.arange(self.original_length, self.original_length + 2 * tail + 256, device=columns.device)
+            entry = self._mask_index[index] = (
+                torch.cat([columns.clamp(min=0), after.expand(len(columns), -1)], dim=1),
+                torch.cat([columns < 0, torch.zeros(len(columns), len(after), dtype=torch.bool,
+                                                    device=columns.device)], dim=1),
+            )
+        safe, pads = entry
+        return user_mask.gather(1, safe[:, :width]).masked_fill_(pads[:, :width], 0)
 

@@ -85,7 +85,8 @@ def read_keeps(keeps: list[torch.Tensor], selections: dict, device) -> tuple[tor
 
 def brings_media(call: dict) -> bool:
     """Whether the call carries media to encode or pre-encoded media features."""
-    return any(
-        call.get(key) is not None and len(call[key])
-        for key in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
-    )
+    for key in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"):  # (a loop: no generator per call)
+        value = call.get(key)
+        if value is not None and len(value):
+            return True
+    return False

@@ -179,6 +179,9 @@ class PruneHandle:
         self._past = 0  # cached length of the current call's pruned cache (`_live_cached`)
         self._decode_columns: torch.Tensor | None = None  # (B, q) slots of a decode step, reused while shapes repeat
         self._plain_rope = type(adapter).rope_positions is Adapter.rope_positions
+        # decode steps hand the rotary embedding the caller's 2-D position ids unchanged (`_continue`)
+        self._rotary_as_given = self._plain_rope and position_policy == "preserve" and adapter.rope_rows == 1
+        self._positions: dict = {}  # device -> arange buffer: contiguous position ids are views of it
         self._media_ids = torch.tensor(adapter.media_token_ids())
         try:
             self._install()
@@ -284,7 +287,7 @@ class PruneHandle:
         call = dict(kwargs)
         if args:
             call.setdefault("input_ids", args[0])
-        if any(call.get(key) is not None for key in ("pixel_values", "pixel_values_videos")):
+        if call.get("pixel_values") is not None or call.get("pixel_values_videos") is not None:
             # media is encoded inside this call: older recordings are stale
             self._signals.clear()
             self._vision_calls = []
@@ -465,12 +468,19 @@ class PruneHandle:
         """Set mask, contiguous position ids and the pending rotary positions (`rotary`, if given: what the
         rotary embedding gets, already in its layout) for the language model."""
         batch, length = forward.columns.shape
-        contiguous = torch.arange(past, past + length, device=forward.rope.device).expand(batch, -1)
+        contiguous = self._contiguous(past, length, forward.rope.device).expand(batch, -1)
         kwargs["attention_mask"] = forward.mask
         kwargs["position_ids"] = self.adapter.lm_position_ids(contiguous)
         if rotary is None:
             rotary = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
         self._pending_rope = rotary
+
+    def _contiguous(self, start: int, length: int, device) -> torch.Tensor:
+        """(length,) positions start, start + 1, ...: a view of a per-device arange (never written into)."""
+        buffer = self._positions.get(device)
+        if buffer is None or buffer.shape[0] < start + length:
+            buffer = self._positions[device] = torch.arange(max(2 * (start + length), 4096), device=device)
+        return buffer[start : start + length]
 
     def _continue(self, kwargs: dict, cached: _Cached, cache) -> dict:
         embeds: torch.Tensor = kwargs["inputs_embeds"]
@@ -492,12 +502,15 @@ class PruneHandle:
             return cached.segment_mask(index, user_mask, batch, appended + q_len, device)  # engine/cached.py
 
         ids = kwargs.get("position_ids")
-        rope = rope_view(ids, self.adapter.rope_rows, device) if self._plain_rope else None
-        as_given = rope is not None and self.position_policy == "preserve"
-        if rope is None:
-            rope = to_device(self.adapter.rope_positions(ids, batch, q_len, virtual_past), device)
-        if self.position_policy == "compact":
-            rope = rope - cached.shift.to(device).view(1, -1, 1)
+        rotary = None
+        if self._rotary_as_given and isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.device == device:
+            rope = rotary = ids  # the rotary embedding gets the caller's ids as they are (rope[0] would be `ids`)
+        else:
+            rope = rope_view(ids, self.adapter.rope_rows, device) if self._plain_rope else None
+            if rope is None:
+                rope = to_device(self.adapter.rope_positions(ids, batch, q_len, virtual_past), device)
+            if self.position_policy == "compact":
+                rope = rope - cached.shift.to(device).view(1, -1, 1)
         if self._decode_columns is None or self._decode_columns.shape != (batch, q_len) or (
             self._decode_columns.device != device
         ):
@@ -519,7 +532,6 @@ class PruneHandle:
                 for covered in range(layer, bounds[index]):
                     forward.layer_masks[covered] = mask
         self._forward = forward
-        rotary = ids if as_given and ids.ndim == 2 and self.adapter.rope_rows == 1 else None  # rope[0] is `ids`
         self._finish_lm_kwargs(kwargs, forward, past=past, rotary=rotary)
         return kwargs
 
@@ -762,7 +774,7 @@ class PruneHandle:
                 sin = gather_tokens(sin, slot_index)
         batch, length = forward.columns.shape
         cache = cache_of(kwargs)
-        contiguous = torch.arange(length, device=hidden.device).expand(batch, -1)
+        contiguous = self._contiguous(0, length, hidden.device).expand(batch, -1)
         # decided on the host mirror, so that transformers need not read the mask to skip it
         plain = forward.mask.shape[1] == length and forward.host.all_valid
         mask = create_causal_mask(
