@@ -176,3 +176,44 @@ def test_take_rows_and_trim_equal_the_broadcast_gather(batch, contiguous):
     for tensor, out in zip([cache, cache * 2], trimmed):
         want = torch.gather(tensor, 2, safe).masked_fill((padded < 0).view(batch, 1, 4, 1), 7)
         assert torch.equal(out, want) and out.is_contiguous()
+
+
+# ---------------------------------------------------------------- adapters' cached layouts vs a fresh adapter
+
+
+def _same_media(got, want) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a.visual_columns, b.visual_columns)
+        for name in ("media_index", "kind", "frame", "grid_thw"):
+            assert torch.equal(getattr(a.layout, name), getattr(b.layout, name)), name
+        assert list(a.layout.media_grid) == list(b.layout.media_grid)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_next_video", "llava_onevision"])
+def test_cached_sample_media_equals_a_fresh_adapter(family):
+    """The adapters' numpy column search and layout caches (keyed by the items' blocks) give what an adapter with
+    empty caches gives, while the inputs change between calls (other rows, images, videos, order, padding)."""
+    import vlm_prune
+    from vlm_prune.toy_models import LLAVA_VIDEO_FAMILIES, build_tiny, make_inputs
+
+    model = build_tiny(family)
+    video = family in LLAVA_VIDEO_FAMILIES
+    variants = [dict(batch=2), dict(batch=3, num_images=[1, 0, 2]), dict(batch=1), dict(batch=2, padding="right")]
+    if video:
+        variants += [dict(batch=2, video=True), dict(batch=2, video=True, video_first=True, num_images=[0, 1])]
+    calls = []
+    with vlm_prune.pruned(model, "random", keep=0.5) as handle, torch.no_grad():
+        adapter = handle.adapter
+        cached = adapter.sample_media
+
+        def checked(input_ids, call, embeds):
+            got = cached(input_ids, call, embeds)
+            _same_media(got, type(adapter)(model).sample_media(input_ids, call, embeds))  # empty caches
+            calls.append(len(got))
+            return got
+
+        adapter.sample_media = checked
+        for variant in variants + variants[::-1]:  # every signature seen twice, in between others
+            model(**make_inputs(model, **variant))
+    assert len(calls) == 2 * len(variants)

@@ -21,8 +21,11 @@ Layout: a video token of frame t, pooled row r and column c gets kind VIDEO, fra
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +33,7 @@ from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, SampleMedia, item_counts
 from vlm_prune.adapters.expansion import row_totals
 from vlm_prune.adapters.llava import LlavaNextAdapter, _grid_block
 from vlm_prune.engine.context import IMAGE, VIDEO, VisualLayout
+from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.errors import InputError, PruneError
 
 
@@ -50,8 +54,9 @@ def _runs(columns: torch.Tensor) -> list[int]:
     return [end - start for start, end in zip(edges[:-1], edges[1:])]
 
 
+@functools.lru_cache(maxsize=256)
 def _video_block(frames: int, rows: int, cols: int) -> torch.Tensor:
-    """(frames * rows * cols, 3) (t, row, col) coordinates, frame by frame in raster order."""
+    """(frames * rows * cols, 3) (t, row, col) coordinates, frame by frame in raster order (cached: read-only)."""
     return torch.cat([_grid_block(0, rows, cols, t=t) for t in range(frames)])
 
 
@@ -65,6 +70,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.video_token_id = _video_token_id(model.config)
+        self._merged_layouts: SmallLRU = SmallLRU(32)  # per-sample layouts by their items (`_merge_pieces`)
 
     def media_token_ids(self) -> list[int]:
         return [self.image_token_id, self.video_token_id]
@@ -124,15 +130,17 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     # ---- samples -------------------------------------------------------------------------------
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
-        has_images = bool((input_ids == self.image_token_id).any())
-        has_videos = bool((input_ids == self.video_token_id).any())
-        image_blocks = self.image_blocks(input_ids, call, inputs_embeds) if has_images else []
-        video_grids = self.video_grids(input_ids, call) if has_videos else []
+        # the columns are found on the host ids in numpy (~1 us a call against 5-10 us for small torch ops); a
+        # sample's layout depends only on its items' (kind, block) sequence and is cached by it (`_merged_layout`)
+        ids = input_ids.cpu().numpy()
+        is_image, is_video = ids == self.image_token_id, ids == self.video_token_id
+        image_blocks = self.image_blocks(input_ids, call, inputs_embeds) if is_image.any() else []
+        video_grids = self.video_grids(input_ids, call) if is_video.any() else []
         next_image = next_video = 0
         samples = []
-        for row in input_ids:
-            pieces = []  # (first column, kind, visual columns, (n, 3) grid coordinates, media grid)
-            columns = (row == self.image_token_id).nonzero(as_tuple=True)[0].cpu()
+        for image_row, video_row in zip(is_image, is_video):
+            pieces = []  # (first column, kind, visual columns (numpy), (n, 3) grid coordinates, media grid)
+            columns = np.flatnonzero(image_row)
             start = 0
             while start < len(columns):
                 if next_image >= len(image_blocks):
@@ -142,11 +150,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 item = columns[start : start + len(block)]
                 if len(item) != len(block):
                     raise InputError(f"image tokens of a sample do not match whole images. {SPLIT_MEDIA_HINT}")
-                base = block[block[:, 0] == 0]
-                grid = (1, int(base[:, 1].max()) + 1, int(base[:, 2].max()) + 1) if len(base) else (1, 1, 1)
-                pieces.append((int(item[0]), IMAGE, item, block, grid))
+                pieces.append((int(item[0]), IMAGE, item, block, _image_grid(block)))
                 start += len(block)
-            columns = (row == self.video_token_id).nonzero(as_tuple=True)[0].cpu()
+            columns = np.flatnonzero(video_row)
             start = 0
             while start < len(columns):
                 if next_video >= len(video_grids):
@@ -161,7 +167,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 grid = (frames, rows, cols)
                 pieces.append((int(item[0]), VIDEO, item[:count], _video_block(*grid), grid))
                 start += len(item)
-            samples.append(SampleMedia(*_merge_pieces(pieces)))
+            pieces.sort(key=lambda piece: piece[0])
+            columns = torch.from_numpy(np.concatenate([piece[2] for piece in pieces])) if pieces else None
+            samples.append(SampleMedia(*_merge_pieces(pieces, columns, self._merged_layouts)))
         if next_image != len(image_blocks) or next_video != len(video_grids):
             raise InputError(
                 f"{self.family}: the call brings {len(image_blocks)} images and {len(video_grids)} videos but the "
@@ -171,19 +179,38 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         return samples
 
 
-def _merge_pieces(pieces: list[tuple]) -> tuple[torch.Tensor, VisualLayout]:
-    """Columns and layout of one sample from its media items, numbered in order of appearance."""
+@functools.lru_cache(maxsize=256)
+def _image_grid(block: torch.Tensor) -> tuple[int, int, int]:
+    """(1, H, W) media grid of an image block: its base grid (t == 0). Blocks are cached objects (hashed by id)."""
+    base = block[block[:, 0] == 0]
+    return (1, int(base[:, 1].max()) + 1, int(base[:, 2].max()) + 1) if len(base) else (1, 1, 1)
+
+
+def _merge_pieces(pieces: list[tuple], columns: torch.Tensor | None = None, cache: SmallLRU | None = None):
+    """Columns and layout of one sample from its media items, numbered in order of appearance.
+
+    columns: the items' columns already joined in order (else joined here); cache: layouts by the items' (kind,
+    block, grid) sequence (blocks are cached objects: an entry keeps them alive, so their ids stay unique).
+    """
     pieces = sorted(pieces, key=lambda piece: piece[0])
     if not pieces:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, VisualLayout(empty, empty.clone(), empty.clone(), torch.zeros(0, 3, dtype=torch.long), [])
-    columns = torch.cat([piece[2] for piece in pieces])
+    if columns is None:
+        columns = torch.cat([torch.as_tensor(piece[2]) for piece in pieces])
+    if cache is not None:
+        key = tuple((piece[1], id(piece[3]), piece[4], len(piece[2])) for piece in pieces)
+        layout, _ = cache.get(key, lambda: (_merged_layout(pieces), [piece[3] for piece in pieces]))
+        return columns, copy.copy(layout)  # a shallow copy: the engine sets attributes such as `group`
+    return columns, _merged_layout(pieces)
+
+
+def _merged_layout(pieces: list[tuple]) -> VisualLayout:
     grid_thw = torch.cat([piece[3] for piece in pieces])
     media_index = torch.cat([torch.full((len(piece[2]),), i, dtype=torch.long) for i, piece in enumerate(pieces)])
     kind = torch.cat([torch.full((len(piece[2]),), piece[1], dtype=torch.long) for piece in pieces])
     frame = torch.where(kind == VIDEO, grid_thw[:, 0], torch.zeros_like(kind))
-    layout = VisualLayout(media_index, kind, frame, grid_thw, [piece[4] for piece in pieces])
-    return columns, layout
+    return VisualLayout(media_index, kind, frame, grid_thw, [piece[4] for piece in pieces])
 
 
 class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
