@@ -229,7 +229,7 @@ class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
         """The base grid: the model requires (image_size / patch_size)^2 features (SigLIP has no CLS token)."""
         return self._grid_side() ** 2
 
-    def _split_image_runs(self, counts: list[int], is_newline: torch.Tensor | None) -> list[int]:
+    def _split_image_runs(self, counts: list[int], is_newline: np.ndarray | None) -> list[int]:
         """Split a chunk's block of multi-image-prompt images (base + newline each, a fixed size) into images.
 
         is_newline: (N,) host bool, whether each of the call's image tokens is the `image_newline` vector. An anyres
