@@ -140,12 +140,20 @@ class LlavaAdapter(Adapter):
         return blocks
 
     def _grid_side(self) -> int:
-        """Patches along one side of the vision tower's square input grid."""
-        return self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        """Patches along one side of the vision tower's square input grid.
+
+        Read once per adapter: the tower's weights (its position table) fix this geometry, and transformers' config
+        lookups cost ~3-5 us each, several per prefill."""
+        side = self.__dict__.get("_side")
+        if side is None:
+            side = self._side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        return side
 
     def _tokens_per_image(self) -> int:
         """Tokens of one image's base grid: (image_size / patch_size)^2, plus the CLS token under "full"."""
-        full = getattr(self.model.config, "vision_feature_select_strategy", "") == "full"
+        full = self.__dict__.get("_full")
+        if full is None:  # (read once, as `_grid_side`)
+            full = self._full = getattr(self.model.config, "vision_feature_select_strategy", "") == "full"
         return self._grid_side() ** 2 + (1 if full else 0)
 
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:

@@ -110,9 +110,10 @@ class HostBatch:
     the indices `apply` returns are torch views of the same memory (`torch.from_numpy`, no copy).
     """
 
-    def __init__(self, columns: torch.Tensor, valid: torch.Tensor, samples: list) -> None:
+    def __init__(self, columns: torch.Tensor, valid: torch.Tensor | np.ndarray, samples: list) -> None:
         self._columns, self._valid = _numpy(columns), _numpy(valid)
-        self._torch = {"columns": columns, "valid": valid}  # torch views of `_columns` / `_valid`, once made
+        # torch views of `_columns` / `_valid`, once made (numpy inputs get theirs on first use)
+        self._torch = {key: t for key, t in (("columns", columns), ("valid", valid)) if isinstance(t, torch.Tensor)}
         batch = len(samples)
         self.num_media = [sample.layout.num_media for sample in samples]
         self.width = max(self.num_media + [1])

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -429,7 +430,7 @@ class PruneHandle:
         host_mask = call.get("attention_mask") if mask is (self._call or {}).get("attention_mask") else None
         if host_mask is None and kwargs.get("attention_mask") is not None:
             host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
-        valid = torch.ones(batch, length, dtype=torch.bool) if host_mask is None else host_mask != 0
+        valid = np.ones((batch, length), dtype=bool) if host_mask is None else host_mask.numpy() != 0  # (host)
         host_columns = torch.arange(length).expand(batch, -1)
         host = HostBatch(host_columns, valid, media)
         presents = host.row_presents()
@@ -667,9 +668,10 @@ class PruneHandle:
             ctx.segments_fn = segments_later(self.adapter, host_ids[row], host_columns, row, where, sample.media)
             result = stage.select(ctx)
             if isinstance(result, Selection):
-                rope_here = forward.rope[:, row, padded[0, row, :count]]  # remembered for re-entry (reentry.py)
-                columns = to_device(sample.visual_columns, device)
-                remember(forward.reentry, row, result, columns, feature_rows[row], rope_here)
+                if result.represents is not None:  # remembered for re-entry (reentry.py; a no-op without)
+                    rope_here = forward.rope[:, row, padded[0, row, :count]]
+                    columns = to_device(sample.visual_columns, device)
+                    remember(forward.reentry, row, result, columns, feature_rows[row], rope_here)
                 selections[row], result = result, result.keep_mask
             keep_mask = result if isinstance(result, torch.Tensor) and result.device == device else torch.as_tensor(
                 result, device=device
@@ -709,10 +711,13 @@ class PruneHandle:
         replaced = [row for row, selection in selections.items() if selection.features is not None]
         if replaced:  # merging methods: the kept tokens take the features the method gave them
             hidden = hidden.clone() if forward.index is None else hidden  # never write into the caller's tensor
-            kept_rows = torch.from_numpy(plan.rows[keep.numpy()])
-            for row in replaced:
-                slots = to_device(new_slot[kept_rows == row], device)
-                hidden[row, slots] = selections[row].features.to(hidden.dtype)
+            # one scatter for every replaced row: their kept tokens, row-major, in the order of their features
+            kept_rows = plan.rows[keep.numpy()]
+            which = np.isin(kept_rows, replaced)
+            rows = to_device(torch.from_numpy(kept_rows[which]), device)
+            slots = to_device(torch.from_numpy(new_slot.numpy()[which]), device)
+            features = [selections[row].features for row in replaced]
+            hidden[rows, slots] = (features[0] if len(features) == 1 else torch.cat(features)).to(hidden.dtype)
         forward.stats.stages.append(
             StageStats(stage.name, stage.layer, plan.tokens_in, tokens_out, time.perf_counter() - started)
         )
