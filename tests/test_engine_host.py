@@ -190,15 +190,15 @@ def _same_media(got, want) -> None:
         assert list(a.layout.media_grid) == list(b.layout.media_grid)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_next_video", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl"])
 def test_cached_sample_media_equals_a_fresh_adapter(family):
     """The adapters' numpy column search and layout caches (keyed by the items' blocks) give what an adapter with
     empty caches gives, while the inputs change between calls (other rows, images, videos, order, padding)."""
     import vlm_prune
-    from vlm_prune.toy_models import LLAVA_VIDEO_FAMILIES, build_tiny, make_inputs
+    from vlm_prune.toy_models import VIDEO_FAMILIES, build_tiny, make_inputs
 
     model = build_tiny(family)
-    video = family in LLAVA_VIDEO_FAMILIES
+    video = family in VIDEO_FAMILIES
     variants = [dict(batch=2), dict(batch=3, num_images=[1, 0, 2]), dict(batch=1), dict(batch=2, padding="right")]
     if video:
         variants += [dict(batch=2, video=True), dict(batch=2, video=True, video_first=True, num_images=[0, 1])]

@@ -16,6 +16,7 @@ import copy
 import functools
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -155,15 +156,18 @@ class QwenVLAdapter(Adapter):
         }
         next_item = {IMAGE: 0, VIDEO: 0}
         # every row's media columns of each kind from one nonzero over the batch (and their values as ints, once)
+        # (on the host ids, the engine's one read, in numpy: ~1 us a call against 5-10 us for small torch ops)
         by_kind = {}
+        ids = input_ids.cpu().numpy()
         for kind, (token_id, _) in queues.items():
-            hits = input_ids == token_id
-            counts = hits.sum(dim=1).tolist()
-            flat = hits.nonzero(as_tuple=True)[1].cpu() if any(counts) else torch.zeros(0, dtype=torch.long)
+            hits = ids == token_id
+            counts = hits.sum(axis=1).tolist()
+            flat = np.flatnonzero(hits) % hits.shape[1] if any(counts) else np.zeros(0, dtype=np.int64)
             offsets = [0]
             for count in counts:
                 offsets.append(offsets[-1] + count)
-            by_kind[kind] = (flat.split(counts), flat.tolist(), offsets)
+            columns = torch.from_numpy(flat)
+            by_kind[kind] = (columns.split(counts) if len(counts) > 1 else (columns,), flat.tolist(), offsets)
         samples = []
         for row_index in range(len(input_ids)):
             pieces = []  # (first column, kind, columns, grid block, grid size, last column)
