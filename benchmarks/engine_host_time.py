@@ -13,7 +13,10 @@ Every hook the handle installs is wrapped with a timer of the thread's CPU time 
 shared machine wall time mostly measures other jobs) and every stage's `select` with another; the engine time of
 a forward is the hooks' time minus the time inside `select` (the method's own selection, excluded as in the
 issue's targets). Each of `--repeats` greedy generate() calls
-(after one warm-up) gives one prefill and 4 decode steps, split at the top-level forwards; medians. Syncs: one
+(after one warm-up) gives one prefill and 4 decode steps, split at the top-level forwards; medians. A second,
+shorter pass also times the engine's calls of device work (`DEVICE_OPS`: gathers, cache trim, transformers' 4-D
+mask; asynchronous launches on a GPU, inline on a CPU) for an extra "excl. device ops" figure; the headline and
+the targets keep them. Syncs: one
 untimed generate() call with the inputs marked as device tensors and `vlm_prune.engine.syncs.SyncCounter`
 around the hooks (a lower bound; see that module).
 Results accumulate per tag in `--json` (default `benchmarks/results/engine_host_time.json`); the report
@@ -51,6 +54,18 @@ def in_llm_fastv(family: str) -> dict:
 
 CLOCK = time.thread_time  # CPU time of this thread: what the hooks cost, not the time other jobs took the core
 
+#: the engine's calls of tensor work that a GPU runs asynchronously (launches, no host wait) but a CPU runs inline:
+#: the compaction gathers, the visual-token gather, the cache trim and transformers' 4-D mask after an in-LLM
+#: stage. Timed apart (only inside the hooks) for the extra "excl. device ops" figures; the headline includes them.
+DEVICE_OPS = (
+    ("vlm_prune.engine.handle", "compact_sequence"),
+    ("vlm_prune.engine.handle", "take_rows"),
+    ("vlm_prune.engine.handle", "gather_tokens"),
+    ("vlm_prune.engine.ragged", "trim_layers"),
+    ("transformers.masking_utils", "create_causal_mask"),
+)
+_INSIDE = [0]  # depth of timed hooks running (device ops count only inside them)
+
 
 def wrap_new_hooks(model, before: set, total: list[float]) -> None:
     """Wrap every forward (pre-)hook not in `before` with a CPU-time timer adding to total[0] (same hook ids, so
@@ -59,9 +74,11 @@ def wrap_new_hooks(model, before: set, total: list[float]) -> None:
     def timed(fn):
         def wrapper(*args, **kwargs):
             started = CLOCK()
+            _INSIDE[0] += 1
             try:
                 return fn(*args, **kwargs)
             finally:
+                _INSIDE[0] -= 1
                 total[0] += CLOCK() - started
 
         return wrapper
@@ -91,6 +108,37 @@ def _timed_selects(handle, total: list[float]) -> None:
 STEPS = 4  # decode steps per generate() call
 
 
+def _timed_device_ops(total: list[float]) -> list[tuple]:
+    """Wrap every `DEVICE_OPS` function with a CPU-time timer adding to total[0] while inside a timed hook.
+    Returns what `_restore` puts back."""
+    import importlib
+
+    saved = []
+    for module_name, name in DEVICE_OPS:
+        module = importlib.import_module(module_name)
+        original = getattr(module, name, None)
+        if original is None:
+            continue
+
+        def timed(*args, _original=original, **kwargs):
+            if not _INSIDE[0]:
+                return _original(*args, **kwargs)
+            started = CLOCK()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                total[0] += CLOCK() - started
+
+        setattr(module, name, timed)
+        saved.append((module, name, original))
+    return saved
+
+
+def _restore(saved: list[tuple]) -> None:
+    for module, name, original in saved:
+        setattr(module, name, original)
+
+
 def _per_forward(model, totals: list[list[float]], marks: list) -> torch.utils.hooks.RemovableHandle:
     """Snapshot `totals` at the start of every top-level forward (before the handle's own hook)."""
     return model.register_forward_pre_hook(lambda module, args: marks.append([t[0] for t in totals]), prepend=True)
@@ -104,8 +152,8 @@ def _splits(marks: list, totals: list[list[float]]) -> list[list[float]]:
 def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
     """Median engine ms of a prefill and of a decode step inside generate(), and the syncs of each."""
     before = _hook_keys(model)
-    hooks, selects = [0.0], [0.0]
-    prefill, decode = [], []
+    hooks, selects, device = [0.0], [0.0], [0.0]
+    prefill, decode, prefill_host, decode_host = [], [], [], []
     generate = {"max_new_tokens": STEPS + 1, "min_new_tokens": STEPS + 1, "do_sample": False}
     with vlm_prune.pruned(model, method, **options) as handle, torch.no_grad():
         stages = len(handle.stages)
@@ -121,20 +169,33 @@ def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
             where = [s.where for s in counter.syncs]
         wrap_new_hooks(model, before, hooks)
         _timed_selects(handle, selects)
-        for index in range(repeats + 1):
-            marks = []
-            timer = _per_forward(model, [hooks, selects], marks)
-            try:
-                model.generate(**inputs, **generate)
-            finally:
-                timer.remove()
-            if index >= 1:  # the first call warms up
-                forwards = [(h - s) * 1e3 for h, s in _splits(marks, [hooks, selects])]
-                prefill.append(forwards[0])
-                decode.extend(forwards[1:])
+        totals = [hooks, selects, device]
+
+        def run(calls: int, into_prefill: list, into_decode: list, minus_device: bool) -> None:
+            for _ in range(calls):
+                marks = []
+                timer = _per_forward(model, totals, marks)
+                try:
+                    model.generate(**inputs, **generate)
+                finally:
+                    timer.remove()
+                values = [(h - s - (d if minus_device else 0.0)) * 1e3 for h, s, d in _splits(marks, totals)]
+                into_prefill.append(values[0])
+                into_decode.extend(values[1:])
+
+        run(1, [], [], False)  # warm-up
+        run(repeats, prefill, decode, False)  # the headline: hooks minus selection
+        # a second, shorter pass also times `DEVICE_OPS` apart (its timers never touch the headline figures)
+        saved = _timed_device_ops(device)
+        try:
+            run(max(5, repeats // 2), prefill_host, decode_host, True)
+        finally:
+            _restore(saved)
     return {
         "prefill_ms": statistics.median(prefill),
         "decode_ms": statistics.median(decode),
+        "prefill_host_ms": statistics.median(prefill_host),  # excluding `DEVICE_OPS` (not the headline)
+        "decode_host_ms": statistics.median(decode_host),  # (noisier: the shorter pass; not reported)
         "syncs_prefill": per[0] + per[1],
         "syncs_decode": max(per[2:]),
         "stages": stages,
@@ -242,6 +303,24 @@ def render(results: dict) -> str:
             f"({'met' if dec <= TARGETS['decode'] else 'missed'}); syncs per prefill at most stages + {extra}, per "
             f"decode step at most {step}"
         )
+    lines += ["", "Median and best cell per tag (prefill at batch 1 / batch 8, decode step; ms). \"excl. device "
+              "ops\": the same cells' engine time minus the calls in `DEVICE_OPS` (gathers, cache trim, "
+              "transformers' 4-D mask: asynchronous launches on a GPU, inline work on this CPU), from a second, "
+              "shorter pass; the targets apply to the headline columns.", "",
+              "| tag | prefill b1 median | best | prefill b8 median | best | decode median | best | "
+              "excl. device ops: prefill b1 / b8 medians |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    wanted = ((1, "prefill_ms"), (8, "prefill_ms"), (None, "decode_ms"))
+    for tag in tags:
+        rows = results[tag]["rows"]
+        figures, host = [], []
+        for batch, field in wanted:
+            chosen = [r for k, r in rows.items() if batch is None or k.split("|")[1] == str(batch)]
+            values = [r[field] for r in chosen]
+            figures += [f"{statistics.median(values):.2f}", f"{min(values):.2f}"] if values else ["", ""]
+            apart = [r[field.replace("_ms", "_host_ms")] for r in chosen if field.replace("_ms", "_host_ms") in r]
+            if batch is not None:  # (a decode step makes no `DEVICE_OPS` call on a trimmed cache)
+                host.append(f"{statistics.median(apart):.2f}" if apart else "-")
+        lines.append(f"| {tag} | " + " | ".join(figures) + " | " + " / ".join(host) + " |")
     if results.get("_notes"):
         lines[2:2] = [results["_notes"].rstrip(), ""]
     if results.get("_history"):
