@@ -383,12 +383,14 @@ class PruneHandle:
         if embeds is None:
             return None
         batch, length = embeds.shape[:2]
-        cache = cache_of(kwargs)
         call = self._call or {}
         input_ids = call.get("input_ids")
         brings = call["brings_media"] if "brings_media" in call else brings_media(call)
         live = call.get("live")
+        cache = kwargs.get("cache")
+        cache = kwargs.get("past_key_values") if cache is None else cache
         if live is None or live[0] is not cache:  # the language model got another cache than the call
+            cache = cache_of(kwargs)  # (the call's own cache was checked by the top-level hook)
             live = (cache, None, cache is not None and cache.get_seq_length() > 0)
             live = (cache, self._live_cached(cache) if live[2] else None, live[2])
         if input_ids is None and brings:
