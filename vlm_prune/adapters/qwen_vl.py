@@ -230,7 +230,7 @@ class QwenVLAdapter(Adapter):
         return samples
 
     def lm_position_ids(self, contiguous: torch.Tensor) -> torch.Tensor:
-        return contiguous.unsqueeze(0).expand(self.rope_rows + 1, -1, -1)
+        return contiguous.expand(self.rope_rows + 1, -1, -1)  # (B, L) -> (rows + 1, B, L): one view op
 
     def decode_position_ids(
         self, call: dict, virtual_past: int, q_len: int, batch: int, state: object = None

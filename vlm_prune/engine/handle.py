@@ -182,7 +182,7 @@ class PruneHandle:
         self._plain_rope = type(adapter).rope_positions is Adapter.rope_positions
         # decode steps hand the rotary embedding the caller's 2-D position ids unchanged (`_continue`)
         self._rotary_as_given = self._plain_rope and position_policy == "preserve" and adapter.rope_rows == 1
-        self._positions: dict = {}  # device -> arange buffer: contiguous position ids are views of it
+        self._positions: dict = {}  # (device, batch) -> expanded arange: contiguous position ids are views of it
         self._media_ids = torch.tensor(adapter.media_token_ids())
         try:
             self._install()
@@ -471,19 +471,22 @@ class PruneHandle:
         """Set mask, contiguous position ids and the pending rotary positions (`rotary`, if given: what the
         rotary embedding gets, already in its layout) for the language model."""
         batch, length = forward.columns.shape
-        contiguous = self._contiguous(past, length, forward.rope.device).expand(batch, -1)
+        contiguous = self._contiguous(past, length, batch, forward.rope.device)
         kwargs["attention_mask"] = forward.mask
         kwargs["position_ids"] = self.adapter.lm_position_ids(contiguous)
         if rotary is None:
             rotary = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
         self._pending_rope = rotary
 
-    def _contiguous(self, start: int, length: int, device) -> torch.Tensor:
-        """(length,) positions start, start + 1, ...: a view of a per-device arange (never written into)."""
-        buffer = self._positions.get(device)
-        if buffer is None or buffer.shape[0] < start + length:
-            buffer = self._positions[device] = torch.arange(max(2 * (start + length), 4096), device=device)
-        return buffer[start : start + length]
+    def _contiguous(self, start: int, length: int, batch: int, device) -> torch.Tensor:
+        """(batch, length) positions start, start + 1, ... in every row: ONE view of a per-(device, batch) expanded
+        arange (never written into; a decode step makes no allocation for its position ids)."""
+        key = (device, batch)
+        buffer = self._positions.get(key)
+        if buffer is None or buffer.shape[1] < start + length:
+            buffer = torch.arange(max(2 * (start + length), 4096), device=device).expand(batch, -1)
+            self._positions[key] = buffer
+        return buffer[:, start : start + length]
 
     def _continue(self, kwargs: dict, cached: _Cached, cache) -> dict:
         embeds: torch.Tensor = kwargs["inputs_embeds"]
@@ -781,7 +784,7 @@ class PruneHandle:
                 sin = gather_tokens(sin, slot_index)
         batch, length = forward.columns.shape
         cache = cache_of(kwargs)
-        contiguous = self._contiguous(0, length, hidden.device).expand(batch, -1)
+        contiguous = self._contiguous(0, length, batch, hidden.device)
         # decided on the host mirror, so that transformers need not read the mask to skip it
         plain = forward.mask.shape[1] == length and forward.host.all_valid
         mask = create_causal_mask(
