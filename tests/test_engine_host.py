@@ -214,6 +214,6 @@ def test_cached_sample_media_equals_a_fresh_adapter(family):
             return got
 
         adapter.sample_media = checked
-        for variant in variants + variants[::-1]:  # every signature seen twice, in between others
+        for variant in variants + variants[:2]:  # the first signatures seen again after the others (cache hits)
             model(**make_inputs(model, **variant))
-    assert len(calls) == 2 * len(variants)
+    assert len(calls) == len(variants) + 2
