@@ -23,6 +23,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from engine_host_time import _timed_selects  # next to this script
 from speed import keep_all_at  # benchmarks/speed.py, next to this script
 
 import vlm_prune
@@ -110,14 +111,7 @@ def measure(family: str, batch: int, name: str, calls: int) -> dict:
                                                                   name == "fastv" else {})}
     with vlm_prune.pruned(model, method, **options) as handle, torch.no_grad():
         selects = [0.0]
-        for stage in handle.stages:
-            def timed(ctx, select=stage.select):
-                started = CLOCK()
-                try:
-                    return select(ctx)
-                finally:
-                    selects[0] += CLOCK() - started
-            stage.select = timed
+        _timed_selects(handle, selects)
         layer_hooks = _layer_hooks(handle)
         # prefill: one real forward records the kwargs; the cache is copied per replay when stages trim it
         seen = _record(model, handle, lambda: model(**inputs, use_cache=True))
