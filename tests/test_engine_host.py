@@ -217,3 +217,15 @@ def test_cached_sample_media_equals_a_fresh_adapter(family):
         for variant in variants + variants[:2]:  # the first signatures seen again after the others (cache hits)
             model(**make_inputs(model, **variant))
     assert len(calls) == len(variants) + 2
+
+
+def test_llava_next_padded_block_matches_hand_built_and_is_one_cached_object():
+    """An anyres image of a model without `image_newline`: base grid, then grid-less (-1) tokens; the same object
+    each call, so the id-keyed layout caches hit."""
+    from vlm_prune.adapters.llava import _grid_block, _padded_block
+
+    base = _grid_block(1, 2, 2)  # a CLS-like grid-less token, then a 2x2 grid
+    block = _padded_block(3, base)
+    expected = torch.tensor([[-1, -1, -1], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]] + [[-1, -1, -1]] * 3)
+    assert torch.equal(block, expected)
+    assert _padded_block(3, base) is block

@@ -92,6 +92,13 @@ def _hires_block(rows: int, width: int, base: torch.Tensor) -> torch.Tensor:
     return torch.cat([base, hires])
 
 
+@functools.lru_cache(maxsize=256)
+def _padded_block(extra: int, base: torch.Tensor) -> torch.Tensor:
+    """`base`, then `extra` grid-less (-1, -1, -1) tokens: an anyres image of a model without `image_newline`.
+    Cached per shape, like `_hires_block`, so that every block is a cached object (the layout caches key on ids)."""
+    return torch.cat([base, torch.full((extra, 3), -1, dtype=torch.long)])
+
+
 def _layout_key(blocks: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(id(block) for block in blocks)
 
@@ -257,7 +264,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 blocks.append(base)
                 continue
             if all_newline is None:
-                blocks.append(torch.cat([base, torch.full((count - base_count, 3), -1, dtype=torch.long)]))
+                blocks.append(_padded_block(count - base_count, base))
                 continue
             is_newline = all_newline[rest_start:start]
             row_ends = np.flatnonzero(is_newline)

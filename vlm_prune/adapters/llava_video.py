@@ -167,9 +167,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 grid = (frames, rows, cols)
                 pieces.append((int(item[0]), VIDEO, item[:count], _video_block(*grid), grid))
                 start += len(item)
-            pieces.sort(key=lambda piece: piece[0])
-            columns = torch.from_numpy(np.concatenate([piece[2] for piece in pieces])) if pieces else None
-            samples.append(SampleMedia(*_merge_pieces(pieces, columns, self._merged_layouts)))
+            samples.append(SampleMedia(*_merge_pieces(pieces, self._merged_layouts)))
         if next_image != len(image_blocks) or next_video != len(video_grids):
             raise InputError(
                 f"{self.family}: the call brings {len(image_blocks)} images and {len(video_grids)} videos but the "
@@ -186,23 +184,21 @@ def _image_grid(block: torch.Tensor) -> tuple[int, int, int]:
     return (1, int(base[:, 1].max()) + 1, int(base[:, 2].max()) + 1) if len(base) else (1, 1, 1)
 
 
-def _merge_pieces(pieces: list[tuple], columns: torch.Tensor | None = None, cache: SmallLRU | None = None):
+def _merge_pieces(pieces: list[tuple], cache: SmallLRU) -> tuple[torch.Tensor, VisualLayout]:
     """Columns and layout of one sample from its media items, numbered in order of appearance.
 
-    columns: the items' columns already joined in order (else joined here); cache: layouts by the items' (kind,
-    block, grid) sequence (blocks are cached objects: an entry keeps them alive, so their ids stay unique).
+    pieces: (first column, kind, visual columns (numpy), (n, 3) grid coordinates, media grid) per item, in any
+    order; cache: layouts by the items' (kind, block, grid, count) sequence (blocks are cached objects: an entry
+    keeps them alive, so their ids stay unique).
     """
-    pieces = sorted(pieces, key=lambda piece: piece[0])
     if not pieces:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, VisualLayout(empty, empty.clone(), empty.clone(), torch.zeros(0, 3, dtype=torch.long), [])
-    if columns is None:
-        columns = torch.cat([torch.as_tensor(piece[2]) for piece in pieces])
-    if cache is not None:
-        key = tuple((piece[1], id(piece[3]), piece[4], len(piece[2])) for piece in pieces)
-        layout, _ = cache.get(key, lambda: (_merged_layout(pieces), [piece[3] for piece in pieces]))
-        return columns, copy.copy(layout)  # a shallow copy: the engine sets attributes such as `group`
-    return columns, _merged_layout(pieces)
+    pieces = sorted(pieces, key=lambda piece: piece[0])
+    columns = torch.from_numpy(np.concatenate([piece[2] for piece in pieces]))
+    key = tuple((piece[1], id(piece[3]), piece[4], len(piece[2])) for piece in pieces)
+    layout, _ = cache.get(key, lambda: (_merged_layout(pieces), [piece[3] for piece in pieces]))
+    return columns, copy.copy(layout)  # a shallow copy: the engine sets attributes such as `group`
 
 
 def _merged_layout(pieces: list[tuple]) -> VisualLayout:
