@@ -610,7 +610,10 @@ def main(argv=None) -> int:
                    help="count questions: probe the asked kind's colours at the answer position after layer 2")
     p.add_argument("--voxel-labels", choices=("majority", "pixel"), default="majority",
                    help="voxel labels from each patch's majority pixel label, or from the pixel that placed it")
-    p.add_argument("--init-from", default="", help="a checkpoint.pt of an earlier run to start from (warm start)")
+    p.add_argument("--init-from", default="",
+                   help="a checkpoint.pt of an earlier run, or a saved model folder, to start from (warm start)")
+    p.add_argument("--probe-warmup", type=int, default=0,
+                   help="first steps that train only the (fresh) auxiliary heads, the model's lr held at 0")
     p.add_argument("--bank-cache", default="", help="folder to keep the rendered train scenes in between runs")
     p.add_argument("--pilot", action="store_true", help="300 steps, 150 scenes, into /tmp/scene3d_pilot")
     args = p.parse_args(argv)
@@ -648,7 +651,13 @@ def main(argv=None) -> int:
         raise SystemExit("the shared-prefix forward does not match the plain forward")
     heads = make_heads(args.hidden)
     if args.init_from:
-        model.load_state_dict(torch.load(args.init_from))
+        if Path(args.init_from).is_dir():  # a shipped model: its fp16 weights, in fp32
+            from vlm_prune.models.llava3d.modeling import Llava3DForConditionalGeneration
+
+            saved = Llava3DForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+            model.load_state_dict(saved.state_dict())
+        else:
+            model.load_state_dict(torch.load(args.init_from))
         probes = Path(args.init_from).with_name("probes.pt")
         if probes.is_file():
             missing, _ = heads.load_state_dict(torch.load(probes), strict=False)
@@ -656,7 +665,9 @@ def main(argv=None) -> int:
                 print(f"fresh probes: {missing}", flush=True)
         print(f"initialised from {args.init_from}", flush=True)
     params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [{"params": list(model.parameters())}, {"params": list(heads.parameters())}], lr=args.lr, weight_decay=0.01
+    )
     weights = {"answer": 1.0, "lens": 0.5, "dense": 0.5, "voxels": 0.5, "attention": 0.5, "probes": 0.5}
     mix = {q: 2 for q in S.QTYPES}
     for part in filter(None, args.mix.split(",")):
@@ -678,9 +689,10 @@ def main(argv=None) -> int:
             break
         # progress: by steps, or by the wall-clock cap when that comes first (so the schedule always anneals)
         frac = min(1.0, max(step / args.steps, elapsed / (args.minutes * 60) if args.minutes else 0.0))
-        lr = args.lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+        lr = args.lr * min(1.0, (step + 1) / warm) * decay
+        model_lr = args.lr * min(1.0, max(0, step + 1 - args.probe_warmup) / warm) * decay
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = model_lr, lr
         picks = rng.sample(range(len(bank.items)), args.batch_scenes)
         opt.zero_grad(set_to_none=True)
         stats = train_step(model, heads, bank, tokenizer, picks, rng, weights, args.attention_reduce, mix=mix,
@@ -691,7 +703,7 @@ def main(argv=None) -> int:
         for k, v in stats.items():
             running[k] = v if k not in running else 0.95 * running[k] + 0.05 * v
         if step % 25 == 0:
-            history.append({"step": step, "seconds": round(time.time() - start, 1), "lr": lr, **running})
+            history.append({"step": step, "seconds": round(time.time() - start, 1), "lr": model_lr, **running})
             print(
                 json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in history[-1].items()}), flush=True
             )
