@@ -92,12 +92,19 @@ def test_host_batch_matches_a_per_row_loop(batch, padding, mode):
         assert plan.counts == [len(p) for p in present]
         assert plan.starts == [sum(len(p) for p in present[:r]) for r in range(batch)]
         assert plan.valid_counts == host.valid.sum(dim=1).tolist()
+        runs: list[int] | None = []
         for row in range(batch):
             slot_of = {int(c): s for s, c in enumerate(host.columns[row].tolist()) if c >= 0}
             slots = [slot_of[c] for c in present[row]]
             ranks = [int(host.valid[row, :s].sum()) for s in slots]
             assert plan.padded[0, row, : len(slots)].tolist() == slots
             assert plan.padded[1, row, : len(slots)].tolist() == ranks
+            assert plan.flat[plan.starts[row] : plan.starts[row] + len(slots)].tolist() == [
+                row * host.columns.shape[1] + s for s in slots
+            ]
+            consecutive = slots == list(range(slots[0], slots[0] + len(slots))) if slots else True
+            runs = None if runs is None or not consecutive else [*runs, slots[0] if slots else 0]
+        assert plan.runs == runs  # the engine takes views of hidden for these rows
         total = sum(plan.counts)
         if mode == "all":
             keep = torch.ones(total, dtype=torch.bool)

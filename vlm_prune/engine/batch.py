@@ -17,6 +17,7 @@ Flat arrays run over the batch's ORIGINAL visual tokens, row-major, ascending co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -79,7 +80,9 @@ class StageInput:
     counts: N_r per row; starts: offset of row r in the P order; valid_counts: V_r non-padding slots per row;
     contiguous: whether row r's valid slots are its last V_r slots; padded: (2, B, N_max) long tensor, the slots
     and the positions within the row's valid slots of its visual tokens, -1 padded (uploaded once);
-    tokens_in: visual tokens per media item of each row.
+    tokens_in: visual tokens per media item of each row; runs: the first slot of every row's visual tokens when
+    each row's tokens fill one run of consecutive slots (the usual single-image row), else None (then the
+    engine gathers them; with runs it takes views); flat: (P,) row * L + slot of each token.
     """
 
     present: np.ndarray
@@ -91,6 +94,24 @@ class StageInput:
     contiguous: list[bool]
     padded: torch.Tensor
     tokens_in: list[list[int]]
+    runs: list[int] | None
+    flat: np.ndarray
+
+
+def _runs(slots: np.ndarray, counts: list[int], starts: list[int]) -> list[int] | None:
+    """The first slot of every row's visual tokens if each row's N_r tokens sit in N_r consecutive slots, else None
+    (rows without visual tokens get 0). slots: (P,) row-major; within a row they ascend strictly (every stage keeps
+    a row in original column order, and re-entry rebuilds it so), so first and last decide."""
+    firsts = []
+    for start, count in zip(starts, counts):
+        if count == 0:
+            firsts.append(0)
+            continue
+        first = int(slots[start])
+        if int(slots[start + count - 1]) - first != count - 1:
+            return None
+        firsts.append(first)
+    return firsts
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -175,12 +196,6 @@ class HostBatch:
             self._all_valid = bool(self._valid.all())
         return self._all_valid
 
-    def row_presents(self) -> tuple[torch.Tensor, ...]:
-        """Every row's `row_present` view (writes go through)."""
-        if len(self.offsets) == 2:
-            return (self.present,)
-        return tuple(self.present[start:end] for start, end in zip(self.offsets, self.offsets[1:]))
-
     def row_present(self, row: int) -> torch.Tensor:
         """(N0_r,) bool view of row `row`'s entries of `present` (writes go through)."""
         return self.present[self.offsets[row] : self.offsets[row + 1]]
@@ -201,46 +216,52 @@ class HostBatch:
             rows, slots = self.rows[present], self.slot[present]
         tokens_in = self.current_counts
         counts = [sum(row) for row in tokens_in]
-        starts = [0]
-        for count in counts[:-1]:
-            starts.append(starts[-1] + count)
+        starts = list(accumulate(counts[:-1], initial=0))
+        runs = _runs(slots, counts, starts)
+        # flat indices (row * L + slot): 1-D fancy indexing is ~3x cheaper than (row, slot) pairs
+        flat = slots if batch == 1 else rows * length + slots
         if self.all_valid:  # no padding slot: a slot is its own rank among the valid ones
             self.checked = True
-            valid_counts, contiguous = [length] * batch, [True] * batch
-            if batch == 1:
-                padded = torch.from_numpy(np.stack([slots, slots])[:, None])
-                return StageInput(present, rows, slots, counts, starts, valid_counts, contiguous, padded, tokens_in)
-            rank = None
+            valid_counts, contiguous, rank = [length] * batch, [True] * batch, slots
         else:
             valid = self._valid
             counted = valid.sum(axis=1)
-            rank = np.cumsum(valid, axis=1) - 1
             first = np.where(counted > 0, valid.argmax(axis=1), length)
-            valid_counts, contiguous = counted.tolist(), (first == length - counted).tolist()
-        width = max(counts) if batch else 0
-        # flat indices (row * width + position): 1-D fancy indexing is ~3x cheaper than (row, position) pairs
-        flat = rows * length + slots
-        dest = rows * width + (np.arange(len(present)) - np.asarray(starts, dtype=np.int64)[rows])
-        padded = np.full((2, batch * width), -1, dtype=np.int64)
-        padded[0][dest] = slots
-        padded[1][dest] = slots if rank is None else rank.reshape(-1)[flat]
-        if not self.checked:
-            self.checked = True
-            if len(slots) and not bool(self._valid.reshape(-1)[flat].all()):
-                from vlm_prune.errors import InputError
+            left_padded = first == length - counted  # the row's valid slots are its last ones (left padding)
+            valid_counts, contiguous = counted.tolist(), left_padded.tolist()
+            # a slot's rank among its row's valid slots: slot - first where they are one run (left padding)
+            rank = slots - first[rows] if all(contiguous) else (np.cumsum(valid, axis=1) - 1).reshape(-1)[flat]
+            if not self.checked:
+                self.checked = True
+                if len(slots) and not bool(self._valid.reshape(-1)[flat].all()):
+                    from vlm_prune.errors import InputError
 
-                raise InputError("visual tokens are masked out by the attention mask; check the inputs")
-        padded = torch.from_numpy(padded.reshape(2, batch, width))
-        return StageInput(present, rows, slots, counts, starts, valid_counts, contiguous, padded, tokens_in)
+                    raise InputError("visual tokens are masked out by the attention mask; check the inputs")
+        width = max(counts) if batch else 0
+        if min(counts, default=0) == width:  # every row holds `width` tokens: no pad entry, no scatter
+            padded = np.concatenate([slots, rank]).reshape(2, batch, width)
+        else:
+            dest = rows * width + (np.arange(len(present)) - np.asarray(starts, dtype=np.int64)[rows])
+            padded = np.full((2, batch * width), -1, dtype=np.int64)
+            padded[0][dest] = slots
+            padded[1][dest] = rank
+            padded = padded.reshape(2, batch, width)
+        plan = (present, rows, slots, counts, starts, valid_counts, contiguous, torch.from_numpy(padded), tokens_in)
+        return StageInput(*plan, runs, flat)
 
     def budgets(self, keep, tokens_in: list[list[int]]) -> list[list[int] | None]:
         """Tokens to keep per media item of every row (None rows: the method decides)."""
         if keep is None:
             return [None] * len(tokens_in)
-        return [
-            [tokens_to_keep(keep, o, c) for o, c in zip(original, current)]
-            for original, current in zip(self.original_counts, tokens_in)
-        ]
+        known: dict[tuple, list[int]] = {}  # rows with the same counts share one (read-only) list
+        budgets = []
+        for original, current in zip(self.original_counts, tokens_in):
+            key = (*original, -1, *current)
+            row = known.get(key)
+            if row is None:
+                row = known[key] = [tokens_to_keep(keep, o, c) for o, c in zip(original, current)]
+            budgets.append(row)
+        return budgets
 
     def apply(self, plan: StageInput, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Advance the mirror past a stage that kept the flat tokens where `keep` (P,) bool (host) is set.
@@ -250,34 +271,35 @@ class HostBatch:
         """
         batch, length = self._columns.shape
         keep = _numpy(keep)
-        dropped = ~keep
-        if not dropped.any():  # the stage kept everything: the slots stay as they are
+        if np.count_nonzero(keep) == len(keep):  # the stage kept everything: the slots stay as they are
             identity = torch.arange(length).expand(batch, -1)
             self.index_padded = False
             return identity, torch.zeros(batch, length, dtype=torch.bool), torch.from_numpy(plan.slots)
+        dropped = ~keep
         gone = plan.present[dropped]
-        flat = plan.rows * length + plan.slots  # (P,) the tokens' flat slots in (B, L)
-        removed = np.zeros(batch * length, dtype=bool)
-        removed[flat[dropped]] = True
-        removed = removed.reshape(batch, length)
+        kept = np.ones(batch * length, dtype=bool)  # (B * L) the slots that stay
+        kept[plan.flat[dropped]] = False
         self._present[gone] = False
         self.all_present = False
         kept_flat = plan.present[keep]
         self.current_counts = self.media_counts(kept_flat)
-        kept = ~removed
-        kept_counts = kept.sum(axis=1)
-        lengths = kept_counts.tolist()
+        # slots left per row: only visual tokens are removed
+        lengths = [length - count + sum(now) for count, now in zip(plan.counts, self.current_counts)]
         width = max(lengths) if batch else 0
         self.index_padded = min(lengths, default=width) < width  # the index has pad slots (-1): ragged rows
-        target = np.cumsum(kept, axis=1) - 1
+        source = np.flatnonzero(kept)  # (K,) flat (row * L + slot) of every kept slot, row-major
+        # a kept slot's new slot: its place in `source` less its row's start there, plus the row's left padding
+        row_shift = np.asarray(list(accumulate(lengths[:-1], initial=0)), dtype=np.int64)
         if self.index_padded:
-            target += (width - kept_counts)[:, None]
-        new_slot = target.reshape(-1)[flat[keep]]
+            row_shift -= width - np.asarray(lengths, dtype=np.int64)
+        position = np.searchsorted(source, plan.flat[keep])
+        new_slot = position if batch == 1 else position - row_shift[plan.rows[keep]]
         self.slot[kept_flat] = new_slot
         self.slot[gone] = -1
-        source = np.flatnonzero(kept)  # (K,) flat (row * L + slot) of every kept slot, row-major
         if not self.index_padded:  # every row keeps `width` slots: the kept slots, row by row, are the index
-            index = (source.reshape(batch, width) - (np.arange(batch) * length)[:, None])
+            index = source.reshape(batch, width)
+            if batch > 1:
+                index = index - (np.arange(batch) * length)[:, None]
             self._set_slots(np.take(self._columns, source).reshape(batch, width),
                             np.take(self._valid, source).reshape(batch, width))
             self._all_valid = True if self._all_valid else None  # dropping slots never adds padding
@@ -286,7 +308,7 @@ class HostBatch:
         else:
             row_index = source // length
             slot_index = source - row_index * length
-            dest = row_index * width + target.reshape(-1)[source]  # (K,) flat new slot in (B, L')
+            dest = np.arange(len(source)) + (row_index * width - row_shift[row_index])  # (K,) flat new slot in (B, L')
 
             def scatter(values: np.ndarray, fill) -> np.ndarray:
                 out = np.full(batch * width, fill, dtype=values.dtype)
@@ -298,6 +320,7 @@ class HostBatch:
             self._all_valid = False  # the rows are left-padded
             self._within = [index if w is SAME else None if w is None else scatter(np.take(w, source), -1)
                             for w in self._within]
+        removed = ~kept.reshape(batch, length)
         return torch.from_numpy(index), torch.from_numpy(removed), torch.from_numpy(new_slot)
 
     def mark_segment(self) -> None:

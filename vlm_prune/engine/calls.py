@@ -49,8 +49,9 @@ def cache_of(kwargs: dict):
 
 
 def segments_later(adapter, ids: torch.Tensor, columns: torch.Tensor, row: int, where, media):
-    """`segments_fn` for one row whose current columns (`columns[row, where]`, host) are sliced on first use."""
-    return lambda: segments_fn(adapter, ids, columns[row, where], media)()
+    """`segments_fn` for row `row` of the (B, L0) host `ids`, whose current columns (`columns[row, where]`, host)
+    are sliced on first use."""
+    return lambda: segments_fn(adapter, ids[row], columns[row, where], media)()
 
 
 def rope_view(ids, rows: int, device) -> torch.Tensor | None:

@@ -56,6 +56,7 @@ from vlm_prune.methods.base import Stage
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 POSITION_POLICIES = ("preserve", "compact")
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+_CPU = torch.device("cpu")
 
 
 class _Sample:
@@ -65,9 +66,19 @@ class _Sample:
     of the tokens still present, brought up to date on first read after a stage (`pending`: that stage's keep mask).
     """
 
-    def __init__(self, media: SampleMedia, original_counts: list[int], present: torch.Tensor):
-        self.media, self.original_counts, self.present = media, original_counts, present
-        self._layout, self.pending = media.layout, None
+    def __init__(self, media: SampleMedia, original_counts: list[int], host: HostBatch, row: int):
+        self.media, self.original_counts, self._host, self._row = media, original_counts, host, row
+        self._layout, self.pending, self._present = media.layout, None, None
+
+    @property
+    def present(self) -> torch.Tensor:
+        if self._present is None:  # (made on first use: most prefills never ask)
+            self._present = self._host.row_present(self._row)
+        return self._present
+
+    @present.setter
+    def present(self, value: torch.Tensor) -> None:  # (`sample.present |= ...` writes through, then sets)
+        self._present = value
 
     @property
     def layout(self) -> VisualLayout:
@@ -433,10 +444,9 @@ class PruneHandle:
         if host_mask is None and kwargs.get("attention_mask") is not None:
             host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
         valid = np.ones((batch, length), dtype=bool) if host_mask is None else host_mask.numpy() != 0  # (host)
-        host_columns = torch.arange(length).expand(batch, -1)
+        host_columns = self._contiguous(0, length, batch, _CPU)  # (a view: the mirror replaces, never writes it)
         host = HostBatch(host_columns, valid, media)
-        presents = host.row_presents()
-        samples = [_Sample(m, host.original_counts[row], presents[row]) for row, m in enumerate(media)]
+        samples = [_Sample(m, host.original_counts[row], host, row) for row, m in enumerate(media)]
         columns = host_columns if device.type == "cpu" else torch.arange(length, device=device).expand(batch, -1)
         stats = PruneStats(visual_tokens_in=len(host.rows))
         forward = _Forward(
@@ -559,7 +569,7 @@ class PruneHandle:
         if cache is not None:
             stats.kv_cache_bytes, stats.kv_cache_bytes_unpruned = cache_bytes(cache, length0)
         visual_in = [end - start for start, end in zip(host.offsets, host.offsets[1:])]
-        mask0 = self._host_call().get("attention_mask")
+        mask0 = self._call.get("host", {}).get("attention_mask", self._call.get("attention_mask"))
         self.stats = stats
         layers = len(self.adapter.layers)
         self._stats_todo = partial(finish_prefill_stats, stats, self.shape, layers, mask0, length0, visual_in)
@@ -625,21 +635,25 @@ class PruneHandle:
         plan = host.stage_input()
         budgets = host.budgets(stage.keep, plan.tokens_in)
         padded = to_device(plan.padded, device)  # (2, B, N_max): visual slots, their positions among the valid slots
-        # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
-        ragged = min(plan.counts, default=0) < padded.shape[-1]  # some row has pad entries (-1)
-        slots = padded[0].clamp(min=0) if ragged else padded[0]
-        features = take_rows(hidden, 1, slots)  # (no pad entry left: a plain copy)
+        hidden_by_row = hidden.unbind(0)
+        if plan.runs is not None:  # every row's visual tokens are consecutive slots: views of hidden, no copy
+            feature_rows = [row[s : s + n] for row, s, n in zip(hidden_by_row, plan.runs, plan.counts)]
+        else:  # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
+            ragged = min(plan.counts, default=0) < padded.shape[-1]  # some row has pad entries (-1)
+            features = take_rows(hidden, 1, padded[0].clamp(min=0) if ragged else padded[0])
+            feature_rows = row_views(features, None, plan.counts)
         device_ids = self._call["input_ids"]
         if forward.columns.shape == device_ids.shape and not forward.segments and host.all_present:
             ids_now = device_ids  # nothing compacted yet: slot == column
         else:
             ids_now = device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0))  # pads: never read
-        host_ids = self._host_call()["input_ids"].unbind(0)
+        host_ids = self._call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
         # every row's views with one unbind per tensor (a slice only where a row starts later or holds fewer)
         firsts = [length - valid for valid in plan.valid_counts]
-        hidden_rows, id_rows = (row_views(t, firsts) for t in (hidden, ids_now))
+        hidden_rows = [row if first == 0 else row[first:] for row, first in zip(hidden_by_row, firsts)]
+        id_rows = row_views(ids_now, firsts)
         host_columns = host.columns  # (replaced, not written, by `apply`)
-        feature_rows, index_rows = (row_views(t, None, plan.counts) for t in (features, padded[1]))
+        index_rows = row_views(padded[1], None, plan.counts)
         keeps, selections = [], {}
         for row in range(batch):
             count = plan.counts[row]
@@ -670,7 +684,7 @@ class PruneHandle:
             if attention is not None:
                 slots = valid_slots if valid_slots is not None else torch.arange(first, length, device=device)
                 ctx.attention_fn = stage_rows_fn(self.adapter.layers, *attention, row, slots)
-            ctx.segments_fn = segments_later(self.adapter, host_ids[row], host_columns, row, where, sample.media)
+            ctx.segments_fn = segments_later(self.adapter, host_ids, host_columns, row, where, sample.media)
             result = stage.select(ctx)
             if isinstance(result, Selection):
                 if result.represents is not None:  # remembered for re-entry (reentry.py; a no-op without)
@@ -703,7 +717,7 @@ class PruneHandle:
                 sample.layout.group = groups[row]
         forward.index = None  # None: the stage kept every token, the slots stay as they are
         if kept != plan.counts:
-            forward.shift += removed.sum(dim=1)
+            forward.shift += torch.tensor([count - now for count, now in zip(plan.counts, kept)])
             if self.position_policy == "compact":
                 removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
                 forward.rope = forward.rope - removed_before.unsqueeze(0)
