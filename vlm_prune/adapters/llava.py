@@ -11,7 +11,6 @@ Media spans come from the image token id and the vision config, never from fixed
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, ProjectorParts, SampleMedia, item_counts
-from vlm_prune.adapters.expansion import row_totals
+from vlm_prune.adapters.media_plan import HostMedia, MediaPlan, PlanCache, build_plan, empty_samples
 from vlm_prune.engine.context import IMAGE, VisualLayout
 from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.errors import InputError, PruneError
@@ -99,6 +98,36 @@ def _padded_block(extra: int, base: torch.Tensor) -> torch.Tensor:
     return torch.cat([base, torch.full((extra, 3), -1, dtype=torch.long)])
 
 
+@functools.lru_cache(maxsize=256)
+def _newline_pattern(width: int, rows: int) -> bytes:
+    """The newline flags (as bytes) of `rows` rows of `width` tokens, each closed by a newline."""
+    return (b"\x00" * width + b"\x01") * rows
+
+
+_EIGHT_TRUE = int.from_bytes(b"\x01" * 8, "little")  # eight bools, all True, read as one int64
+
+
+def _newline_flags(inputs_embeds: torch.Tensor, newline: torch.Tensor, is_image: np.ndarray) -> np.ndarray:
+    """(N,) host bool: whether each image token of the call (row-major) is the `image_newline` vector.
+
+    is_image: (B, L) host bool. Compared in place on the columns from the first to the last image token (a view:
+    no copy, no text columns), in ONE device->host read.
+    """
+    columns = np.flatnonzero(is_image.any(axis=0))
+    if not len(columns):
+        return np.zeros(0, dtype=bool)
+    first, end = int(columns[0]), int(columns[-1]) + 1
+    span = inputs_embeds[:, first:end]
+    same = span == newline.to(span.dtype)
+    if same.device.type == "cpu" and same.shape[-1] % 8 == 0:
+        # torch's bool all() over the last dim is ~2x slower on CPU than comparing eight flags at once, as one
+        # int64 word (a bool is one byte, 0 or 1)
+        flags = (same.view(torch.int64) == _EIGHT_TRUE).all(dim=-1)
+    else:
+        flags = same.all(dim=-1)
+    return flags.cpu().numpy()[is_image[:, first:end]]
+
+
 def _layout_key(blocks: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(id(block) for block in blocks)
 
@@ -114,11 +143,12 @@ class LlavaAdapter(Adapter):
         # alive, so their ids cannot be reused while it is stored
         self._layouts: SmallLRU[tuple[VisualLayout, list]] = SmallLRU(32)
         self._counts_of_size: dict[tuple, int] = {}
+        self._plans = PlanCache(32)  # per-batch plans by (rows' image-token counts, the blocks' ids)
 
-    def _layout_of(self, blocks: list[torch.Tensor]) -> VisualLayout:
-        """`_layout_from_blocks(blocks)`, cached; a shallow copy (the engine sets attributes such as `group`)."""
+    def _cached_layout(self, blocks: list[torch.Tensor]) -> VisualLayout:
+        """`_layout_from_blocks(blocks)`, cached: a template, handed out only through the plans' fresh copies."""
         layout, _ = self._layouts.get(_layout_key(blocks), lambda: (_layout_from_blocks(blocks), list(blocks)))
-        return copy.copy(layout)
+        return layout
 
     def media_token_ids(self) -> list[int]:
         return [self.image_token_id]
@@ -164,18 +194,19 @@ class LlavaAdapter(Adapter):
         return self._grid_side() ** 2 + (1 if full else 0)
 
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
-        # on the host ids (the engine's one read): numpy, ~1 us a call against 5-10 us for these small torch ops
-        is_visual = input_ids.cpu().numpy() == self.image_token_id
-        per_row = is_visual.sum(axis=1).tolist()
-        if not any(per_row):
-            return [SampleMedia(torch.zeros(0, dtype=torch.long), _layout_from_blocks([])) for _ in input_ids]
+        # the columns from one flatnonzero over the host ids; which image each row holds is a pure function of the
+        # rows' image-token counts and the blocks, planned once per such signature (`media_plan`)
+        host = HostMedia(input_ids, (self.image_token_id,))
+        if not host.total:
+            return empty_samples(host.batch)
         blocks = self.image_blocks(input_ids, call, inputs_embeds)
+        return self._plans.samples(host, _layout_key(blocks), lambda: self._plan(host, blocks))
+
+    def _plan(self, host: HostMedia, blocks: list[torch.Tensor]) -> MediaPlan:
+        """Each row takes the next whole images (in order) that its image tokens add up to."""
         sizes = [len(block) for block in blocks]
-        # every row's visual columns from one nonzero over the batch (row-major, ascending within a row)
-        flat = torch.from_numpy(np.flatnonzero(is_visual) % is_visual.shape[1])
-        row_columns = flat.split(per_row) if len(per_row) > 1 else (flat,)
-        samples, next_block = [], 0
-        for columns, total in zip(row_columns, per_row):
+        rows, next_block = [], 0
+        for total in host.row_counts:
             first, count = next_block, 0
             while count < total:
                 if next_block >= len(blocks):
@@ -184,8 +215,8 @@ class LlavaAdapter(Adapter):
                 next_block += 1
             if count != total:
                 raise InputError(f"image tokens of a sample do not match whole images. {SPLIT_MEDIA_HINT}")
-            samples.append(SampleMedia(columns, self._layout_of(blocks[first:next_block])))
-        return samples
+            rows.append((None, self._cached_layout(blocks[first:next_block])))
+        return build_plan(host, rows, keep=list(blocks))
 
     def projector_module(self) -> nn.Module:
         return self.model.model.multi_modal_projector
@@ -234,18 +265,15 @@ class LlavaNextAdapter(LlavaAdapter):
         rows are recovered from where the model's `image_newline` vector sits in `inputs_embeds`.
         """
         side, base_count = self._grid_side(), self._tokens_per_image()
-        is_image = input_ids == self.image_token_id
-        total = int(is_image.sum())
+        is_image = input_ids.cpu().numpy() == self.image_token_id  # the host ids (numpy: ~1 us a call, torch 5-10)
+        with_images = is_image.sum(axis=1).tolist()
+        total = sum(with_images)
         newline = getattr(self.model.model, "image_newline", None)
-        # where the newline vector sits, for every image token of the call, in ONE device->host read (compared in
-        # place: the image tokens' embeddings are not copied out)
-        all_newline = None
-        if newline is not None:  # (then numpy: the per-image row search below is ~1 us a call, not 5-10)
-            all_newline = (inputs_embeds == newline.to(inputs_embeds.dtype)).all(dim=-1)[is_image].cpu().numpy()
+        all_newline = None if newline is None else _newline_flags(inputs_embeds, newline, is_image)
         counts = item_counts(call, "image")
         if counts is None:
             counts = self._counts_from_sizes(call)
-        with_images = [total for total in row_totals(input_ids, self.image_token_id) if total]
+        with_images = [count for count in with_images if count]
         if len(counts) == 1 and len(with_images) > 1 and counts[0] == sum(with_images):
             # generate(prefill_chunk_size=N) hands a chunk all its images' features as one block; rows
             # separate images, and the row check below refuses a row that holds more than one
@@ -257,24 +285,28 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"pass the processor's input_ids, pixel_values and image_sizes unchanged. {SPLIT_MEDIA_HINT}"
             )
         base = _grid_block(base_count - side * side, side, side, t=0)
+        # the newline flags as bytes: an image's rows are one grid exactly when its high-resolution part is the
+        # pattern (width zeros, a one) * rows, width = where its first newline sits (a C-level find and compare
+        # per image, not numpy calls)
+        flags = None if all_newline is None else all_newline.tobytes()
         blocks, start = [], 0
         for count in counts:
             rest_start, start = start + base_count, start + count
             if count <= base_count:  # no high-resolution rows (a later check refuses a count below the base grid)
                 blocks.append(base)
                 continue
-            if all_newline is None:
+            if flags is None:
                 blocks.append(_padded_block(count - base_count, base))
                 continue
-            is_newline = all_newline[rest_start:start]
-            row_ends = np.flatnonzero(is_newline)
-            widths = np.diff(row_ends, prepend=-1) - 1
-            if not bool(is_newline[-1]) or bool((widths != widths[0]).any()):
+            segment = flags[rest_start:start]
+            width = segment.find(1)  # -1: no newline at all
+            rows, rest = divmod(len(segment), width + 1) if width >= 0 else (0, 1)
+            if rest or segment != _newline_pattern(width, rows):
                 raise InputError(
                     "LLaVA-NeXT: an image's high-resolution rows are not one grid; the image tokens hold "
                     f"more than one image or a part of one. {SPLIT_MEDIA_HINT}"
                 )
-            blocks.append(_hires_block(len(row_ends), int(widths[0]), base))
+            blocks.append(_hires_block(rows, width, base))
         return blocks
 
     def check_media_inputs(self, call: dict) -> None:

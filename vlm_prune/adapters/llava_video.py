@@ -21,7 +21,6 @@ Layout: a video token of frame t, pooled row r and column c gets kind VIDEO, fra
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 
@@ -30,8 +29,8 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, SampleMedia, item_counts
-from vlm_prune.adapters.expansion import row_totals
-from vlm_prune.adapters.llava import LlavaNextAdapter, _grid_block
+from vlm_prune.adapters.llava import LlavaNextAdapter, _grid_block, _layout_key
+from vlm_prune.adapters.media_plan import EMPTY_LAYOUT, HostMedia, MediaPlan, PlanCache, build_plan, empty_samples
 from vlm_prune.engine.context import IMAGE, VIDEO, VisualLayout
 from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.errors import InputError, PruneError
@@ -45,13 +44,12 @@ def _video_token_id(config) -> int:
     raise PruneError("the model config has no video_token_id; cannot find the video tokens")
 
 
-def _runs(columns: torch.Tensor) -> list[int]:
-    """Lengths of the runs of consecutive columns in an ascending (n,) column list."""
-    if len(columns) == 0:
-        return []
-    breaks = (torch.diff(columns) != 1).nonzero(as_tuple=True)[0] + 1
-    edges = [0, *breaks.tolist(), len(columns)]
-    return [end - start for start, end in zip(edges[:-1], edges[1:])]
+def _row_runs(mask: np.ndarray) -> list[int]:
+    """Lengths of the runs of consecutive set entries of a (B, L) host bool mask, row by row, left to right."""
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)  # a clear entry either side of each row
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded.reshape(-1))
+    return (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).tolist()
 
 
 @functools.lru_cache(maxsize=256)
@@ -71,6 +69,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         super().__init__(model)
         self.video_token_id = _video_token_id(model.config)
         self._merged_layouts: SmallLRU = SmallLRU(32)  # per-sample layouts by their items (`_merge_pieces`)
+        self._plans = PlanCache(32)  # per-batch plans by (rows' media-kind sequences, items)
 
     def media_token_ids(self) -> list[int]:
         return [self.image_token_id, self.video_token_id]
@@ -86,7 +85,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         """(frames, rows, cols) of every video of the call, in (row, column) order of their placeholders."""
         rows, cols = self.frame_grid()
         per_frame, extra = rows * cols, self.video_trailing_tokens
-        placeholders = row_totals(input_ids, self.video_token_id)
+        is_video = input_ids.cpu().numpy() == self.video_token_id  # the host ids (numpy: ~1 us a call, torch 5-10)
+        placeholders = is_video.sum(axis=1).tolist()
         counts = item_counts(call, "video")
         if counts is None:
             pixel_values = call.get("pixel_values_videos")
@@ -101,7 +101,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         elif len(counts) == 1 and counts[0] == sum(placeholders):
             # one block: a single video, or a chunk of generate(prefill_chunk_size=N) holding several
             # videos' features; its videos are the runs of consecutive video tokens
-            counts = [run for row in input_ids for run in _runs((row == self.video_token_id).nonzero()[:, 0].cpu())]
+            counts = _row_runs(is_video)
         if sum(counts) != sum(placeholders):
             raise InputError(
                 f"{self.family}: the prompt holds {sum(placeholders)} video tokens but the videos need "
@@ -130,17 +130,25 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     # ---- samples -------------------------------------------------------------------------------
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
-        # the columns are found on the host ids in numpy (~1 us a call against 5-10 us for small torch ops); a
-        # sample's layout depends only on its items' (kind, block) sequence and is cached by it (`_merged_layout`)
-        ids = input_ids.cpu().numpy()
-        is_image, is_video = ids == self.image_token_id, ids == self.video_token_id
-        image_blocks = self.image_blocks(input_ids, call, inputs_embeds) if is_image.any() else []
-        video_grids = self.video_grids(input_ids, call) if is_video.any() else []
+        # the columns from one flatnonzero over the host ids; which item every placeholder belongs to is a pure
+        # function of the rows' media-kind sequences and the items, planned once per such signature (`media_plan`)
+        host = HostMedia(input_ids, (self.image_token_id, self.video_token_id))
+        if not host.total:
+            return empty_samples(host.batch)
+        has_images, has_videos = host.present
+        image_blocks = self.image_blocks(input_ids, call, inputs_embeds) if has_images else []
+        video_grids = self.video_grids(input_ids, call) if has_videos else []
+        items = (_layout_key(image_blocks), tuple(video_grids))
+        return self._plans.samples(host, items, lambda: self._plan(host, image_blocks, video_grids))
+
+    def _plan(self, host: HostMedia, image_blocks: list[torch.Tensor], video_grids: list[tuple]) -> MediaPlan:
+        """Each row takes the next whole images and videos (in order) its placeholders of each kind hold; on
+        ranks (see `media_plan`): `columns` below are positions among the row's media tokens."""
         next_image = next_video = 0
-        samples = []
-        for image_row, video_row in zip(is_image, is_video):
+        rows = []
+        for image_columns, video_columns in host.row_ranks():
             pieces = []  # (first column, kind, visual columns (numpy), (n, 3) grid coordinates, media grid)
-            columns = np.flatnonzero(image_row)
+            columns = image_columns
             start = 0
             while start < len(columns):
                 if next_image >= len(image_blocks):
@@ -152,29 +160,29 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                     raise InputError(f"image tokens of a sample do not match whole images. {SPLIT_MEDIA_HINT}")
                 pieces.append((int(item[0]), IMAGE, item, block, _image_grid(block)))
                 start += len(block)
-            columns = np.flatnonzero(video_row)
+            columns = video_columns
             start = 0
             while start < len(columns):
                 if next_video >= len(video_grids):
                     raise InputError(f"more video tokens than videos; check the processor output. {SPLIT_MEDIA_HINT}")
-                frames, rows, cols = video_grids[next_video]
+                frames, grid_rows, grid_cols = video_grids[next_video]
                 next_video += 1
-                count = frames * rows * cols
+                count = frames * grid_rows * grid_cols
                 item = columns[start : start + count + self.video_trailing_tokens]
                 if len(item) != count + self.video_trailing_tokens:
                     raise InputError(f"video tokens of a sample do not match whole videos. {SPLIT_MEDIA_HINT}")
                 # the trailing newline (OneVision) stays out of the visual columns: a text token, never pruned
-                grid = (frames, rows, cols)
+                grid = (frames, grid_rows, grid_cols)
                 pieces.append((int(item[0]), VIDEO, item[:count], _video_block(*grid), grid))
                 start += len(item)
-            samples.append(SampleMedia(*_merge_pieces(pieces, self._merged_layouts)))
+            rows.append(_merge_pieces(pieces, self._merged_layouts))
         if next_image != len(image_blocks) or next_video != len(video_grids):
             raise InputError(
                 f"{self.family}: the call brings {len(image_blocks)} images and {len(video_grids)} videos but the "
                 f"placeholders hold {next_image} and {next_video}; pass the processor's input_ids with the media "
                 f"it was built for. {SPLIT_MEDIA_HINT}"
             )
-        return samples
+        return build_plan(host, rows, keep=list(image_blocks))
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,21 +192,20 @@ def _image_grid(block: torch.Tensor) -> tuple[int, int, int]:
     return (1, int(base[:, 1].max()) + 1, int(base[:, 2].max()) + 1) if len(base) else (1, 1, 1)
 
 
-def _merge_pieces(pieces: list[tuple], cache: SmallLRU) -> tuple[torch.Tensor, VisualLayout]:
-    """Columns and layout of one sample from its media items, numbered in order of appearance.
+def _merge_pieces(pieces: list[tuple], cache: SmallLRU) -> tuple[np.ndarray, VisualLayout]:
+    """Visual columns and layout of one sample from its media items, numbered in order of appearance.
 
     pieces: (first column, kind, visual columns (numpy), (n, 3) grid coordinates, media grid) per item, in any
     order; cache: layouts by the items' (kind, block, grid, count) sequence (blocks are cached objects: an entry
-    keeps them alive, so their ids stay unique).
+    keeps them alive, so their ids stay unique). The layout is a template (handed out through fresh copies).
     """
     if not pieces:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, VisualLayout(empty, empty.clone(), empty.clone(), torch.zeros(0, 3, dtype=torch.long), [])
+        return np.zeros(0, dtype=np.int64), EMPTY_LAYOUT
     pieces = sorted(pieces, key=lambda piece: piece[0])
-    columns = torch.from_numpy(np.concatenate([piece[2] for piece in pieces]))
+    columns = np.concatenate([piece[2] for piece in pieces])
     key = tuple((piece[1], id(piece[3]), piece[4], len(piece[2])) for piece in pieces)
     layout, _ = cache.get(key, lambda: (_merged_layout(pieces), [piece[3] for piece in pieces]))
-    return columns, copy.copy(layout)  # a shallow copy: the engine sets attributes such as `group`
+    return columns, layout
 
 
 def _merged_layout(pieces: list[tuple]) -> VisualLayout:

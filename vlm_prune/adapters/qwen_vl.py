@@ -12,7 +12,6 @@ positions computed from the unpruned ("virtual") length instead.
 
 from __future__ import annotations
 
-import copy
 import functools
 from functools import partial
 
@@ -21,7 +20,8 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, ProjectorParts, SampleMedia, item_counts
-from vlm_prune.adapters.expansion import expanded_item_index, row_totals
+from vlm_prune.adapters.expansion import expanded_item_index
+from vlm_prune.adapters.media_plan import EMPTY_LAYOUT, HostMedia, MediaPlan, PlanCache, build_plan
 from vlm_prune.engine.context import IMAGE, VIDEO, VisualLayout
 from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.errors import InputError, PruneError
@@ -52,6 +52,7 @@ class QwenVLAdapter(Adapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self._layouts: SmallLRU[VisualLayout] = SmallLRU(32)  # per-sample layouts by their items' (kind, grid)
+        self._plans = PlanCache(32)  # per-batch plans by (rows' media-kind sequences, items)
         self._delta_rows: tuple | None = None  # (state, batch, device, dtype) -> (4, B, 1) offsets of the M-RoPE rows
         config = model.config
         self.image_token_id = int(config.image_token_id)
@@ -131,7 +132,9 @@ class QwenVLAdapter(Adapter):
         return [int(t * h * w) // (self.merge * self.merge) for t, h, w in grid_thw.tolist()]
 
     def _row_totals(self, call: dict, modality: str) -> list[int]:
-        return row_totals(call["input_ids"], self.image_token_id if modality == "image" else self.video_token_id)
+        """Placeholders of the modality per row, on the host ids (numpy: ~1 us a call against 5-10 us in torch)."""
+        token_id = self.image_token_id if modality == "image" else self.video_token_id
+        return (call["input_ids"].cpu().numpy() == token_id).sum(axis=1).tolist()
 
     def check_media_inputs(self, call: dict) -> None:
         """Pixel rows must match the grids: t*h*w patch rows per item (else the tower fails with a shape error)."""
@@ -150,30 +153,24 @@ class QwenVLAdapter(Adapter):
                 )
 
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
-        queues = {
-            IMAGE: (self.image_token_id, self._items(self._call_grids(call, "image"))),
-            VIDEO: (self.video_token_id, self._items(self._call_grids(call, "video"))),
-        }
+        # the columns from one flatnonzero over the host ids; which item every placeholder belongs to is a pure
+        # function of the rows' media-kind sequences and the items, planned once per such signature (`media_plan`)
+        image_items = self._items(self._call_grids(call, "image"))
+        video_items = self._items(self._call_grids(call, "video"))
+        host = HostMedia(input_ids, (self.image_token_id, self.video_token_id))
+        key = (tuple(image_items), tuple(video_items))
+        return self._plans.samples(host, key, lambda: self._plan(host, image_items, video_items))
+
+    def _plan(self, host: HostMedia, image_items: list[tuple], video_items: list[tuple]) -> MediaPlan:
+        """Each row takes the next whole items of each kind (in order) its placeholders of that kind hold; on
+        ranks (see `media_plan`): `columns` below are positions among the row's media tokens. Every media token
+        is visual, so a row's visual columns are its media columns, ascending (sorted or interleaved items)."""
+        queues = {IMAGE: image_items, VIDEO: video_items}
         next_item = {IMAGE: 0, VIDEO: 0}
-        # every row's media columns of each kind from one nonzero over the batch (and their values as ints, once)
-        # (on the host ids, the engine's one read, in numpy: ~1 us a call against 5-10 us for small torch ops)
-        by_kind = {}
-        ids = input_ids.cpu().numpy()
-        for kind, (token_id, _) in queues.items():
-            hits = ids == token_id
-            counts = hits.sum(axis=1).tolist()
-            flat = np.flatnonzero(hits) % hits.shape[1] if any(counts) else np.zeros(0, dtype=np.int64)
-            offsets = [0]
-            for count in counts:
-                offsets.append(offsets[-1] + count)
-            columns = torch.from_numpy(flat)
-            by_kind[kind] = (columns.split(counts) if len(counts) > 1 else (columns,), flat.tolist(), offsets)
-        samples = []
-        for row_index in range(len(input_ids)):
+        rows = []
+        for row_ranks in host.row_ranks():
             pieces = []  # (first column, kind, columns, grid block, grid size, last column)
-            for kind, (_, grids) in queues.items():
-                row_columns, values, offsets = by_kind[kind]
-                columns, base = row_columns[row_index], offsets[row_index]
+            for (kind, grids), columns in zip(queues.items(), row_ranks):
                 start = 0
                 while start < len(columns):
                     if next_item[kind] >= len(grids):
@@ -184,8 +181,7 @@ class QwenVLAdapter(Adapter):
                     t, h, w = grids[next_item[kind]]
                     next_item[kind] += 1
                     count = t * h * w
-                    whole = start == 0 and count == len(columns)  # the row's only item of this kind: no slice
-                    item_columns = columns if whole else columns[start : start + count]
+                    item_columns = columns[start : start + count]
                     if len(item_columns) != count:
                         name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
                         raise InputError(
@@ -193,20 +189,18 @@ class QwenVLAdapter(Adapter):
                             f"{len(item_columns)} more; the {name} does not match the placeholders. Pass the "
                             f"processor's input_ids with the {name} it returned. {SPLIT_MEDIA_HINT}"
                         )
-                    first, last = values[base + start], values[base + start + count - 1]
+                    first, last = int(item_columns[0]), int(item_columns[-1])
                     pieces.append((first, kind, item_columns, item_grid(t, h, w), (t, h, w), last))
                     start += count
             pieces.sort(key=lambda piece: piece[0])
             if not pieces:
-                empty = torch.zeros(0, dtype=torch.long)
-                samples.append(SampleMedia(empty, VisualLayout(empty, empty, empty, torch.zeros(0, 3).long(), [])))
+                rows.append((None, EMPTY_LAYOUT))
                 continue
             if all(a[5] < b[0] for a, b in zip(pieces, pieces[1:])):  # items do not interleave: sorted
                 key = tuple((p[1], *p[4]) for p in pieces)
-                columns = torch.cat([p[2] for p in pieces]) if len(pieces) > 1 else pieces[0][2]
-                samples.append(SampleMedia(columns, copy.copy(self._layouts.get(key, partial(_layout_of, key)))))
+                rows.append((None, self._layouts.get(key, partial(_layout_of, key))))
                 continue
-            columns = torch.cat([p[2] for p in pieces])
+            columns = torch.from_numpy(np.concatenate([p[2] for p in pieces]))
             grid = torch.cat([p[3] for p in pieces])
             media_index = torch.cat([torch.full((len(p[2]),), i, dtype=torch.long) for i, p in enumerate(pieces)])
             kind = torch.cat([torch.full((len(p[2]),), p[1], dtype=torch.long) for p in pieces])
@@ -218,8 +212,8 @@ class QwenVLAdapter(Adapter):
                 grid_thw=grid[order],
                 media_grid=[p[4] for p in pieces],
             )
-            samples.append(SampleMedia(columns[order], layout))
-        for kind, (_, grids) in queues.items():
+            rows.append((None, layout))
+        for kind, grids in queues.items():
             if next_item[kind] != len(grids):
                 name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
                 raise InputError(
@@ -227,7 +221,7 @@ class QwenVLAdapter(Adapter):
                     f"does not match the placeholders. Pass the processor's input_ids with the {name} it returned. "
                     f"{SPLIT_MEDIA_HINT}"
                 )
-        return samples
+        return build_plan(host, rows)
 
     def lm_position_ids(self, contiguous: torch.Tensor) -> torch.Tensor:
         return contiguous.expand(self.rope_rows + 1, -1, -1)  # (B, L) -> (rows + 1, B, L): one view op
