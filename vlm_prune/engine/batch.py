@@ -138,12 +138,17 @@ class HostBatch:
         batch = len(samples)
         self.num_media = [sample.layout.num_media for sample in samples]
         self.width = max(self.num_media + [1])
-        lengths = [len(sample.visual_columns) for sample in samples]
+        lengths = [sample.visual_columns.shape[0] for sample in samples]
         self.rows = np.zeros(lengths[0], dtype=np.int64) if batch == 1 else np.repeat(np.arange(batch), lengths)
         if sum(lengths):
+            arrays: dict[int, np.ndarray] = {}  # rows of one (cached) layout share its tensors: convert each once
+
             def joined(tensors: list[torch.Tensor]) -> np.ndarray:
-                arrays = [_numpy(t) for t in tensors]
-                return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).astype(np.int64, copy=False)
+                parts = [arrays.get(id(t)) for t in tensors]
+                for at, (part, tensor) in enumerate(zip(parts, tensors)):
+                    if part is None:
+                        parts[at] = arrays[id(tensor)] = _numpy(tensor)
+                return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int64, copy=False)
 
             media = joined([sample.layout.media_index for sample in samples])
             self.media_key = media if batch == 1 else self.rows * self.width + media
@@ -152,8 +157,8 @@ class HostBatch:
         else:
             self.media_key = self.kind = self.columns0 = np.zeros(0, dtype=np.int64)
         self.slot = self.columns0.copy()  # the prefill starts with slot == column
-        self.present = torch.ones(len(self.rows), dtype=torch.bool)
-        self._present = self.present.numpy()  # the same memory: writes show in `present` and its row views
+        self._present = np.ones(len(self.rows), dtype=bool)
+        self.present = torch.from_numpy(self._present)  # the same memory: writes show in `present` and its row views
         self.all_present = True  # no stage removed a token yet: `present` is all set (skips its nonzero)
         self.checked = False  # the visual tokens were checked against the mask (first stage)
         self.offsets = [0]

@@ -82,8 +82,9 @@ class _Sample:
 
     @property
     def layout(self) -> VisualLayout:
-        if self.pending is not None:
-            self._layout, self.pending = self._layout.select(self.pending), None
+        if self.pending is not None:  # (flat keep mask, first, end): this row's part of the stage's mask
+            keep, first, end = self.pending
+            self._layout, self.pending = self._layout.select(keep[first:end]), None
         return self._layout
 
     @layout.setter
@@ -708,11 +709,10 @@ class PruneHandle:
         for row, row_budgets in enumerate(budgets):
             if row_budgets is not None and plan.counts[row] and kept[row] != sum(row_budgets):
                 raise PruneError(f"{stage.name} kept {kept[row]} tokens, its budget is {sum(row_budgets)}")
-        keep_rows = keep.split(plan.counts) if batch > 1 else (keep,)
         for row, sample in enumerate(forward.samples):
             if plan.counts[row] and kept[row] < plan.counts[row]:
                 sample.layout  # noqa: B018 -- applies an earlier stage's pending mask first
-                sample.pending = keep_rows[row]
+                sample.pending = (keep, plan.starts[row], plan.starts[row] + plan.counts[row])  # sliced on use
             if row in groups:
                 sample.layout.group = groups[row]
         forward.index = None  # None: the stage kept every token, the slots stay as they are
@@ -722,11 +722,14 @@ class PruneHandle:
                 removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
                 forward.rope = forward.rope - removed_before.unsqueeze(0)
             forward.index = to_device(index, device)
-            # one fused launch on CUDA (Triton), the torch reference elsewhere: hidden, columns, mask, rope
-            hidden, forward.columns, forward.mask, forward.rope = compact_sequence(
-                hidden, forward.index, columns=forward.columns, mask=forward.mask, rope=forward.rope,
-                padded=host.index_padded,
+            # one fused launch on CUDA (Triton), the torch reference elsewhere: hidden, columns, mask, rope; on a
+            # CPU the mirror's columns ARE the compacted columns (same values, no gather)
+            on_host = device.type == "cpu" and type(hidden) is torch.Tensor
+            hidden, columns, forward.mask, forward.rope = compact_sequence(
+                hidden, forward.index, columns=None if on_host else forward.columns, mask=forward.mask,
+                rope=forward.rope, padded=host.index_padded,
             )
+            forward.columns = host.columns if on_host else columns
         replaced = [row for row, selection in selections.items() if selection.features is not None]
         if replaced:  # merging methods: the kept tokens take the features the method gave them
             hidden = hidden.clone() if forward.index is None else hidden  # never write into the caller's tensor
