@@ -210,14 +210,14 @@ def _layer_rows_fn(layers: Sequence[nn.Module], recorded: LayerInput, row: int, 
     """(Q,) query positions among `valid_slots` -> (H, Q, L) rows of the recorded layer for batch row `row`."""
     layer_index, hidden_in, (cos, sin), cache = recorded
     layer = layers[layer_index]
-    keys = None
-    if cache is not None and len(cache.layers) > layer_index:
-        cached_keys = getattr(cache.layers[layer_index], "keys", None)
-        # the keys the layer just cached (after k_norm and RoPE) cover exactly the current slots
-        if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
-            keys = cached_keys[row : row + 1, :, valid_slots.to(cached_keys.device)]
 
-    def rows_for(query_index: torch.Tensor) -> torch.Tensor:
+    def rows_for(query_index: torch.Tensor) -> torch.Tensor:  # (the method's selection: nothing before it asks)
+        keys = None
+        if cache is not None and len(cache.layers) > layer_index:
+            cached_keys = getattr(cache.layers[layer_index], "keys", None)
+            # the keys the layer just cached (after k_norm and RoPE) cover exactly the current slots
+            if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
+                keys = cached_keys[row : row + 1, :, valid_slots.to(cached_keys.device)]
         normed = layer.input_layernorm(hidden_in[row : row + 1, valid_slots])
         rope = (cos[row : row + 1, valid_slots], sin[row : row + 1, valid_slots])
         key_mask = torch.ones(1, len(valid_slots), dtype=torch.bool, device=normed.device)

@@ -44,6 +44,7 @@ from vlm_prune.engine.calls import brings_media, cache_of, read_keeps, rope_view
 from vlm_prune.engine.context import VIDEO, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
 from vlm_prune.engine.labels import kept_labels, with_loss
+from vlm_prune.engine.masks import StageMasks
 from vlm_prune.engine.ragged import trim_segments
 from vlm_prune.engine.reentry import reenter_tokens, remember
 from vlm_prune.engine.signals import KEEP_RECORDINGS, SignalRecorder
@@ -181,6 +182,7 @@ class PruneHandle:
         self.last_kept_index: torch.Tensor | None = None
         self._call: dict | None = None
         self._signals = SignalRecorder(adapter)
+        self._stage_masks = StageMasks(adapter.text_config)
         self._vision_calls: list[object] = []
         self._forward: _Forward | None = None
         self._pending_rope: torch.Tensor | None = None
@@ -644,8 +646,8 @@ class PruneHandle:
             features = take_rows(hidden, 1, padded[0].clamp(min=0) if ragged else padded[0])
             feature_rows = row_views(features, None, plan.counts)
         device_ids = self._call["input_ids"]
-        if forward.columns.shape == device_ids.shape and not forward.segments and host.all_present:
-            ids_now = device_ids  # nothing compacted yet: slot == column
+        if forward.columns.shape == device_ids.shape and host.all_present and not forward.reentry:
+            ids_now = device_ids  # nothing removed (or re-entered) yet: slot == column
         else:
             ids_now = device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0))  # pads: never read
         host_ids = self._call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
@@ -771,8 +773,6 @@ class PruneHandle:
         return hook
 
     def _in_llm_stages(self, index: int, stages: list[Stage], hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
         forward = self._forward
         cos, sin = kwargs["position_embeddings"]
         for stage in stages:
@@ -797,22 +797,15 @@ class PruneHandle:
                     rope = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
                     cos, sin = self.adapter.rotary(hidden, rope)
             else:
-                cos = gather_tokens(cos, slot_index)
-                sin = gather_tokens(sin, slot_index)
+                padded = forward.host.index_padded  # (host)
+                cos, sin = (gather_tokens(t, slot_index, padded=padded) for t in (cos, sin))
         batch, length = forward.columns.shape
         cache = cache_of(kwargs)
         contiguous = self._contiguous(0, length, batch, hidden.device)
         # decided on the host mirror, so that transformers need not read the mask to skip it
         plain = forward.mask.shape[1] == length and forward.host.all_valid
-        mask = create_causal_mask(
-            config=self.adapter.text_config,
-            inputs_embeds=hidden,
-            attention_mask=None if plain else forward.mask,
-            cache=cache,
-            position_ids=contiguous,
-            layer_idx=index if cache is not None else None,
-            allow_is_causal_skip=plain,
-        )
+        layer_idx = index if cache is not None else None
+        mask = self._stage_masks.build(hidden, forward.mask, cache, contiguous, layer_idx, plain)  # engine/masks.py
         forward.overrides = {
             "attention_mask": mask,
             "position_embeddings": (cos, sin),

@@ -40,7 +40,12 @@ def _check_index(x: torch.Tensor, index: torch.Tensor) -> None:
 
 
 def gather_tokens(
-    x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: float | int = 0, backend: str = "auto"
+    x: torch.Tensor,
+    index: torch.Tensor,
+    dim: int = 1,
+    fill: float | int = 0,
+    backend: str = "auto",
+    padded: bool | None = None,
 ) -> torch.Tensor:
     """Gather along the sequence dimension, with -1 meaning "padding slot".
 
@@ -50,12 +55,14 @@ def gather_tokens(
         index: (B, L') long. Column of x to take for each output slot; -1 fills with `fill`.
         dim: the sequence axis of x.
         backend: "auto", "triton" or "torch" (see `kernels/backend.py`).
+        padded: whether `index` holds pad slots, when the caller knows it on the host (the torch path then
+            skips finding and filling them); None = find out.
 
     Returns:
         (B, L', *rest) (sequence axis replaced by L'), contiguous.
     """
     if resolve_backend(x, backend) == "torch":
-        return gather_reference(x, index, dim, fill)
+        return gather_reference(x, index, dim, fill, padded)
     from vlm_prune.kernels.triton_gather import supports, trim_triton
 
     dim = dim % x.ndim
@@ -123,7 +130,11 @@ def compact_sequence(
 
 
 def trim_layers(
-    tensors: list[torch.Tensor], index: torch.Tensor, fill: float | int = 0, backend: str = "auto"
+    tensors: list[torch.Tensor],
+    index: torch.Tensor,
+    fill: float | int = 0,
+    backend: str = "auto",
+    padded: bool | None = None,
 ) -> list[torch.Tensor]:
     """Gather every cache tensor down to the kept slots, in one launch on the Triton backend.
 
@@ -132,6 +143,8 @@ def trim_layers(
                  may differ between layers; each may be non-contiguous).
         index: (B, S') long, the slot of S for each output slot, -1 = pad slot (filled with `fill`).
         backend: "auto", "triton" or "torch" (see `kernels/backend.py`).
+        padded: whether `index` holds pad slots, when the caller knows it on the host (the torch path then skips
+            finding and filling them); None = find out.
 
     Returns:
         The trimmed tensors, (B, H_i, S', d_i) each, new and contiguous, in the order given.
@@ -145,7 +158,7 @@ def trim_layers(
                 f"{tuple(tensor.shape)} on {tensor.device}"
             )
     if resolve_backend(tensors[0], backend) == "torch":
-        return trim_reference(tensors, index, fill)
+        return trim_reference(tensors, index, fill, padded)
     from vlm_prune.kernels.triton_gather import supports, trim_triton
 
     if not all(supports(t.dtype) for t in tensors):

@@ -53,7 +53,9 @@ def flat_rows(x: torch.Tensor, dim: int, safe: torch.Tensor) -> torch.Tensor:
     return (starts + safe.unsqueeze(1)).reshape(-1)
 
 
-def gather_reference(x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: float | int = 0) -> torch.Tensor:
+def gather_reference(
+    x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: float | int = 0, padded: bool | None = None
+) -> torch.Tensor:
     """Gather along the sequence dimension, with -1 meaning "padding slot".
 
     Args:
@@ -61,11 +63,15 @@ def gather_reference(x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: f
            (e.g. (B, H, L, d) caches with dim=2).
         index: (B, L') long. Column of x to take for each output slot; -1 fills with `fill`.
         dim: the sequence axis of x.
+        padded: whether `index` holds pad slots, when the caller knows it on the host (False: a plain gather,
+            nothing to find or fill); None = find out.
 
     Returns:
         (B, L', *rest) (sequence axis replaced by L'), contiguous.
     """
     dim = dim % x.ndim
+    if padded is False and dim in (1, 2) and x.shape[0] == index.shape[0]:
+        return take_rows(x, dim, index)
     valid = index >= 0
     safe = index.clamp(min=0)
     # Broadcast the (B, L') index over every axis except batch (0) and `dim`.
@@ -135,11 +141,14 @@ def compact_reference(
     return Compacted(new_hidden, new_columns, new_mask, new_rope)
 
 
-def trim_reference(tensors: list[torch.Tensor], index: torch.Tensor, fill: float | int = 0) -> list[torch.Tensor]:
+def trim_reference(
+    tensors: list[torch.Tensor], index: torch.Tensor, fill: float | int = 0, padded: bool | None = None
+) -> list[torch.Tensor]:
     """Gather every (B, H, S, d) tensor (keys and values of each layer) down to (B, H, S', d) along S.
 
     The same values as `gather_reference(t, index, dim=2, fill)` for each tensor; the row index and the pad
-    slots are found once per distinct (B, H, S) and device, not once per tensor."""
+    slots are found once per distinct (B, H, S) and device, not once per tensor. padded: whether `index` holds
+    pad slots (-1), when the caller knows it on the host (False skips finding and filling them); None = find out."""
     out, shared = [], {}
     for tensor in tensors:
         idx = index.to(tensor.device)
@@ -148,10 +157,14 @@ def trim_reference(tensors: list[torch.Tensor], index: torch.Tensor, fill: float
             continue
         key = (tuple(tensor.shape[:3]), tensor.device)
         if key not in shared:
-            valid = idx >= 0
-            safe = idx.clamp(min=0)
-            fill_here = tensor.device.type != "cpu" or type(idx) is not torch.Tensor or not bool(valid.all())
-            shared[key] = (safe, flat_rows(tensor, 2, safe), ~valid.view(valid.shape[0], 1, -1, 1), fill_here)
+            if padded is False:  # the caller knows there is no pad slot: plain gathers
+                safe, pads, fill_here = idx, None, False
+            else:
+                valid = idx >= 0
+                safe, pads = idx.clamp(min=0), ~valid.view(valid.shape[0], 1, -1, 1)
+                on_device = tensor.device.type != "cpu" or type(idx) is not torch.Tensor
+                fill_here = padded or on_device or not bool(valid.all())
+            shared[key] = (safe, flat_rows(tensor, 2, safe) if safe.shape[0] > 1 else None, pads, fill_here)
         safe, flat, pads, fill_here = shared[key]
         trimmed = take_rows(tensor, 2, safe, flat)
         out.append(trimmed.masked_fill(pads, fill) if fill_here else trimmed)
