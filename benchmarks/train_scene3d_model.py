@@ -81,6 +81,18 @@ model; not shipped): 90-room checks 0.77 / 0.97 / 1.00 @350 and 0.87 / 0.90 / 1.
 0.92, but held-out (300 rooms) nearest 0.81, count 0.88, left 1.00: nearest fell 3 answers in 100, so the phase-4
 model stays. Nearest is within its sampling noise (+-3.6 points per 100) of the bar either way; a longer run with
 a fresh schedule, not a short low-lr tail, is what to try next.
+Tried next (2026-12-02, second session; /tmp had been wiped, so both warm-started from the SHIPPED fp16 model with
+fresh auxiliary heads, `--init-from vlm_prune/demo_models/llava3d_scene --probe-warmup 150`, 3300 steps, ~55 min
+each, the two side by side at 1 thread; not shipped):
+  * lr 1e-3, `--mix nearest=4,count=3,left=1`: the restart first shook the model (90-room checks 0.57 / 0.53 /
+    1.00 @250), it recovered to 0.90 / 0.93 / 1.00 @3300, but held-out (300 rooms) nearest 0.81, count 0.88, left 1.00;
+  * lr 5e-4, the phase-4 mix 3/3/2: 0.77 / 0.80 / 1.00 @250, 0.80 / 0.87 / 1.00 @3300; held-out 0.84 / 0.88 / 1.00;
+  * uniform weight averages of the two and of the shipped model (checked on a separate 300-room validation set,
+    seed 777, then held-out): nearest 0.81-0.82 held-out, no better.
+Held-out nearest sits at 0.81-0.84 for every run since phase 4 while the 90-room checks and the train stream reach
+0.87-0.92: the nearest circuit generalises worse to the test images than the other two (the same gap the
+segmenter's tower showed before its flip augmentation was considered); a longer run does not close it. Next:
+augment the train renders (flips, colour jitter of the easy-VQA textures) or more train scenes, not more steps.
 """
 
 from __future__ import annotations
