@@ -197,7 +197,7 @@ class PruneHandle:
         # decode steps hand the rotary embedding the caller's 2-D position ids unchanged (`_continue`)
         self._rotary_as_given = self._plain_rope and position_policy == "preserve" and adapter.rope_rows == 1
         self._positions: dict = {}  # (device, batch) -> expanded arange: contiguous position ids are views of it
-        self._media_ids = torch.tensor(adapter.media_token_ids())
+        self._media_ids = np.asarray(adapter.media_token_ids(), dtype=np.int64)
         try:
             self._install()
         except BaseException:
@@ -374,7 +374,9 @@ class PruneHandle:
 
     def _has_media(self, input_ids: torch.Tensor) -> bool:
         """Whether (host) `input_ids` hold media tokens."""
-        return bool(torch.isin(input_ids, self._media_ids).any())
+        ids = input_ids.numpy()  # (numpy: ~2 us against ~15 us for torch.isin on these small arrays)
+        media = self._media_ids
+        return bool((ids == media[0]).any() if len(media) == 1 else np.isin(ids, media).any())
 
     def _live_cached(self, cache) -> _Cached | None:
         """The pruned prefill state riding on `cache`, if any; sets `_past`, the cached length of its first layers
