@@ -199,6 +199,26 @@ def test_trim_reference_against_a_hand_loop():
             assert torch.equal(trimmed[row, :, slot], expected)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_known_pad_flags_against_a_hand_loop(batch):
+    """`padded=` (the engine's host knowledge) changes only the work: an index without -1 with padded=False, and a
+    ragged one with padded=True, give the hand loop's values in the trim and the token gather."""
+    generator = torch.Generator().manual_seed(batch)
+    full = torch.stack([torch.randperm(6, generator=generator)[:4].sort().values for _ in range(batch)])
+    ragged = ragged_index(generator, batch, 6)
+    keys = torch.randn(batch, 2, 6, 3, generator=generator)
+    tokens = torch.randn(batch, 6, 5, generator=generator)
+    for index, padded in ((full, False), (ragged, True)):
+        (trimmed,) = trim_reference([keys], index, fill=7.0, padded=padded)
+        gathered = gather_reference(tokens, index, dim=1, fill=7.0, padded=padded)
+        for row in range(batch):
+            for slot in range(index.shape[1]):
+                source = int(index[row, slot])
+                key = keys[row, :, source] if source >= 0 else torch.full((2, 3), 7.0)
+                token = tokens[row, source] if source >= 0 else torch.full((5,), 7.0)
+                assert torch.equal(trimmed[row, :, slot], key) and torch.equal(gathered[row, slot], token)
+
+
 def test_reference_reads_nothing_back_off_the_cpu():
     """On meta tensors any host read (`bool`, `item`) raises: the reference path must need none off the CPU."""
     hidden = torch.empty(3, 6, 4, device="meta")

@@ -640,9 +640,8 @@ class PruneHandle:
         plan = host.stage_input()
         budgets = host.budgets(stage.keep, plan.tokens_in)
         padded = to_device(plan.padded, device)  # (2, B, N_max): visual slots, their positions among the valid slots
-        hidden_by_row = hidden.unbind(0)
         if plan.runs is not None:  # every row's visual tokens are consecutive slots: views of hidden, no copy
-            feature_rows = [row[s : s + n] for row, s, n in zip(hidden_by_row, plan.runs, plan.counts)]
+            feature_rows = [row[s : s + n] for row, s, n in zip(hidden.unbind(0), plan.runs, plan.counts)]
         else:  # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
             ragged = min(plan.counts, default=0) < padded.shape[-1]  # some row has pad entries (-1)
             features = take_rows(hidden, 1, padded[0].clamp(min=0) if ragged else padded[0])
@@ -655,8 +654,7 @@ class PruneHandle:
         host_ids = self._call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
         # every row's views with one unbind per tensor (a slice only where a row starts later or holds fewer)
         firsts = [length - valid for valid in plan.valid_counts]
-        hidden_rows = [row if first == 0 else row[first:] for row, first in zip(hidden_by_row, firsts)]
-        id_rows = row_views(ids_now, firsts)
+        hidden_rows, id_rows = (row_views(t, firsts) for t in (hidden, ids_now))
         host_columns = host.columns  # (replaced, not written, by `apply`)
         index_rows = row_views(padded[1], None, plan.counts)
         keeps, selections = [], {}
