@@ -5,6 +5,7 @@
   Python loop over the slots gives (random keep masks, ragged and equal kept counts, left padding).
 * the LLaVA-NeXT anyres block (`_hires_block`) equals the token-by-token construction it replaced.
 * `compact_reference(padded=False)` equals the default path when the index has no pad slot.
+* `media_template`: the per-plan arrays against hand-built ones, and planned samples against a plain list.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+import vlm_prune
 from vlm_prune.adapters.base import SampleMedia
 from vlm_prune.adapters.llava import _grid_block, _hires_block
-from vlm_prune.engine.batch import SAME, HostBatch
+from vlm_prune.adapters.media_plan import PlannedSamples
+from vlm_prune.engine.batch import SAME, HostBatch, media_template
 from vlm_prune.engine.context import IMAGE, VisualLayout
 from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.engine.ragged import positions_within
 from vlm_prune.kernels.reference import compact_reference, take_rows, trim_reference
+from vlm_prune.toy_models import build_tiny, make_inputs
 
 
 def test_small_lru_keeps_the_most_recent_entries():
@@ -236,3 +240,72 @@ def test_llava_next_padded_block_matches_hand_built_and_is_one_cached_object():
     expected = torch.tensor([[-1, -1, -1], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]] + [[-1, -1, -1]] * 3)
     assert torch.equal(block, expected)
     assert _padded_block(3, base) is block
+
+
+# ---------------------------------------------------------------- the media template (per-plan host arrays)
+
+
+def test_media_template_matches_hand_built_arrays():
+    generator = torch.Generator().manual_seed(3)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    samples = _samples(valid, generator)
+    template, columns = media_template(samples)
+    counts = [len(s.visual_columns) for s in samples]
+    num_media = [s.layout.num_media for s in samples]
+    width = max(num_media + [1])
+    assert template.num_media == num_media and template.width == width
+    assert template.rows.tolist() == [row for row, n in enumerate(counts) for _ in range(n)]
+    assert template.offsets == [sum(counts[:r]) for r in range(len(counts) + 1)]
+    assert columns.tolist() == [int(c) for s in samples for c in s.visual_columns]
+    keys = [row * width + int(m) for row, s in enumerate(samples) for m in s.layout.media_index]
+    assert template.media_key.tolist() == keys
+    assert template.original_counts == [
+        [int((s.layout.media_index == item).sum()) for item in range(s.layout.num_media)] for s in samples
+    ]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_planned_samples_give_the_host_mirror_of_a_plain_list(family):
+    """An adapter's planned samples (plan + flat columns) build the same mirror as the same samples as a plain
+    list, and a second call of the signature reuses the template, untouched by the first call's stages."""
+    model = build_tiny(family)
+    with vlm_prune.pruned(model, "random", keep=0.5) as handle, torch.no_grad():
+        seen = {}
+
+        def capture(input_ids, call, embeds, fast=handle.adapter.sample_media):
+            seen["args"] = (input_ids, call, embeds)
+            return fast(input_ids, call, embeds)
+
+        handle.adapter.sample_media = capture
+        model(**make_inputs(model, batch=3))
+        adapter = type(handle.adapter)(model)
+        planned = adapter.sample_media(*seen["args"])
+        assert isinstance(planned, PlannedSamples)
+        length = seen["args"][0].shape[1]
+        columns = torch.arange(length).expand(3, -1)
+        valid = torch.ones(3, length, dtype=torch.bool)
+        fast, plain = HostBatch(columns, valid, planned), HostBatch(columns, valid, list(planned))
+        for name in ("rows", "media_key", "kind", "columns0", "slot"):
+            assert getattr(fast, name).tolist() == getattr(plain, name).tolist(), name
+        assert (fast.offsets, fast.original_counts, fast.num_media) == (plain.offsets, plain.original_counts,
+                                                                         plain.num_media)
+        keep = torch.rand(len(fast.rows), generator=torch.Generator().manual_seed(0)) < 0.5
+        results = [host.apply(host.stage_input(), keep) for host in (fast, plain)]
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+        before = fast.original_counts
+        again = adapter.sample_media(*seen["args"])
+        template, _ = media_template(again)
+        assert template.original_counts is before and template.rows.tolist() == plain.rows.tolist()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rope_view_without_ids_is_the_adapters_positions_as_a_view(rows):
+    from vlm_prune.adapters.base import Adapter
+    from vlm_prune.engine.calls import rope_view
+
+    batch, length = 2, 5
+    shared = torch.arange(64).expand(batch, -1)
+    view = rope_view(None, rows, torch.device("cpu"), lambda: shared[:, :length])
+    expected = Adapter.rope_positions(type("A", (), {"rope_rows": rows})(), None, batch, length, 0)
+    assert torch.equal(view, expected) and view.data_ptr() == shared.data_ptr()  # no copy
+    assert rope_view(None, rows, torch.device("cpu")) is None  # no ids, no arange: the adapter decides

@@ -1,5 +1,6 @@
-"""`engine/masks.py`: the 4-D mask after an in-LLM stage equals transformers' own, and the None answers it
-remembers are exactly transformers' None answers."""
+"""`engine/masks.py`: the 4-D mask after an in-LLM stage equals transformers' own, the None answers it
+remembers are exactly transformers' None answers, and its own padded mask equals `create_causal_mask` wherever it
+answers (and answers None, leaving it to transformers, elsewhere)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import transformers.masking_utils as masking
 from transformers import DynamicCache
 
-from vlm_prune.engine.masks import StageMasks
+from vlm_prune.engine.masks import StageMasks, padded_causal_mask
 from vlm_prune.toy_models import build_tiny
 
 
@@ -52,10 +53,48 @@ def test_masks_equal_transformers_and_skip_only_its_none_answers(implementation,
             got = masks.build(hidden, mask, cache, positions, layer_idx, plain)
             expected = _reference(config, hidden, mask, cache, positions, layer_idx, plain)
             assert _same(got, expected)
-            # a None answer for an unpadded signature is remembered: the second build does not ask transformers
-            skipped = repeat == 1 and plain and expected is None
+            # a None answer for an unpadded signature is remembered: the second build does not ask transformers;
+            # a padded one is built by `padded_causal_mask` (plain dynamic cache or none): transformers is not asked
+            skipped = (repeat == 1 and plain and expected is None) or not plain
             assert len(calls) == (1 if skipped else 2)
     if implementation == "eager":  # eager always needs a 4-D mask: nothing is ever skipped
         assert len(masks._none) == 0
     else:
         assert len(masks._none) > 0
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("past", [0, 3])
+def test_padded_causal_mask_equals_create_causal_mask(implementation, dtype, past):
+    config = build_tiny("llava", attn_implementation=implementation).model.language_model.config
+    generator = torch.Generator().manual_seed(past)
+    batch, length = 3, 6
+    hidden = torch.randn(batch, length, config.hidden_size, generator=generator).to(dtype)
+    mask = (torch.rand(batch, past + length, generator=generator) > 0.3).long()
+    mask[:, -1] = 1  # every row's last query attends to itself
+    cache = DynamicCache(config=config)
+    heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    if past:
+        for layer in range(config.num_hidden_layers):
+            cache.update(torch.zeros(batch, heads, past, head_dim), torch.zeros(batch, heads, past, head_dim), layer)
+    positions = torch.arange(past, past + length).expand(batch, -1)
+    for layer_idx, used_cache in ((1, cache), (None, None)):
+        if used_cache is None and past:
+            continue  # without a cache there are no past positions
+        got = padded_causal_mask(config, hidden, mask, used_cache, layer_idx)
+        expected = _reference(config, hidden, mask, used_cache, positions, layer_idx, False)
+        assert got is not None and got.dtype == expected.dtype and torch.equal(got, expected)
+    # a 2-D mask shorter than the key length is padded with zeros, as transformers pads it
+    short = mask[:, : past + length - 2]
+    got = padded_causal_mask(config, hidden, short, cache, 1)
+    assert torch.equal(got, _reference(config, hidden, short, cache, positions, 1, False))
+
+
+def test_padded_causal_mask_leaves_other_cases_to_transformers():
+    config = build_tiny("llava", attn_implementation="sdpa").model.language_model.config
+    hidden, mask = torch.zeros(2, 4, config.hidden_size), torch.ones(2, 4, dtype=torch.long)
+    assert padded_causal_mask(config, hidden, None, None, None) is None  # nothing to pad
+    assert padded_causal_mask(config, hidden, mask, object(), 0) is None  # not a dynamic cache
+    config._attn_implementation = "flex_attention"
+    assert padded_causal_mask(config, hidden, mask, None, None) is None

@@ -21,7 +21,7 @@ share them.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -100,12 +100,27 @@ class MediaPlan:
     gather: (N_visual,) int64, the media token (row-major index) behind every visual column, row by row; None
     when every media token is visual, in order. sizes: visual columns per row. layouts: per row, the template
     layout. keep: the objects whose ids the plan's key holds, kept alive so that those ids stay unique.
+    derived: what a consumer derives from the layouts alone, once per plan (the engine's `MediaTemplate`, under
+    its own key); read-only once stored.
     """
 
     gather: np.ndarray | None
     sizes: list[int]
     layouts: list[VisualLayout]
     keep: object = None
+    derived: dict = field(default_factory=dict)
+
+
+class PlannedSamples(list):
+    """The samples (`SampleMedia`, one per row) of a planned call, with what the engine's host mirror would
+    otherwise re-derive from them: `plan` (whose `derived` caches per-signature arrays) and `columns`, the (N,)
+    int64 visual columns of every row, row-major (each row's `visual_columns` is a view of its part)."""
+
+    __slots__ = ("plan", "columns")
+
+    def __init__(self, samples: list[SampleMedia], plan: MediaPlan, columns: np.ndarray):
+        super().__init__(samples)
+        self.plan, self.columns = plan, columns
 
 
 def build_plan(host: HostMedia, rows: list[tuple[np.ndarray | None, VisualLayout]], keep: object = None) -> MediaPlan:
@@ -129,13 +144,14 @@ class PlanCache:
     def __init__(self, size: int = 32):
         self._plans: SmallLRU[MediaPlan] = SmallLRU(size)
 
-    def samples(self, host: HostMedia, items_key: Hashable, build: Callable[[], MediaPlan]) -> list[SampleMedia]:
+    def samples(self, host: HostMedia, items_key: Hashable, build: Callable[[], MediaPlan]) -> PlannedSamples:
         """The call's samples: its plan (built on a miss) applied to the call's media columns."""
         plan = self._plans.get((host.key, items_key), build)
         columns = host.columns if plan.gather is None else host.columns[plan.gather]
         tensor = torch.from_numpy(columns)
         parts = tensor.split(plan.sizes) if len(plan.sizes) > 1 else (tensor,)
-        return [SampleMedia(part, fresh_layout(layout)) for part, layout in zip(parts, plan.layouts)]
+        samples = [SampleMedia(part, fresh_layout(layout)) for part, layout in zip(parts, plan.layouts)]
+        return PlannedSamples(samples, plan, columns)
 
     def __len__(self) -> int:
         return len(self._plans)

@@ -206,21 +206,25 @@ def recompute_attention_rows(
 LayerInput = tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor], object]
 
 
-def _layer_rows_fn(layers: Sequence[nn.Module], recorded: LayerInput, row: int, valid_slots: torch.Tensor):
+Slots = torch.Tensor | slice
+
+
+def _layer_rows_fn(layers: Sequence[nn.Module], recorded: LayerInput, row: int, valid_slots: Slots):
     """(Q,) query positions among `valid_slots` -> (H, Q, L) rows of the recorded layer for batch row `row`."""
     layer_index, hidden_in, (cos, sin), cache = recorded
     layer = layers[layer_index]
 
     def rows_for(query_index: torch.Tensor) -> torch.Tensor:  # (the method's selection: nothing before it asks)
         keys = None
+        slots = valid_slots if isinstance(valid_slots, slice) else valid_slots.to(hidden_in.device)
         if cache is not None and len(cache.layers) > layer_index:
             cached_keys = getattr(cache.layers[layer_index], "keys", None)
             # the keys the layer just cached (after k_norm and RoPE) cover exactly the current slots
             if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
-                keys = cached_keys[row : row + 1, :, valid_slots.to(cached_keys.device)]
-        normed = layer.input_layernorm(hidden_in[row : row + 1, valid_slots])
-        rope = (cos[row : row + 1, valid_slots], sin[row : row + 1, valid_slots])
-        key_mask = torch.ones(1, len(valid_slots), dtype=torch.bool, device=normed.device)
+                keys = cached_keys[row : row + 1, :, slots]
+        normed = layer.input_layernorm(hidden_in[row : row + 1, slots])
+        rope = (cos[row : row + 1, slots], sin[row : row + 1, slots])
+        key_mask = torch.ones(1, normed.shape[1], dtype=torch.bool, device=normed.device)
         with torch.no_grad():
             rows = recompute_attention_rows(layer.self_attn, normed, rope, query_index, key_mask, keys=keys)
         return rows[0]
@@ -229,13 +233,14 @@ def _layer_rows_fn(layers: Sequence[nn.Module], recorded: LayerInput, row: int, 
 
 
 def stage_rows_fn(
-    layers: Sequence[nn.Module], previous: LayerInput, current: LayerInput | None, row: int, valid_slots: torch.Tensor
+    layers: Sequence[nn.Module], previous: LayerInput, current: LayerInput | None, row: int, valid_slots: Slots
 ):
     """The `ctx.attention_fn` of one sample at an in-LLM stage on the input of decoder layer k.
 
     previous: what layer k-1 received (its cached keys are reused); current: the stage's own input to layer k
     (cache None: layer k has not run yet, so its keys are recomputed), or None when only k-1 is served.
-    valid_slots: (L,) the sample's non-padding slots of the batch row. Returns `fn(query_index, layer=None)`:
+    valid_slots: (L,) the sample's non-padding slots of the batch row, or a slice of them when they are one run (a
+    view, no index tensor: the usual left-padded row). Returns `fn(query_index, layer=None)`:
     query_index (Q,) indexes the sample's sequence; layer None / k-1 or k; the result is (H, Q, L) float32.
     """
     rows_previous = _layer_rows_fn(layers, previous, row, valid_slots)
@@ -243,7 +248,7 @@ def stage_rows_fn(
     previous_layer = previous[0]
 
     def attention_fn(query_index: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        query_index = query_index.to(valid_slots.device)
+        query_index = query_index.to(previous[1].device)
         if layer is None or layer == previous_layer:
             return rows_previous(query_index)
         if rows_current is None or layer != current[0]:

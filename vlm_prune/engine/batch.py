@@ -118,6 +118,71 @@ def _numpy(tensor) -> np.ndarray:
     return tensor.numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
 
 
+@dataclass(frozen=True)
+class MediaTemplate:
+    """What the host mirror takes from a batch's layouts alone, not from its columns (read-only, shared).
+
+    num_media: media items per row; width: the most items of a row (at least 1); rows, media_key (row * width +
+    item), kind: (P0,) int64 over the batch's visual tokens, row-major; offsets: (B + 1) where each row's tokens
+    start; original_counts: visual tokens per media item of every row.
+    """
+
+    num_media: list[int]
+    width: int
+    rows: np.ndarray
+    media_key: np.ndarray
+    kind: np.ndarray
+    offsets: list[int]
+    original_counts: list[list[int]]
+
+
+def _joined(tensors: list[torch.Tensor]) -> np.ndarray:
+    """The tensors' values, concatenated as one int64 array (rows of one cached layout share a tensor: each
+    distinct tensor is converted once)."""
+    arrays: dict[int, np.ndarray] = {}
+    parts = []
+    for tensor in tensors:
+        part = arrays.get(id(tensor))
+        if part is None:
+            part = arrays[id(tensor)] = _numpy(tensor)
+        parts.append(part)
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int64, copy=False)
+
+
+def _build_template(samples: list) -> MediaTemplate:
+    batch = len(samples)
+    num_media = [sample.layout.num_media for sample in samples]
+    width = max(num_media + [1])
+    lengths = [sample.visual_columns.shape[0] for sample in samples]
+    rows = np.zeros(lengths[0], dtype=np.int64) if batch == 1 else np.repeat(np.arange(batch), lengths)
+    if sum(lengths):
+        media = _joined([sample.layout.media_index for sample in samples])
+        media_key = media if batch == 1 else rows * width + media
+        kind = _joined([sample.layout.kind for sample in samples])
+    else:
+        media_key = kind = np.zeros(0, dtype=np.int64)
+    offsets = list(accumulate(lengths, initial=0))
+    table = np.bincount(media_key, minlength=batch * width).reshape(-1, width).tolist()
+    original_counts = [counts[:items] for counts, items in zip(table, num_media)]
+    return MediaTemplate(num_media, width, rows, media_key, kind, offsets, original_counts)
+
+
+def media_template(samples: list) -> tuple[MediaTemplate, np.ndarray]:
+    """(the batch's `MediaTemplate`, (P0,) int64 original columns of its visual tokens, row-major).
+
+    Samples an adapter planned (`adapters/media_plan.PlannedSamples`) carry their plan and their flat columns: the
+    template is then built once per plan (a batch signature) and the columns are not re-joined."""
+    plan = getattr(samples, "plan", None)
+    if plan is None:
+        template = _build_template(samples)
+        columns = _joined([sample.visual_columns for sample in samples]) if len(template.rows) else template.rows
+        return template, columns
+    template = plan.derived.get(MediaTemplate)
+    if template is None:
+        template = plan.derived[MediaTemplate] = _build_template(samples)
+    return template, samples.columns
+
+
 class HostBatch:
     """Host mirror of one prefill's slots and visual tokens (see the module docstring).
 
@@ -135,36 +200,15 @@ class HostBatch:
         self._columns, self._valid = _numpy(columns), _numpy(valid)
         # torch views of `_columns` / `_valid`, once made (numpy inputs get theirs on first use)
         self._torch = {key: t for key, t in (("columns", columns), ("valid", valid)) if isinstance(t, torch.Tensor)}
-        batch = len(samples)
-        self.num_media = [sample.layout.num_media for sample in samples]
-        self.width = max(self.num_media + [1])
-        lengths = [sample.visual_columns.shape[0] for sample in samples]
-        self.rows = np.zeros(lengths[0], dtype=np.int64) if batch == 1 else np.repeat(np.arange(batch), lengths)
-        if sum(lengths):
-            arrays: dict[int, np.ndarray] = {}  # rows of one (cached) layout share its tensors: convert each once
-
-            def joined(tensors: list[torch.Tensor]) -> np.ndarray:
-                parts = [arrays.get(id(t)) for t in tensors]
-                for at, (part, tensor) in enumerate(zip(parts, tensors)):
-                    if part is None:
-                        parts[at] = arrays[id(tensor)] = _numpy(tensor)
-                return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int64, copy=False)
-
-            media = joined([sample.layout.media_index for sample in samples])
-            self.media_key = media if batch == 1 else self.rows * self.width + media
-            self.kind = joined([sample.layout.kind for sample in samples])
-            self.columns0 = joined([sample.visual_columns for sample in samples])
-        else:
-            self.media_key = self.kind = self.columns0 = np.zeros(0, dtype=np.int64)
+        template, self.columns0 = media_template(samples)
+        self.num_media, self.width, self.rows = template.num_media, template.width, template.rows
+        self.media_key, self.kind, self.offsets = template.media_key, template.kind, template.offsets
         self.slot = self.columns0.copy()  # the prefill starts with slot == column
         self._present = np.ones(len(self.rows), dtype=bool)
         self.present = torch.from_numpy(self._present)  # the same memory: writes show in `present` and its row views
         self.all_present = True  # no stage removed a token yet: `present` is all set (skips its nonzero)
         self.checked = False  # the visual tokens were checked against the mask (first stage)
-        self.offsets = [0]
-        for length in lengths:
-            self.offsets.append(self.offsets[-1] + length)
-        self.original_counts = self.media_counts(slice(None))
+        self.original_counts = template.original_counts
         self.current_counts = self.original_counts  # tokens per media item still present (updated per stage)
         self.index_padded = False  # whether the last stage's compaction index has pad slots
         self._all_valid: bool | None = None  # `all_valid`, once known

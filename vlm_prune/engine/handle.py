@@ -107,7 +107,7 @@ class _Forward:
     mask: torch.Tensor  # (B, past + L) 2-D attention mask over the cached + current slots
     rope: torch.Tensor  # (R, B, L) rotary positions of the current slots
     samples: list[_Sample] = field(default_factory=list)
-    shift: torch.Tensor | None = None  # (B,) host: positions removed so far (policy "compact")
+    shift: np.ndarray | None = None  # (B,) int64 host: positions removed so far (policy "compact")
     host: HostBatch | None = None  # host mirror of the slots and visual tokens (engine/batch.py)
     index: torch.Tensor | None = None  # (B, L') compaction index of the last stage
     host_segments: list[torch.Tensor] = field(default_factory=list)  # host copies of `segments`' columns
@@ -440,9 +440,11 @@ class PruneHandle:
             mask = torch.ones(batch, length, dtype=torch.long, device=device)
         elif not isinstance(mask, torch.Tensor) or mask.ndim != 2:
             raise InputError("vlm_prune needs a 2-D attention mask (or none); a prepared 4-D mask cannot be pruned")
-        rope = rope_view(kwargs.get("position_ids"), self.adapter.rope_rows, device) if self._plain_rope else None
+        positions = kwargs.get("position_ids")
+        arange = partial(self._contiguous, 0, length, batch, device)  # (shared, never written)
+        rope = rope_view(positions, self.adapter.rope_rows, device, arange) if self._plain_rope else None
         if rope is None:  # (a view is enough: the engine never writes into `forward.rope`, it replaces it)
-            rope = to_device(self.adapter.rope_positions(kwargs.get("position_ids"), batch, length, 0), device)
+            rope = to_device(self.adapter.rope_positions(positions, batch, length, 0), device)
         call = self._host_call()  # the host copies read once in `_on_model_call_inner`
         media = self.adapter.sample_media(call["input_ids"], call, embeds)
         host_mask = call.get("attention_mask") if mask is (self._call or {}).get("attention_mask") else None
@@ -460,7 +462,7 @@ class PruneHandle:
             mask=mask,
             rope=rope,
             samples=samples,
-            shift=torch.zeros(batch, dtype=torch.long),
+            shift=np.zeros(batch, dtype=np.int64),
             host=host,
             stats=stats,
             original_embeds=embeds,
@@ -593,7 +595,7 @@ class PruneHandle:
                 prefill_masks.append(seg_mask * original_mask)
             state = _Cached(
                 original_length=int(length0),
-                shift=to_device(forward.shift, final_columns.device),
+                shift=to_device(torch.from_numpy(forward.shift), final_columns.device),
                 segments=segments,
                 prefill_mask=prefill_masks,
                 tokens=self._call["input_ids"].detach(),  # stays on the device: decode steps append to it
@@ -685,7 +687,7 @@ class PruneHandle:
             if signals is not None:
                 self._signals.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
             if attention is not None:
-                slots = valid_slots if valid_slots is not None else torch.arange(first, length, device=device)
+                slots = valid_slots if valid_slots is not None else slice(first, length)
                 ctx.attention_fn = stage_rows_fn(self.adapter.layers, *attention, row, slots)
             ctx.segments_fn = segments_later(self.adapter, host_ids, host_columns, row, where, sample.media)
             result = stage.select(ctx)
@@ -719,7 +721,7 @@ class PruneHandle:
                 sample.layout.group = groups[row]
         forward.index = None  # None: the stage kept every token, the slots stay as they are
         if kept != plan.counts:
-            forward.shift += torch.tensor([count - now for count, now in zip(plan.counts, kept)])
+            forward.shift += np.subtract(plan.counts, kept)
             if self.position_policy == "compact":
                 removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
                 forward.rope = forward.rope - removed_before.unsqueeze(0)

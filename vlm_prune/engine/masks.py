@@ -4,7 +4,13 @@ transformers' `create_causal_mask` costs ~50-70 us of host time per call (argume
 detection, cache size queries) even when it ends by returning None (SDPA's `is_causal` path for an unpadded
 sequence). Its result is a pure function of the config, the query's shape / dtype / device, the layer's cached
 length and the 2-D mask; for the unpadded case (no 2-D mask) the engine remembers per signature that the answer
-was None and skips the call next time. Any other case is built by transformers, every time.
+was None and skips the call next time.
+
+A padded batch (ragged kept counts, or the caller's padding) needs the mask itself. Under `sdpa` and `eager` on a
+plain dynamic cache (or none) that mask is exactly causal AND the 2-D padding mask, which `padded_causal_mask`
+builds in three tensor ops (~4x less host time than transformers' generic mask-function path; tested equal to
+`create_causal_mask` for both implementations, with and without cached positions). Anything else (flash, flex,
+sliding-window or static caches, bidirectional configs) is built by transformers, every time.
 """
 
 from __future__ import annotations
@@ -12,6 +18,48 @@ from __future__ import annotations
 import torch
 
 from vlm_prune.engine.lru import SmallLRU
+
+_PLAIN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def _plain_layer(cache, layer_idx: int | None) -> bool:
+    """Whether `cache` is None or its layer `layer_idx` is a plain full-attention `DynamicLayer` (its mask covers
+    every cached position plus the query; no window, no static size)."""
+    if cache is None:
+        return True
+    if layer_idx is None or not hasattr(cache, "layers") or layer_idx >= len(cache.layers):
+        return False
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - every transformers 5.x has it
+        return False
+    return type(cache.layers[layer_idx]) is DynamicLayer
+
+
+def padded_causal_mask(config, hidden: torch.Tensor, mask: torch.Tensor, cache, layer_idx: int | None):
+    """The 4-D mask `create_causal_mask` returns for a 2-D `mask` under sdpa (bool, True = attend) or eager (0 /
+    dtype min), or None when this case is not the plain one (then ask transformers).
+
+    hidden: (B, Q, D) the query slots; mask: (B, P + Q) 2-D, the P cached positions first (shorter: padded with 0,
+    as transformers pads it); the cache's layer `layer_idx` holds P positions. Returns (B, 1, Q, P + Q).
+    """
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _PLAIN_IMPLEMENTATIONS or not getattr(config, "is_causal", True):
+        return None
+    if mask is None or mask.ndim != 2 or not _plain_layer(cache, layer_idx):
+        return None
+    q_length, device = hidden.shape[1], hidden.device
+    past = 0 if cache is None else cache.get_seq_length(layer_idx)
+    kv_length = past + q_length
+    padding = mask.to(device=device, dtype=torch.bool)
+    if padding.shape[1] < kv_length:
+        padding = torch.nn.functional.pad(padding, (0, kv_length - padding.shape[1]))
+    keys = torch.arange(kv_length, device=device)
+    causal = keys <= (torch.arange(past, kv_length, device=device)).unsqueeze(1)  # (Q, KV)
+    allowed = causal & padding[:, None, None, :kv_length]  # (B, 1, Q, KV)
+    if implementation == "sdpa":
+        return allowed
+    return torch.where(allowed, torch.zeros((), device=device, dtype=hidden.dtype), torch.finfo(hidden.dtype).min)
 
 
 class StageMasks:
@@ -41,6 +89,10 @@ class StageMasks:
             key = (tuple(hidden.shape[:2]), hidden.dtype, hidden.device, past, layer_idx is None)
             if key in self._none:
                 return None
+        else:
+            fast = padded_causal_mask(self.config, hidden, mask, cache, layer_idx)
+            if fast is not None:
+                return fast
         from transformers.masking_utils import create_causal_mask
 
         result = create_causal_mask(
