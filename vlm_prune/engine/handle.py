@@ -27,7 +27,6 @@ mask and media grids, packed) and ONE per stage (the keep masks); decode steps r
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -36,22 +35,21 @@ import torch
 from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
-from vlm_prune.engine.attention_rows import stage_rows_fn
-from vlm_prune.engine.batch import HostBatch, read_call, row_views, to_device
+from vlm_prune.engine.batch import HostBatch, read_call, to_device
 from vlm_prune.engine.cached import CACHE_STATE_ATTRIBUTE
 from vlm_prune.engine.cached import CachedPrefill as _Cached
-from vlm_prune.engine.calls import brings_media, cache_of, read_keeps, rope_view, segments_later
-from vlm_prune.engine.context import VIDEO, Selection, SelectionContext, VisualLayout
+from vlm_prune.engine.calls import brings_media, cache_of, rope_view
+from vlm_prune.engine.context import VIDEO, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
 from vlm_prune.engine.labels import kept_labels, with_loss
 from vlm_prune.engine.masks import StageMasks
 from vlm_prune.engine.ragged import trim_segments
-from vlm_prune.engine.reentry import reenter_tokens, remember
+from vlm_prune.engine.reentry import reenter_tokens
 from vlm_prune.engine.signals import KEEP_RECORDINGS, SignalRecorder
-from vlm_prune.engine.stats import LayerShape, PruneStats, StageStats, cache_bytes, finish_prefill_stats
+from vlm_prune.engine.stage_run import run_stage
+from vlm_prune.engine.stats import LayerShape, PruneStats, cache_bytes, finish_prefill_stats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
-from vlm_prune.kernels import compact_sequence, gather_tokens
-from vlm_prune.kernels.reference import take_rows
+from vlm_prune.kernels import gather_tokens
 from vlm_prune.methods.base import Stage
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -623,131 +621,11 @@ class PruneHandle:
                     "or choose an image method (e.g. 'divprune', 'zoo' or 'fastv'; see vlm_prune.methods())"
                 )
 
-    def _run_stage(
-        self,
-        stage: Stage,
-        hidden: torch.Tensor,
-        *,
-        signals: dict | None = None,
-        attention: tuple | None = None,
-    ) -> torch.Tensor:
-        """Run one stage on the current slots; compact `hidden` and the forward state. Returns new hidden.
-
-        Shapes come from the host mirror (`engine/batch.py`); the methods' keep masks are the stage's one read.
-        """
-        forward, host = self._forward, self._forward.host
-        batch, length = forward.columns.shape
-        device = hidden.device
-        started = time.perf_counter()
-        plan = host.stage_input()
-        budgets = host.budgets(stage.keep, plan.tokens_in)
-        padded = to_device(plan.padded, device)  # (2, B, N_max): visual slots, their positions among the valid slots
-        if plan.runs is not None:  # every row's visual tokens are consecutive slots: views of hidden, no copy
-            feature_rows = [row[s : s + n] for row, s, n in zip(hidden.unbind(0), plan.runs, plan.counts)]
-        else:  # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
-            ragged = min(plan.counts, default=0) < padded.shape[-1]  # some row has pad entries (-1)
-            features = take_rows(hidden, 1, padded[0].clamp(min=0) if ragged else padded[0])
-            feature_rows = row_views(features, None, plan.counts)
-        device_ids = self._call["input_ids"]
-        if forward.columns.shape == device_ids.shape and host.all_present and not forward.reentry:
-            ids_now = device_ids  # nothing removed (or re-entered) yet: slot == column
-        else:
-            ids_now = device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0))  # pads: never read
-        host_ids = self._call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
-        # every row's views with one unbind per tensor (a slice only where a row starts later or holds fewer)
-        firsts = [length - valid for valid in plan.valid_counts]
-        hidden_rows, id_rows = (row_views(t, firsts) for t in (hidden, ids_now))
-        host_columns = host.columns  # (replaced, not written, by `apply`)
-        index_rows = row_views(padded[1], None, plan.counts)
-        keeps, selections = [], {}
-        for row in range(batch):
-            count = plan.counts[row]
-            if count == 0:
-                continue
-            sample, first = forward.samples[row], firsts[row]
-            if plan.contiguous[row]:  # the usual case (left padding): views, no copies
-                valid_slots, row_hidden, row_ids, where = None, hidden_rows[row], id_rows[row], slice(first, None)
-            else:
-                valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
-                valid_slots = to_device(valid_slots, device)
-                row_hidden, row_ids = hidden[row, valid_slots], ids_now[row, valid_slots]
-            row_budgets = budgets[row]
-            ctx = SelectionContext(
-                layer=stage.layer,
-                num_visual=count,
-                budget=None if row_budgets is None else sum(row_budgets),
-                budget_per_media=row_budgets,
-                visual_features=feature_rows[row],
-                hidden_states=row_hidden,
-                visual_index=index_rows[row],
-                input_ids=row_ids,
-                layout=sample.layout,
-                seed=self.seed,
-            )
-            if signals is not None:
-                self._signals.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
-            if attention is not None:
-                slots = valid_slots if valid_slots is not None else slice(first, length)
-                ctx.attention_fn = stage_rows_fn(self.adapter.layers, *attention, row, slots)
-            ctx.segments_fn = segments_later(self.adapter, host_ids, host_columns, row, where, sample.media)
-            result = stage.select(ctx)
-            if isinstance(result, Selection):
-                if result.represents is not None:  # remembered for re-entry (reentry.py; a no-op without)
-                    rope_here = forward.rope[:, row, padded[0, row, :count]]
-                    columns = to_device(sample.visual_columns, device)
-                    remember(forward.reentry, row, result, columns, feature_rows[row], rope_here)
-                selections[row], result = result, result.keep_mask
-            keep_mask = result if isinstance(result, torch.Tensor) and result.device == device else torch.as_tensor(
-                result, device=device
-            )
-            if keep_mask.dtype != torch.bool or keep_mask.shape != (count,):
-                raise PruneError(
-                    f"{stage.name}.select returned {keep_mask.dtype} {tuple(keep_mask.shape)}; it must return a "
-                    f"bool mask of shape ({count},) (ctx.num_visual)"
-                )
-            keeps.append(keep_mask)
-        keep, groups = read_keeps(keeps, selections, device)  # THE one device->host read of the stage
-        index, removed, new_slot = host.apply(plan, keep)
-        tokens_out = host.current_counts
-        kept = [sum(counts) for counts in tokens_out]
-        for row, row_budgets in enumerate(budgets):
-            if row_budgets is not None and plan.counts[row] and kept[row] != sum(row_budgets):
-                raise PruneError(f"{stage.name} kept {kept[row]} tokens, its budget is {sum(row_budgets)}")
-        for row, sample in enumerate(forward.samples):
-            if plan.counts[row] and kept[row] < plan.counts[row]:
-                sample.layout  # noqa: B018 -- applies an earlier stage's pending mask first
-                sample.pending = (keep, plan.starts[row], plan.starts[row] + plan.counts[row])  # sliced on use
-            if row in groups:
-                sample.layout.group = groups[row]
-        forward.index = None  # None: the stage kept every token, the slots stay as they are
-        if kept != plan.counts:
-            forward.shift += np.subtract(plan.counts, kept)
-            if self.position_policy == "compact":
-                removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
-                forward.rope = forward.rope - removed_before.unsqueeze(0)
-            forward.index = to_device(index, device)
-            # one fused launch on CUDA (Triton), the torch reference elsewhere: hidden, columns, mask, rope; on a
-            # CPU the mirror's columns ARE the compacted columns (same values, no gather)
-            on_host = device.type == "cpu" and type(hidden) is torch.Tensor
-            hidden, columns, forward.mask, forward.rope = compact_sequence(
-                hidden, forward.index, columns=None if on_host else forward.columns, mask=forward.mask,
-                rope=forward.rope, padded=host.index_padded,
-            )
-            forward.columns = host.columns if on_host else columns
-        replaced = [row for row, selection in selections.items() if selection.features is not None]
-        if replaced:  # merging methods: the kept tokens take the features the method gave them
-            hidden = hidden.clone() if forward.index is None else hidden  # never write into the caller's tensor
-            # one scatter for every replaced row: their kept tokens, row-major, in the order of their features
-            kept_rows = plan.rows[keep.numpy()]
-            which = np.isin(kept_rows, replaced)
-            rows = to_device(torch.from_numpy(kept_rows[which]), device)
-            slots = to_device(torch.from_numpy(new_slot.numpy()[which]), device)
-            features = [selections[row].features for row in replaced]
-            hidden[rows, slots] = (features[0] if len(features) == 1 else torch.cat(features)).to(hidden.dtype)
-        forward.stats.stages.append(
-            StageStats(stage.name, stage.layer, plan.tokens_in, tokens_out, time.perf_counter() - started)
-        )
-        return hidden
+    def _run_stage(self, stage: Stage, hidden: torch.Tensor, *, signals=None, attention=None) -> torch.Tensor:
+        """One stage on the current slots (`engine/stage_run.py`); returns the compacted hidden states."""
+        return run_stage(self._forward, stage, hidden, call=self._call, adapter=self.adapter, seed=self.seed,
+                         position_policy=self.position_policy, signals=signals, recorder=self._signals,
+                         attention=attention)  # fmt: skip
 
     # ------------------------------------------------------------------ decoder layers
     def _make_layer_hook(self, index: int):

@@ -8,7 +8,7 @@ Every function takes `backend="auto" | "triton" | "torch"` (rule in `kernels/bac
 CUDA tensors when it imports, the torch reference (`kernels/reference.py`) everywhere else. Both give the same bits.
 Index convention everywhere: (B, L') long, the slot of the input to take for each output slot, -1 = pad slot.
 
-Engine adoption: `PruneHandle._run_stage` compacts hidden states, columns, mask and rotary positions with one
+Engine adoption: `engine/stage_run.run_stage` compacts hidden states, columns, mask and rotary positions with one
 `compact_sequence` per stage, and `engine/ragged.trim_segments` trims every layer of a segment with one
 `trim_layers` call; both take an index the engine built on the host and uploaded without a sync
 (`engine/batch.py`).

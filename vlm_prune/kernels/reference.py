@@ -1,8 +1,8 @@
 """The torch reference of the compaction primitives: the oracle that the Triton kernels must match bit for bit.
 
 Every function here is a chain of gathers (`torch.gather`, or the same copy by `index_select` / advanced indexing,
-faster on CPU), one per tensor, exactly what the engine did before the fused kernels (`engine/handle.py`'s
-`_run_stage` and `engine/ragged.py`'s `trim_segments`).
+faster on CPU), one per tensor, exactly what the engine did before the fused kernels (`run_stage` in
+`engine/stage_run.py` and `engine/ragged.py`'s `trim_segments`).
 """
 
 from __future__ import annotations

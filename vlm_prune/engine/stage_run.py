@@ -1,0 +1,223 @@
+"""One pruning stage over the current slots of a prefill: the per-row selection, the one read, the compaction.
+
+`run_stage` is what the handle (`engine/handle.py`) calls at layer 0 (pre-LLM, on `inputs_embeds`) and at an in-LLM
+stage's layer k (on that layer's input). It works on the handle's per-forward state (`_Forward`: columns, mask,
+rope, shift, samples and the host mirror `HostBatch`) and changes it in place:
+
+1. `HostBatch.stage_input` gives the shapes (per row: visual tokens present, their slots, budgets);
+2. `_select_rows` builds each row's `SelectionContext` (views of hidden and ids where the row's slots are one run,
+   lazily computed signals, attention rows and later segments) and calls the stage's `select`;
+3. `read_keeps` concatenates the keep masks and reads them in ONE device->host copy (the stage's only sync);
+4. `_apply_keep` advances the host mirror, checks the budgets, records the samples' pending masks and compacts
+   hidden states, columns, mask and rotary positions in one `compact_sequence` (fused on CUDA);
+5. `_replace_features`: merging methods' kept tokens take the features the method gave them (one scatter).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from vlm_prune.adapters.base import Adapter
+from vlm_prune.engine.attention_rows import stage_rows_fn
+from vlm_prune.engine.batch import StageInput, row_views, to_device
+from vlm_prune.engine.calls import read_keeps, segments_later
+from vlm_prune.engine.context import Selection, SelectionContext
+from vlm_prune.engine.reentry import remember
+from vlm_prune.engine.signals import SignalRecorder
+from vlm_prune.engine.stats import StageStats
+from vlm_prune.errors import PruneError
+from vlm_prune.kernels import compact_sequence
+from vlm_prune.kernels.reference import take_rows
+from vlm_prune.methods.base import Stage
+
+
+def run_stage(
+    forward,
+    stage: Stage,
+    hidden: torch.Tensor,
+    *,
+    call: dict,
+    adapter: Adapter,
+    seed: int | None,
+    position_policy: str,
+    signals: dict | None = None,
+    recorder: SignalRecorder | None = None,
+    attention: tuple | None = None,
+) -> torch.Tensor:
+    """Run one stage on the current slots of `forward` (the handle's `_Forward`); compact `hidden` (B, L, D) and
+    the forward state (columns, mask, rope, shift, samples, host mirror, stats). Returns the new hidden (B, L', D).
+
+    call: the call's kwargs as the handle read them (`input_ids`, and `host`: their host copies); signals: the
+    signal tables a pre-LLM stage asked for (`recorder` fills each row's context from them); attention: (layer
+    k-1's input, layer k's input) for in-LLM stages that score by attention rows.
+    Shapes come from the host mirror (`engine/batch.py`); the methods' keep masks are the stage's one read.
+    """
+    host = forward.host
+    started = time.perf_counter()
+    plan = host.stage_input()
+    budgets = host.budgets(stage.keep, plan.tokens_in)
+    padded = to_device(plan.padded, hidden.device)  # (2, B, N_max): visual slots, their places among the valid ones
+    keeps, selections = _select_rows(
+        forward, stage, hidden, plan, budgets, padded, call, adapter, seed, signals, recorder, attention
+    )
+    keep, groups = read_keeps(keeps, selections, hidden.device)  # THE one device->host read of the stage
+    hidden, new_slot = _apply_keep(forward, stage, hidden, plan, budgets, keep, groups, position_policy)
+    hidden = _replace_features(hidden, forward.index is None, plan, keep, new_slot, selections)
+    forward.stats.stages.append(
+        StageStats(stage.name, stage.layer, plan.tokens_in, host.current_counts, time.perf_counter() - started)
+    )
+    return hidden
+
+
+def _select_rows(
+    forward,
+    stage: Stage,
+    hidden: torch.Tensor,
+    plan: StageInput,
+    budgets: list,
+    padded: torch.Tensor,
+    call: dict,
+    adapter: Adapter,
+    seed: int | None,
+    signals: dict | None,
+    recorder: SignalRecorder | None,
+    attention: tuple | None,
+) -> tuple[list[torch.Tensor], dict[int, Selection]]:
+    """Every row's selection: (the keep masks (N_r,) bool of the rows with visual tokens, in row order; {row:
+    Selection} for the rows whose method returned one). Each row's visual features (N_r, D) are a view of hidden
+    where the row's tokens are one run of slots, else a row of one gather."""
+    host, device = forward.host, hidden.device
+    batch, length = forward.columns.shape
+    if plan.runs is not None:  # every row's visual tokens are consecutive slots: views of hidden, no copy
+        feature_rows = [row[s : s + n] for row, s, n in zip(hidden.unbind(0), plan.runs, plan.counts)]
+    else:  # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
+        ragged = min(plan.counts, default=0) < padded.shape[-1]  # some row has pad entries (-1)
+        features = take_rows(hidden, 1, padded[0].clamp(min=0) if ragged else padded[0])
+        feature_rows = row_views(features, None, plan.counts)
+    device_ids = call["input_ids"]
+    if forward.columns.shape == device_ids.shape and host.all_present and not forward.reentry:
+        ids_now = device_ids  # nothing removed (or re-entered) yet: slot == column
+    else:
+        ids_now = device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0))  # pads: never read
+    host_ids = call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
+    # every row's views with one unbind per tensor (a slice only where a row starts later or holds fewer)
+    firsts = [length - valid for valid in plan.valid_counts]
+    hidden_rows, id_rows = (row_views(t, firsts) for t in (hidden, ids_now))
+    host_columns = host.columns  # (replaced, not written, by `apply`)
+    index_rows = row_views(padded[1], None, plan.counts)
+    keeps, selections = [], {}
+    for row in range(batch):
+        count = plan.counts[row]
+        if count == 0:
+            continue
+        sample, first = forward.samples[row], firsts[row]
+        if plan.contiguous[row]:  # the usual case (left padding): views, no copies
+            valid_slots, row_hidden, row_ids, where = None, hidden_rows[row], id_rows[row], slice(first, None)
+        else:
+            valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
+            valid_slots = to_device(valid_slots, device)
+            row_hidden, row_ids = hidden[row, valid_slots], ids_now[row, valid_slots]
+        row_budgets = budgets[row]
+        ctx = SelectionContext(
+            layer=stage.layer,
+            num_visual=count,
+            budget=None if row_budgets is None else sum(row_budgets),
+            budget_per_media=row_budgets,
+            visual_features=feature_rows[row],
+            hidden_states=row_hidden,
+            visual_index=index_rows[row],
+            input_ids=row_ids,
+            layout=sample.layout,
+            seed=seed,
+        )
+        if signals is not None:
+            recorder.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
+        if attention is not None:
+            slots = valid_slots if valid_slots is not None else slice(first, length)
+            ctx.attention_fn = stage_rows_fn(adapter.layers, *attention, row, slots)
+        ctx.segments_fn = segments_later(adapter, host_ids, host_columns, row, where, sample.media)
+        result = stage.select(ctx)
+        if isinstance(result, Selection):
+            if result.represents is not None:  # remembered for re-entry (reentry.py; a no-op without)
+                rope_here = forward.rope[:, row, padded[0, row, :count]]
+                columns = to_device(sample.visual_columns, device)
+                remember(forward.reentry, row, result, columns, feature_rows[row], rope_here)
+            selections[row], result = result, result.keep_mask
+        keep_mask = result if isinstance(result, torch.Tensor) and result.device == device else torch.as_tensor(
+            result, device=device
+        )
+        if keep_mask.dtype != torch.bool or keep_mask.shape != (count,):
+            raise PruneError(
+                f"{stage.name}.select returned {keep_mask.dtype} {tuple(keep_mask.shape)}; it must return a "
+                f"bool mask of shape ({count},) (ctx.num_visual)"
+            )
+        keeps.append(keep_mask)
+    return keeps, selections
+
+
+def _apply_keep(
+    forward,
+    stage: Stage,
+    hidden: torch.Tensor,
+    plan: StageInput,
+    budgets: list,
+    keep: torch.Tensor,
+    groups: dict,
+    position_policy: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advance the host mirror by the stage's (P,) host keep mask and compact the forward state; returns (hidden
+    (B, L', D), (K,) the new slot of every kept visual token). `forward.index` is left None when nothing was
+    removed (the slots stay as they are), else the (B, L') compaction index on hidden's device."""
+    host, device = forward.host, hidden.device
+    index, removed, new_slot = host.apply(plan, keep)
+    tokens_out = host.current_counts
+    kept = [sum(counts) for counts in tokens_out]
+    for row, row_budgets in enumerate(budgets):
+        if row_budgets is not None and plan.counts[row] and kept[row] != sum(row_budgets):
+            raise PruneError(f"{stage.name} kept {kept[row]} tokens, its budget is {sum(row_budgets)}")
+    for row, sample in enumerate(forward.samples):
+        if plan.counts[row] and kept[row] < plan.counts[row]:
+            sample.layout  # noqa: B018 -- applies an earlier stage's pending mask first
+            sample.pending = (keep, plan.starts[row], plan.starts[row] + plan.counts[row])  # sliced on use
+        if row in groups:
+            sample.layout.group = groups[row]
+    forward.index = None  # None: the stage kept every token, the slots stay as they are
+    if kept != plan.counts:
+        forward.shift += np.subtract(plan.counts, kept)
+        if position_policy == "compact":
+            removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
+            forward.rope = forward.rope - removed_before.unsqueeze(0)
+        forward.index = to_device(index, device)
+        # one fused launch on CUDA (Triton), the torch reference elsewhere: hidden, columns, mask, rope; on a
+        # CPU the mirror's columns ARE the compacted columns (same values, no gather)
+        on_host = device.type == "cpu" and type(hidden) is torch.Tensor
+        hidden, columns, forward.mask, forward.rope = compact_sequence(
+            hidden, forward.index, columns=None if on_host else forward.columns, mask=forward.mask,
+            rope=forward.rope, padded=host.index_padded,
+        )
+        forward.columns = host.columns if on_host else columns
+    return hidden, new_slot
+
+
+def _replace_features(
+    hidden: torch.Tensor, in_place_unsafe: bool, plan: StageInput, keep: torch.Tensor, new_slot: torch.Tensor,
+    selections: dict[int, Selection],
+) -> torch.Tensor:
+    """Merging methods: the kept tokens of their rows take the features the method gave them, in one scatter.
+
+    in_place_unsafe: `hidden` is still the caller's tensor (the stage compacted nothing): it is cloned first."""
+    device = hidden.device
+    replaced = [row for row, selection in selections.items() if selection.features is not None]
+    if replaced:  # merging methods: the kept tokens take the features the method gave them
+        hidden = hidden.clone() if in_place_unsafe else hidden  # never write into the caller's tensor
+        # one scatter for every replaced row: their kept tokens, row-major, in the order of their features
+        kept_rows = plan.rows[keep.numpy()]
+        which = np.isin(kept_rows, replaced)
+        rows = to_device(torch.from_numpy(kept_rows[which]), device)
+        slots = to_device(torch.from_numpy(new_slot.numpy()[which]), device)
+        features = [selections[row].features for row in replaced]
+        hidden[rows, slots] = (features[0] if len(features) == 1 else torch.cat(features)).to(hidden.dtype)
+    return hidden
