@@ -626,6 +626,9 @@ def main(argv=None) -> int:
                    help="a checkpoint.pt of an earlier run, or a saved model folder, to start from (warm start)")
     p.add_argument("--probe-warmup", type=int, default=0,
                    help="first steps that train only the (fresh) auxiliary heads, the model's lr held at 0")
+    p.add_argument("--loss-weights", default="",
+                   help="override loss weights, e.g. dense=0,voxels=0,probes=0 (a fine-tune of the answer, its lens "
+                   "and the attention targets only: no fresh auxiliary head then feeds gradients into the model)")
     p.add_argument("--bank-cache", default="", help="folder to keep the rendered train scenes in between runs")
     p.add_argument("--pilot", action="store_true", help="300 steps, 150 scenes, into /tmp/scene3d_pilot")
     args = p.parse_args(argv)
@@ -681,6 +684,11 @@ def main(argv=None) -> int:
         [{"params": list(model.parameters())}, {"params": list(heads.parameters())}], lr=args.lr, weight_decay=0.01
     )
     weights = {"answer": 1.0, "lens": 0.5, "dense": 0.5, "voxels": 0.5, "attention": 0.5, "probes": 0.5}
+    for part in filter(None, args.loss_weights.split(",")):
+        name, value = part.split("=")
+        if name not in weights:
+            raise SystemExit(f"--loss-weights: unknown loss {name!r}; expected one of {sorted(weights)}")
+        weights[name] = float(value)
     mix = {q: 2 for q in S.QTYPES}
     for part in filter(None, args.mix.split(",")):
         name, count = part.split("=")

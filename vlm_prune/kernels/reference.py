@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -47,8 +48,13 @@ def take_rows(x: torch.Tensor, dim: int, safe: torch.Tensor, flat: torch.Tensor 
 
 
 def flat_rows(x: torch.Tensor, dim: int, safe: torch.Tensor) -> torch.Tensor:
-    """The index of `take_rows` into x (B, [H,] L, ...) viewed as rows: (B [* H] * L',) long."""
+    """The index of `take_rows` into x (B, [H,] L, ...) viewed as rows: (B [* H] * L',) long.
+
+    A plain CPU index is combined in numpy (two array ops, ~1 us each, against ~4 us per small torch op)."""
     groups = x.shape[0] * (x.shape[1] if dim == 2 else 1)
+    if safe.device.type == "cpu" and type(safe) is torch.Tensor:
+        starts = np.arange(0, groups * x.shape[dim], x.shape[dim], dtype=np.int64).reshape(x.shape[0], -1, 1)
+        return torch.from_numpy((starts + safe.numpy()[:, None, :]).reshape(-1))
     starts = torch.arange(groups, device=x.device).view(x.shape[0], -1, 1) * x.shape[dim]
     return (starts + safe.unsqueeze(1)).reshape(-1)
 
@@ -99,10 +105,12 @@ def compact_reference(
     rope: torch.Tensor | None = None,
     *,
     padded: bool | None = None,
+    flat: torch.Tensor | None = None,
 ) -> Compacted:
     """Compact a sequence and its per-slot metadata with one gather each (see `Compacted` for the shapes).
 
     padded: whether `index` holds pad slots (-1), if the caller knows it on the host; None = find out.
+    flat: (B * L',) long, the index as rows of hidden viewed as (B * L, D) (`take_rows`' `flat`), if the caller has it.
 
     Args:
         hidden: (B, L, D). index: (B, L') slots of L to keep, -1 = pad slot. columns: (B, L).
@@ -119,7 +127,7 @@ def compact_reference(
         safe = index.clamp(min=0)
         # on an accelerator (or its CPU stand-in, `engine/syncs.py`) asking whether there are pad slots would sync
         fill = padded or hidden.device.type != "cpu" or type(index) is not torch.Tensor or bool(pads.any())
-    new_hidden = take_rows(hidden, 1, safe)
+    new_hidden = take_rows(hidden, 1, safe, flat)
     if fill:
         new_hidden = new_hidden.masked_fill_(pads.unsqueeze(-1), 0)
     new_columns = None if columns is None else columns.gather(1, safe)
