@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import vlm_prune
+from tests.adapter_calls import recorded_sample_media_args
 from vlm_prune.adapters import LlavaAdapter
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, SampleMedia, item_counts
 from vlm_prune.adapters.llava import (
@@ -335,23 +336,14 @@ def test_fast_sample_media_equals_the_reference_in_forward_and_generate(family):
 @pytest.mark.parametrize("family", ["llava", "llava_next_video", "qwen2_vl"])
 def test_a_layout_the_engine_mutates_does_not_reach_the_next_call(family):
     model = build_tiny(family)
-    with vlm_prune.pruned(model, "random", keep=0.5) as handle, torch.no_grad():
-        seen = {}
-
-        def capture(input_ids, call, embeds, fast=handle.adapter.sample_media):
-            seen["args"] = (input_ids, call, embeds)
-            return fast(input_ids, call, embeds)
-
-        handle.adapter.sample_media = capture
-        model(**make_inputs(model, batch=2))
-        adapter = type(handle.adapter)(model)
-        first = adapter.sample_media(*seen["args"])
-        for sample in first:  # what the engine does: attributes set on the layouts it got
-            sample.layout.group = torch.full_like(sample.layout.media_index, 7)
-            sample.layout.media_grid.append((9, 9, 9))
-        second = adapter.sample_media(*seen["args"])
-        assert_same_samples(second, reference_sample_media(adapter, *seen["args"]))
-        assert all(sample.layout.group is None for sample in second)
+    adapter, args = recorded_sample_media_args(model, batch=2)
+    first = adapter.sample_media(*args)
+    for sample in first:  # what the engine does: attributes set on the layouts it got
+        sample.layout.group = torch.full_like(sample.layout.media_index, 7)
+        sample.layout.media_grid.append((9, 9, 9))
+    second = adapter.sample_media(*args)
+    assert_same_samples(second, reference_sample_media(adapter, *args))
+    assert all(sample.layout.group is None for sample in second)
 
 
 # ---- hand-built calls: interleaved items, bad inputs ------------------------------------------------------
@@ -468,17 +460,7 @@ def test_llava_rows_that_are_not_whole_images_raise_as_the_reference():
 
 def test_llava_next_rows_that_are_not_one_grid_raise_as_the_reference():
     model = build_tiny("llava_next")
-    with vlm_prune.pruned(model, "random", keep=0.5) as handle, torch.no_grad():
-        seen = {}
-
-        def capture(input_ids, call, embeds, fast=handle.adapter.sample_media):
-            seen["args"] = (input_ids, call, embeds)
-            return fast(input_ids, call, embeds)
-
-        handle.adapter.sample_media = capture
-        model.generate(**make_inputs(model, batch=2), max_new_tokens=1, do_sample=False)
-        adapter = handle.adapter
-    input_ids, call, embeds = seen["args"]
+    adapter, (input_ids, call, embeds) = recorded_sample_media_args(model, batch=2, generate=True)
     newline = model.model.image_newline.detach()
     flags = _newline_flags(embeds, newline, input_ids.numpy() == adapter.image_token_id)
     image_positions = (input_ids == adapter.image_token_id).nonzero()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vlm_prune
+from tests.adapter_calls import recorded_sample_media_args
 from vlm_prune.adapters.base import SampleMedia
 from vlm_prune.adapters.llava import _grid_block, _hires_block
 from vlm_prune.adapters.media_plan import PlannedSamples
@@ -22,7 +23,7 @@ from vlm_prune.engine.context import IMAGE, VisualLayout
 from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.engine.ragged import positions_within
 from vlm_prune.kernels.reference import compact_reference, take_rows, trim_reference
-from vlm_prune.toy_models import build_tiny, make_inputs
+from vlm_prune.toy_models import build_tiny
 
 
 def test_small_lru_keeps_the_most_recent_entries():
@@ -214,7 +215,6 @@ def _same_media(got, want) -> None:
 def test_cached_sample_media_equals_a_fresh_adapter(family):
     """The adapters' numpy column search and layout caches (keyed by the items' blocks) give what an adapter with
     empty caches gives, while the inputs change between calls (other rows, images, videos, order, padding)."""
-    import vlm_prune
     from vlm_prune.toy_models import VIDEO_FAMILIES, build_tiny, make_inputs
 
     model = build_tiny(family)
@@ -278,33 +278,24 @@ def test_planned_samples_give_the_host_mirror_of_a_plain_list(family):
     """An adapter's planned samples (plan + flat columns) build the same mirror as the same samples as a plain
     list, and a second call of the signature reuses the template, untouched by the first call's stages."""
     model = build_tiny(family)
-    with vlm_prune.pruned(model, "random", keep=0.5) as handle, torch.no_grad():
-        seen = {}
-
-        def capture(input_ids, call, embeds, fast=handle.adapter.sample_media):
-            seen["args"] = (input_ids, call, embeds)
-            return fast(input_ids, call, embeds)
-
-        handle.adapter.sample_media = capture
-        model(**make_inputs(model, batch=3))
-        adapter = type(handle.adapter)(model)
-        planned = adapter.sample_media(*seen["args"])
-        assert isinstance(planned, PlannedSamples)
-        length = seen["args"][0].shape[1]
-        columns = torch.arange(length).expand(3, -1)
-        valid = torch.ones(3, length, dtype=torch.bool)
-        fast, plain = HostBatch(columns, valid, planned), HostBatch(columns, valid, list(planned))
-        for name in ("rows", "media_key", "kind", "columns0", "slot"):
-            assert getattr(fast, name).tolist() == getattr(plain, name).tolist(), name
-        assert (fast.offsets, fast.original_counts, fast.num_media) == (plain.offsets, plain.original_counts,
-                                                                         plain.num_media)
-        keep = torch.rand(len(fast.rows), generator=torch.Generator().manual_seed(0)) < 0.5
-        results = [host.apply(host.stage_input(), keep) for host in (fast, plain)]
-        assert all(torch.equal(a, b) for a, b in zip(*results))
-        before = fast.original_counts
-        again = adapter.sample_media(*seen["args"])
-        template, _ = media_template(again)
-        assert template.original_counts is before and template.rows.tolist() == plain.rows.tolist()
+    adapter, args = recorded_sample_media_args(model, batch=3)
+    planned = adapter.sample_media(*args)
+    assert isinstance(planned, PlannedSamples)
+    length = args[0].shape[1]
+    columns = torch.arange(length).expand(3, -1)
+    valid = torch.ones(3, length, dtype=torch.bool)
+    fast, plain = HostBatch(columns, valid, planned), HostBatch(columns, valid, list(planned))
+    for name in ("rows", "media_key", "kind", "columns0", "slot"):
+        assert getattr(fast, name).tolist() == getattr(plain, name).tolist(), name
+    assert (fast.offsets, fast.original_counts, fast.num_media) == (plain.offsets, plain.original_counts,
+                                                                     plain.num_media)
+    keep = torch.rand(len(fast.rows), generator=torch.Generator().manual_seed(0)) < 0.5
+    results = [host.apply(host.stage_input(), keep) for host in (fast, plain)]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    before = fast.original_counts
+    again = adapter.sample_media(*args)
+    template, _ = media_template(again)
+    assert template.original_counts is before and template.rows.tolist() == plain.rows.tolist()
 
 
 @pytest.mark.parametrize("rows", [1, 3])
