@@ -58,11 +58,14 @@ CLOCK = time.thread_time  # CPU time of this thread: what the hooks cost, not th
 #: the compaction gathers, the visual-token gather, the cache trim and transformers' 4-D mask after an in-LLM
 #: stage. Timed apart (only inside the hooks) for the extra "excl. device ops" figures; the headline includes them.
 DEVICE_OPS = (
-    ("vlm_prune.engine.handle", "compact_sequence"),
+    ("vlm_prune.engine.stage_run", "compact_sequence"),
+    ("vlm_prune.engine.stage_run", "take_rows"),
+    ("vlm_prune.engine.handle", "compact_sequence"),  # (where engines before f5df194 called them)
     ("vlm_prune.engine.handle", "take_rows"),
     ("vlm_prune.engine.handle", "gather_tokens"),
     ("vlm_prune.engine.ragged", "trim_layers"),
     ("transformers.masking_utils", "create_causal_mask"),
+    ("vlm_prune.engine.masks", "padded_causal_mask"),  # (the engine's own padded 4-D mask, from 9eea39f)
 )
 _INSIDE = [0]  # depth of timed hooks running (device ops count only inside them)
 
@@ -115,7 +118,10 @@ def _timed_device_ops(total: list[float]) -> list[tuple]:
 
     saved = []
     for module_name, name in DEVICE_OPS:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # an older engine without that module
+            continue
         original = getattr(module, name, None)
         if original is None:
             continue
