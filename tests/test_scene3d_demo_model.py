@@ -15,7 +15,8 @@ FOLDER = S.demo_scene_folder()
 pytestmark = pytest.mark.skipif(not (FOLDER / "config.json").is_file(), reason="llava3d_scene is not built")
 
 #: measured on `eval_samples(24, seed=1234)` (8 per type) with the shipped checkpoint, minus one answer per type
-MIN_ACCURACY = {"nearest": 0.5, "count": 0.875, "left": 0.875}  # measured 5/8, 8/8, 8/8 (previous model 5/8, 3/8, 7/8)
+#: (phase 5, shipped: 5/8, 7/8, 8/8 here and 0.89 / 0.92 / 1.00 on the 300 held-out rooms; phase 4: 5/8, 8/8, 8/8)
+MIN_ACCURACY = {"nearest": 0.5, "count": 0.75, "left": 0.875}
 
 
 def test_checkpoint_is_small_fp16_with_enough_depth():
