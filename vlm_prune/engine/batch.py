@@ -164,6 +164,8 @@ def _build_template(samples: list) -> MediaTemplate:
     offsets = list(accumulate(lengths, initial=0))
     table = np.bincount(media_key, minlength=batch * width).reshape(-1, width).tolist()
     original_counts = [counts[:items] for counts, items in zip(table, num_media)]
+    for array in (rows, media_key, kind):  # shared by every call of the signature: a stray write raises
+        array.flags.writeable = False
     return MediaTemplate(num_media, width, rows, media_key, kind, offsets, original_counts)
 
 
