@@ -213,9 +213,6 @@ class HostBatch:
         self.original_counts = template.original_counts
         self.current_counts = self.original_counts  # tokens per media item still present (updated per stage)
         self.index_padded = False  # whether the last stage's compaction index has pad slots
-        # (B * L',) int64 tensor, the last compaction index as rows of (B * L, ...) (row * L + slot; a pad slot takes
-        # any row): what a row gather of hidden needs, computed here on the host in one numpy op
-        self.index_flat: torch.Tensor | None = None
         self._all_valid: bool | None = None  # `all_valid`, once known
         # per in-LLM segment (`mark_segment`): (B, L) the slot within the segment's slots of every current slot (-1 =
         # pad), `SAME` when no stage compacted since, None when unknown (a stage grew the sequence)
@@ -327,7 +324,7 @@ class HostBatch:
         keep = _numpy(keep)
         if np.count_nonzero(keep) == len(keep):  # the stage kept everything: the slots stay as they are
             identity = torch.arange(length).expand(batch, -1)
-            self.index_padded, self.index_flat = False, None
+            self.index_padded = False
             return identity, torch.zeros(batch, length, dtype=torch.bool), torch.from_numpy(plan.slots)
         dropped = ~keep
         gone = plan.present[dropped]
@@ -352,7 +349,6 @@ class HostBatch:
         self.slot[gone] = -1
         if not self.index_padded:  # every row keeps `width` slots: the kept slots, row by row, are the index
             index = source.reshape(batch, width)
-            self.index_flat = torch.from_numpy(source)  # row * L + slot of every new slot: hidden's rows to take
             if batch > 1:
                 index = index - (np.arange(batch) * length)[:, None]
             self._set_slots(np.take(self._columns, source).reshape(batch, width),
@@ -371,7 +367,6 @@ class HostBatch:
                 return out.reshape(batch, width)
 
             index = scatter(slot_index, -1)
-            self.index_flat = torch.from_numpy(scatter(source, 0).reshape(-1))  # (pad slots: row 0's slot 0)
             self._set_slots(scatter(np.take(self._columns, source), -1), scatter(np.take(self._valid, source), False))
             self._all_valid = False  # the rows are left-padded
             self._within = [index if w is SAME else None if w is None else scatter(np.take(w, source), -1)

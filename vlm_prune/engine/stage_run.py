@@ -196,7 +196,7 @@ def _apply_keep(
         on_host = device.type == "cpu" and type(hidden) is torch.Tensor
         hidden, columns, forward.mask, forward.rope = compact_sequence(
             hidden, forward.index, columns=None if on_host else forward.columns, mask=forward.mask,
-            rope=forward.rope, padded=host.index_padded, flat=host.index_flat if on_host else None,
+            rope=forward.rope, padded=host.index_padded,
         )
         forward.columns = host.columns if on_host else columns
     return hidden, new_slot

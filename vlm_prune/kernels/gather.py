@@ -90,7 +90,6 @@ def compact_sequence(
     rope: torch.Tensor | None = None,
     backend: str = "auto",
     padded: bool | None = None,
-    flat: torch.Tensor | None = None,
 ) -> Compacted:
     """Keep `index`'s slots of a sequence and of its slot metadata, in one launch on the Triton backend.
 
@@ -103,8 +102,6 @@ def compact_sequence(
         backend: "auto", "triton" or "torch" (see `kernels/backend.py`).
         padded: whether `index` holds pad slots (-1), when the caller knows it on the host (the torch path then
             skips finding and filling them); None = find out.
-        flat: (B * L',) long, `index` as rows of hidden viewed as (B * L, D) (row * L + slot; any row at a pad
-            slot), when the caller has it (the torch path then skips computing it); ignored by Triton.
 
     Returns:
         `Compacted(hidden (B, L', D), columns (B, L'), mask (B, P + L'), rope (R, B, L') or (B, L'))`, every
@@ -119,7 +116,7 @@ def compact_sequence(
     if mask is not None and (mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] < length):
         raise KernelBackendError(f"mask must be (B, P + L) with B={batch}, L={length}, got {tuple(mask.shape)}")
     if resolve_backend(hidden, backend) == "torch":
-        return compact_reference(hidden, index, columns, mask, rope, padded=padded, flat=flat)
+        return compact_reference(hidden, index, columns, mask, rope, padded=padded)
     from vlm_prune.kernels.triton_gather import compact_triton, supports
 
     tensors = [t for t in (hidden, columns, mask, rope) if t is not None]

@@ -105,12 +105,10 @@ def compact_reference(
     rope: torch.Tensor | None = None,
     *,
     padded: bool | None = None,
-    flat: torch.Tensor | None = None,
 ) -> Compacted:
     """Compact a sequence and its per-slot metadata with one gather each (see `Compacted` for the shapes).
 
     padded: whether `index` holds pad slots (-1), if the caller knows it on the host; None = find out.
-    flat: (B * L',) long, the index as rows of hidden viewed as (B * L, D) (`take_rows`' `flat`), if the caller has it.
 
     Args:
         hidden: (B, L, D). index: (B, L') slots of L to keep, -1 = pad slot. columns: (B, L).
@@ -127,7 +125,7 @@ def compact_reference(
         safe = index.clamp(min=0)
         # on an accelerator (or its CPU stand-in, `engine/syncs.py`) asking whether there are pad slots would sync
         fill = padded or hidden.device.type != "cpu" or type(index) is not torch.Tensor or bool(pads.any())
-    new_hidden = take_rows(hidden, 1, safe, flat)
+    new_hidden = take_rows(hidden, 1, safe)
     if fill:
         new_hidden = new_hidden.masked_fill_(pads.unsqueeze(-1), 0)
     new_columns = None if columns is None else columns.gather(1, safe)
