@@ -149,6 +149,12 @@ def _joined(tensors: list[torch.Tensor]) -> np.ndarray:
     return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int64, copy=False)
 
 
+def _counts_per_item(media_key: np.ndarray, num_media: list[int], width: int) -> list[list[int]]:
+    """Tokens per media item of every row, from the (K,) `row * width + item` keys of K tokens."""
+    table = np.bincount(media_key, minlength=len(num_media) * width).reshape(-1, width).tolist()
+    return [counts[:items] for counts, items in zip(table, num_media)]
+
+
 def _build_template(samples: list) -> MediaTemplate:
     batch = len(samples)
     num_media = [sample.layout.num_media for sample in samples]
@@ -162,8 +168,7 @@ def _build_template(samples: list) -> MediaTemplate:
     else:
         media_key = kind = np.zeros(0, dtype=np.int64)
     offsets = list(accumulate(lengths, initial=0))
-    table = np.bincount(media_key, minlength=batch * width).reshape(-1, width).tolist()
-    original_counts = [counts[:items] for counts, items in zip(table, num_media)]
+    original_counts = _counts_per_item(media_key, num_media, width)
     for array in (rows, media_key, kind):  # shared by every call of the signature: a stray write raises
         array.flags.writeable = False
     return MediaTemplate(num_media, width, rows, media_key, kind, offsets, original_counts)
@@ -254,8 +259,7 @@ class HostBatch:
     def media_counts(self, which) -> list[list[int]]:
         """Visual tokens per media item of every row among the flat tokens `which` (bool mask or indices)."""
         keys = self.media_key[_numpy(which) if isinstance(which, torch.Tensor) else which]
-        table = np.bincount(keys, minlength=len(self.num_media) * self.width).reshape(-1, self.width).tolist()
-        return [counts[:items] for counts, items in zip(table, self.num_media)]
+        return _counts_per_item(keys, self.num_media, self.width)
 
     # ------------------------------------------------------------------ per stage
     def stage_input(self) -> StageInput:
