@@ -522,3 +522,27 @@ def test_plan_cache_is_bounded_and_keeps_blocks_alive():
         assert 0 < len(plans) <= 32
         for plan in plans._plans._items.values():
             assert plan.keep is not None
+
+
+def test_host_media_of_reuses_the_engines_search_only_for_the_same_ids_and_token_ids():
+    from vlm_prune.adapters.media_plan import HOST_MEDIA, HostMedia
+
+    ids = torch.tensor([[1, 3, 3, 2, 4], [3, 2, 2, 2, 2]])
+    found = HostMedia(ids, (3, 4))
+    call = {HOST_MEDIA: found}
+    assert HostMedia.of(ids, (3, 4), call) is found
+    other = HostMedia.of(ids, (3,), call)  # another adapter's kinds: a search of its own
+    assert other is not found and other.total == 3 and other.row_counts == [2, 1]
+    assert other.columns.tolist() == [1, 2, 0]
+    copy_of_ids = ids.clone()  # another ids object (e.g. the language model got other ids): not reused
+    fresh = HostMedia.of(copy_of_ids, (3, 4), call)
+    assert fresh is not found and fresh.columns.tolist() == found.columns.tolist() == [1, 2, 4, 0]
+    assert found.first.tolist() == (ids == 3).tolist() and found.row_counts == [3, 1]
+
+
+def test_the_engine_hands_its_media_search_to_the_adapter():
+    model = build_tiny("qwen2_vl")
+    adapter, (input_ids, call, embeds) = recorded_sample_media_args(model, batch=2)
+    from vlm_prune.adapters.media_plan import HOST_MEDIA, HostMedia
+
+    assert isinstance(call.get(HOST_MEDIA), HostMedia) and call[HOST_MEDIA].source is input_ids

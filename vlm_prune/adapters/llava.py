@@ -153,9 +153,15 @@ class LlavaAdapter(Adapter):
     def media_token_ids(self) -> list[int]:
         return [self.image_token_id]
 
-    def image_blocks(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
-        """(n_i, 3) grid coordinates of every image of the batch, in order."""
-        total = int(np.count_nonzero(input_ids.cpu().numpy() == self.image_token_id))
+    def image_blocks(
+        self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor, host: HostMedia | None = None
+    ) -> list[torch.Tensor]:
+        """(n_i, 3) grid coordinates of every image of the batch, in order. `host`: the call's media search, if made
+        (its image mask and counts are reused)."""
+        if host is not None and host.token_ids[0] == self.image_token_id:
+            total = int(np.count_nonzero(host.first)) if len(host.token_ids) > 1 else host.total
+        else:
+            total = int(np.count_nonzero(input_ids.cpu().numpy() == self.image_token_id))
         counts = item_counts(call, "image")
         if counts is None:
             pixel_values = call.get("pixel_values")
@@ -196,10 +202,10 @@ class LlavaAdapter(Adapter):
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         # the columns from one flatnonzero over the host ids; which image each row holds is a pure function of the
         # rows' image-token counts and the blocks, planned once per such signature (`media_plan`)
-        host = HostMedia(input_ids, (self.image_token_id,))
+        host = HostMedia.of(input_ids, (self.image_token_id,), call)
         if not host.total:
             return empty_samples(host.batch)
-        blocks = self.image_blocks(input_ids, call, inputs_embeds)
+        blocks = self.image_blocks(input_ids, call, inputs_embeds, host)
         return self._plans.samples(host, _layout_key(blocks), lambda: self._plan(host, blocks))
 
     def _plan(self, host: HostMedia, blocks: list[torch.Tensor]) -> MediaPlan:
@@ -258,15 +264,21 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     signals = frozenset()  # anyres packs crops after the projector: no per-token mapping of tower signals yet
 
-    def image_blocks(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
+    def image_blocks(
+        self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor, host: HostMedia | None = None
+    ) -> list[torch.Tensor]:
         """Base grid, then the high-resolution rows; row ends are found from the newline embedding.
 
         generate() forwards neither pixel values nor image sizes (only the encoded features), so the
         rows are recovered from where the model's `image_newline` vector sits in `inputs_embeds`.
         """
         side, base_count = self._grid_side(), self._tokens_per_image()
-        is_image = input_ids.cpu().numpy() == self.image_token_id  # the host ids (numpy: ~1 us a call, torch 5-10)
-        with_images = is_image.sum(axis=1).tolist()
+        if host is not None and host.token_ids[0] == self.image_token_id:  # the call's media search: reused
+            is_image = host.first
+            with_images = host.row_counts if len(host.token_ids) == 1 else is_image.sum(axis=1).tolist()
+        else:
+            is_image = input_ids.cpu().numpy() == self.image_token_id  # the host ids (numpy: ~1 us, torch 5-10)
+            with_images = is_image.sum(axis=1).tolist()
         total = sum(with_images)
         newline = getattr(self.model.model, "image_newline", None)
         all_newline = None if newline is None else _newline_flags(inputs_embeds, newline, is_image)

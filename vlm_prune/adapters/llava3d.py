@@ -23,6 +23,7 @@ from torch import nn
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, SampleMedia
 from vlm_prune.adapters.expansion import expanded_item_index, row_totals
 from vlm_prune.adapters.llava import LlavaAdapter, _grid_block, _layout_from_blocks
+from vlm_prune.adapters.media_plan import HostMedia
 from vlm_prune.engine.context import SCENE, VisualLayout
 from vlm_prune.errors import InputError, PruneError
 
@@ -127,10 +128,12 @@ class Llava3DAdapter(LlavaAdapter):
             samples.append(SampleMedia(columns, scene_layout(geometry.voxel_ijk, geometry.voxel_xyz)))
         return samples
 
-    def image_blocks(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
+    def image_blocks(
+        self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor, host: HostMedia | None = None
+    ) -> list[torch.Tensor]:
         """2-D mode: every image is one square patch grid (no CLS)."""
         side = self._grid_side()
-        total = int((input_ids == self.image_token_id).sum())
+        total = host.total if host is not None else int((input_ids == self.image_token_id).sum())
         if total % (side * side):
             raise InputError(
                 f"llava3d 2-D mode: {total} image tokens are not whole images of {side * side}; pass the processor's "

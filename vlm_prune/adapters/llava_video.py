@@ -132,11 +132,11 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     def sample_media(self, input_ids: torch.Tensor, call: dict, inputs_embeds: torch.Tensor) -> list[SampleMedia]:
         # the columns from one flatnonzero over the host ids; which item every placeholder belongs to is a pure
         # function of the rows' media-kind sequences and the items, planned once per such signature (`media_plan`)
-        host = HostMedia(input_ids, (self.image_token_id, self.video_token_id))
+        host = HostMedia.of(input_ids, (self.image_token_id, self.video_token_id), call)
         if not host.total:
             return empty_samples(host.batch)
         has_images, has_videos = host.present
-        image_blocks = self.image_blocks(input_ids, call, inputs_embeds) if has_images else []
+        image_blocks = self.image_blocks(input_ids, call, inputs_embeds, host) if has_images else []
         video_grids = self.video_grids(input_ids, call) if has_videos else []
         items = (_layout_key(image_blocks), tuple(video_grids))
         return self._plans.samples(host, items, lambda: self._plan(host, image_blocks, video_grids))

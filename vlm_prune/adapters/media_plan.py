@@ -31,6 +31,8 @@ from vlm_prune.engine.context import VisualLayout
 from vlm_prune.engine.lru import SmallLRU
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
+#: call entry holding the `HostMedia` the engine made from the host ids (`HostMedia.of` reuses it)
+HOST_MEDIA = "_vlm_prune_host_media"
 #: the layout of a row without media (a template: handed out through `fresh_layout` only)
 EMPTY_LAYOUT = VisualLayout(_EMPTY, _EMPTY, _EMPTY, torch.zeros(0, 3, dtype=torch.long), [])
 
@@ -59,8 +61,9 @@ class HostMedia:
     """
 
     def __init__(self, input_ids: torch.Tensor, token_ids: Sequence[int]):
+        self.source, self.token_ids = input_ids, tuple(token_ids)
         ids = input_ids.cpu().numpy()  # the engine's host copy: no read
-        first = ids == token_ids[0]
+        first = self.first = ids == token_ids[0]  # (B, L) bool: the tokens of the first kind
         second = None
         media = first
         if len(token_ids) > 1:
@@ -79,6 +82,15 @@ class HostMedia:
             has_second = bool(self._second.any())
             self.present = (self.total > 0 and not (has_second and bool(self._second.all())), has_second)
             self.key = (tuple(self.row_counts), np.packbits(self._second).tobytes() if has_second else b"")
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, token_ids: Sequence[int], call: dict) -> HostMedia:
+        """The call's `HostMedia` of these ids and token ids: the one the engine found while asking whether the call
+        holds media (`call[HOST_MEDIA]`, same ids object and token ids), else a new one."""
+        found = call.get(HOST_MEDIA)
+        if found is not None and found.source is input_ids and found.token_ids == tuple(token_ids):
+            return found
+        return cls(input_ids, token_ids)
 
     def row_ranks(self) -> list[list[np.ndarray]]:
         """Per row, per kind: the ranks (0-based positions among the row's media tokens) of that kind's tokens."""

@@ -157,7 +157,7 @@ class QwenVLAdapter(Adapter):
         # function of the rows' media-kind sequences and the items, planned once per such signature (`media_plan`)
         image_items = self._items(self._call_grids(call, "image"))
         video_items = self._items(self._call_grids(call, "video"))
-        host = HostMedia(input_ids, (self.image_token_id, self.video_token_id))
+        host = HostMedia.of(input_ids, (self.image_token_id, self.video_token_id), call)
         key = (tuple(image_items), tuple(video_items))
         return self._plans.samples(host, key, lambda: self._plan(host, image_items, video_items))
 
