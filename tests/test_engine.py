@@ -446,3 +446,25 @@ def test_qwen_second_turn_after_pruning_past_the_text_tail(family):
         reused = model.generate(**text_only, cache=first.past_key_values, max_new_tokens=4, **kwargs)
     assert torch.equal(reused.sequences, fresh.sequences)
     torch.testing.assert_close(torch.stack(reused.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)
+
+
+def test_qwen_decode_positions_are_rebuilt_only_once_the_model_replaced_its_deltas():
+    """While the model still holds the prefill's `rope_deltas` tensor, generate() built the decode rows from it:
+    `follow_up_position_ids` leaves them (None, no device op); once generate() replaced them (a later turn),
+    rows equal to the text row get the prefill's deltas back, and real M-RoPE rows stay."""
+    from vlm_prune.adapters.qwen_vl import QwenVLAdapter
+    from vlm_prune.toy_models import build_tiny
+
+    model = build_tiny("qwen2_vl")
+    adapter = QwenVLAdapter(model)
+    model.model.rope_deltas = torch.tensor([[-8], [-4]])
+    state = adapter.position_state()
+    text = torch.tensor([[30], [31]])
+    plain = text.unsqueeze(0).expand(4, -1, -1)  # every M-RoPE row equals the text row (zeroed deltas)
+    assert adapter.follow_up_position_ids(plain, state) is None  # the model's own deltas: left as they are
+    model.model.rope_deltas = torch.zeros(2, 1, dtype=torch.long)  # generate() zeroed them for a later turn
+    rebuilt = adapter.follow_up_position_ids(plain, state)
+    assert rebuilt.tolist() == [[[30], [31]]] + [[[22], [27]]] * 3  # text row, then text + the prefill's deltas
+    real = plain.clone()
+    real[1:] += 5  # rows the model built itself (not the text row): kept
+    assert torch.equal(adapter.follow_up_position_ids(real, state), real)

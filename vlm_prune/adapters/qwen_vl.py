@@ -13,6 +13,7 @@ positions computed from the unpruned ("virtual") length instead.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -42,6 +43,16 @@ def _layout_of(key: tuple[tuple[int, int, int, int], ...]) -> VisualLayout:
     media_index = torch.repeat_interleave(torch.arange(len(key)), sizes)
     kind = torch.repeat_interleave(torch.tensor([item[0] for item in key]), sizes)
     return VisualLayout(media_index, kind, grid[:, 0].clone(), grid, [tuple(item[1:]) for item in key])
+
+
+@dataclass(frozen=True)
+class MRopeState:
+    """What decoding after a pruned prefill needs of Qwen's M-RoPE: the prefill's `rope_deltas` (B, 1), a copy, and
+    `source`, the tensor the model held then (generate() adds the model's current `rope_deltas` to its decode
+    positions: while it is still that tensor, they are right)."""
+
+    deltas: torch.Tensor
+    source: torch.Tensor
 
 
 class QwenVLAdapter(Adapter):
@@ -231,7 +242,7 @@ class QwenVLAdapter(Adapter):
     ) -> torch.Tensor | None:
         if call.get("attention_mask") is not None:
             return None  # the model derives positions from the full-length mask: already right
-        rope_deltas = state if state is not None else getattr(self.model.model, "rope_deltas", None)
+        rope_deltas = state.deltas if state is not None else getattr(self.model.model, "rope_deltas", None)
         device = rope_deltas.device if rope_deltas is not None else None
         positions = torch.arange(virtual_past, virtual_past + q_len, device=device).view(1, 1, -1).expand(3, batch, -1)
         if rope_deltas is not None:  # stays on the device: a decode step reads nothing back
@@ -239,10 +250,10 @@ class QwenVLAdapter(Adapter):
             positions = positions + delta.view(1, batch, 1)
         return positions
 
-    def position_state(self) -> torch.Tensor | None:
+    def position_state(self) -> MRopeState | None:
         """The prefill's `rope_deltas` (B, 1): M-RoPE position minus column of every text token after the media."""
         deltas = getattr(self.model.model, "rope_deltas", None)
-        return None if deltas is None else deltas.detach().clone()
+        return None if deltas is None else MRopeState(deltas.detach().clone(), deltas)
 
     def follow_up_position_ids(self, position_ids: torch.Tensor, state: object) -> torch.Tensor | None:
         """Text after the media sits at (text position + rope_delta) on every M-RoPE row.
@@ -255,10 +266,15 @@ class QwenVLAdapter(Adapter):
         """
         if state is None or position_ids.ndim != 3 or position_ids.shape[0] != self.rope_rows + 1:
             return None
+        if getattr(self.model.model, "rope_deltas", None) is state.source:
+            # the model still holds the prefill's own deltas, so generate() built these rows from them: right as they
+            # are (decided on the host: a plain decode step makes no device op here)
+            return None
         batch = position_ids.shape[1]
         key = (batch, position_ids.device, position_ids.dtype)
         if self._delta_rows is None or self._delta_rows[0] is not state or self._delta_rows[1] != key:
-            delta = state.repeat_interleave(batch // state.shape[0], dim=0).to(position_ids.device).view(1, batch, 1)
+            deltas = state.deltas
+            delta = deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(position_ids.device).view(1, batch, 1)
             offsets = torch.cat([torch.zeros_like(delta), delta.expand(self.rope_rows, -1, -1)]).to(position_ids.dtype)
             self._delta_rows = (state, key, offsets)  # once per cached prefill: decode steps add it
         text = position_ids[:1]
