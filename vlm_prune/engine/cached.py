@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from vlm_prune.engine.batch import to_device
 from vlm_prune.errors import InputError
+from vlm_prune.kernels import gather_tokens
 
 CACHE_STATE_ATTRIBUTE = "_vlm_prune_state"
 
@@ -33,7 +36,59 @@ class CachedPrefill:
     # per segment: whether every cached prefill slot is real (no padding): then a decode step without a mask of
     # its own needs no mask at all (decided on the host at the end of the prefill)
     prefill_all_valid: list[bool] = field(default_factory=list)
+    # per segment: whether its cached prefill slots include pad slots (-1 columns; decided on the host; True when
+    # unknown): a decode step masks them out of the gathered mask only then
+    prefill_pads: list[bool] = field(default_factory=list)
     _mask_index: dict = field(default_factory=dict, repr=False)  # segment -> (clamped columns, pad slots)
+
+    @classmethod
+    def after_prefill(
+        cls,
+        segments: list[tuple[int, torch.Tensor]],
+        final_columns: torch.Tensor,
+        host_final: tuple[torch.Tensor, bool],
+        masks: tuple[torch.Tensor, bool, torch.Tensor | None],
+        original_length: int,
+        shift: np.ndarray,
+        tokens: torch.Tensor,
+        position_state: object,
+    ) -> CachedPrefill:
+        """The state a pruned prefill leaves on its cache.
+
+        segments: per segment (first layer, (B, L_seg) original columns of its cached slots), the last one's columns
+        `final_columns` (B, L'); host_final: (host copy of `final_columns`, whether none of its slots is padding);
+        masks: (the (B, past + L') mask the language model got, whether it is the call's own mask, the call's own
+        (B, L0) mask or None); shift: (B,) host int64 positions removed (policy "compact").
+        """
+        mask, is_call_mask, call_mask = masks
+        host_columns, final_all_valid = host_final
+        prefill_masks, all_valid, pads = [], [], []
+        final_pads = None  # (asked once, for the final segment only)
+        for _, seg_columns in segments:
+            final = seg_columns is final_columns
+            all_valid.append(final and final_all_valid)  # the host mirror of `mask != 0`
+            if final and final_pads is None:
+                final_pads = bool((host_columns.numpy() < 0).any())
+            pads.append(final_pads if final else True)
+            if final and is_call_mask:  # the compacted mask already is this gather
+                prefill_masks.append(mask[:, mask.shape[1] - seg_columns.shape[1] :])
+                continue
+            seg_mask = (seg_columns >= 0).to(mask.dtype)
+            if call_mask is None:
+                original = torch.ones_like(seg_columns, dtype=mask.dtype)
+            else:
+                original = gather_tokens(call_mask.unsqueeze(-1), seg_columns.to(call_mask.device)).squeeze(-1)
+            prefill_masks.append(seg_mask * original.to(mask.dtype))
+        return cls(
+            original_length=int(original_length),
+            shift=to_device(torch.from_numpy(shift), final_columns.device),
+            segments=segments,
+            prefill_mask=prefill_masks,
+            tokens=tokens,  # stays on the device: decode steps append to it
+            position_state=position_state,
+            prefill_all_valid=all_valid,
+            prefill_pads=pads,
+        )
 
     def virtual_past(self, past: int) -> int:
         """The unpruned length so far, for `past` cached positions in the first segment's layers."""
@@ -105,5 +160,8 @@ class CachedPrefill:
                                                     device=columns.device)], dim=1),
             )
         safe, pads = entry
-        return user_mask.gather(1, safe[:, :width]).masked_fill_(pads[:, :width], 0)
+        gathered = user_mask.gather(1, safe[:, :width])
+        if index < len(self.prefill_pads) and not self.prefill_pads[index]:
+            return gathered  # no pad slot among the cached ones (decided on the host at the prefill)
+        return gathered.masked_fill_(pads[:, :width], 0)
 

@@ -587,34 +587,13 @@ class PruneHandle:
         self.last_kept_index = final_columns
         self._kept_this_call = final_columns
         if cache is not None:
-            prefill_masks, all_valid = [], []
-            for _, seg_columns in segments:  # final segment: the compacted mask already is this gather
-                final = seg_columns is final_columns
-                all_valid.append(final and host.all_valid)  # the host mirror of `forward.mask != 0`
-                if final and forward.mask_is_call_mask:
-                    prefill_masks.append(forward.mask[:, forward.mask.shape[1] - seg_columns.shape[1] :])
-                    continue
-                seg_mask = (seg_columns >= 0).to(forward.mask.dtype)
-                original_mask = self._prefill_mask_for(seg_columns, forward)
-                prefill_masks.append(seg_mask * original_mask)
-            state = _Cached(
-                original_length=int(length0),
-                shift=to_device(torch.from_numpy(forward.shift), final_columns.device),
-                segments=segments,
-                prefill_mask=prefill_masks,
-                tokens=self._call["input_ids"].detach(),  # stays on the device: decode steps append to it
-                position_state=self.adapter.position_state(),
-                prefill_all_valid=all_valid,
-            )
+            masks = (forward.mask, forward.mask_is_call_mask, self._call.get("attention_mask"))
+            state = _Cached.after_prefill(segments, final_columns, (host.columns, host.all_valid), masks, length0,
+                                          forward.shift, self._call["input_ids"].detach(),
+                                          self.adapter.position_state())  # fmt: skip
             setattr(cache, CACHE_STATE_ATTRIBUTE, state)
         self._forward = None
         return None
-
-    def _prefill_mask_for(self, seg_columns: torch.Tensor, forward: _Forward) -> torch.Tensor:
-        original = (self._call or {}).get("attention_mask")
-        if original is None:
-            return torch.ones_like(seg_columns, dtype=forward.mask.dtype)
-        return gather_tokens(original.unsqueeze(-1), seg_columns.to(original.device)).squeeze(-1).to(forward.mask.dtype)
 
     # ------------------------------------------------------------------ stages
     def _check_media_kinds(self, host: HostBatch) -> None:
