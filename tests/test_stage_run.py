@@ -110,3 +110,31 @@ def test_run_stage_writes_a_merging_methods_features_into_the_kept_slots():
 def test_run_stage_rejects_a_mask_of_the_wrong_shape():
     with pytest.raises(PruneError, match=r"must return a bool mask of shape \(3,\)"):
         _run(lambda ctx: torch.ones(2, dtype=torch.bool))
+
+
+def test_row_views_are_made_only_for_a_method_that_reads_them():
+    """A context's `hidden_states`, `input_ids` and `visual_index` are made on first read: a method that reads the
+    visual features only leaves them unmade; one that reads them gets the hand-built rows (row 0 contiguous, also
+    after a first stage removed tokens, where the ids are gathered at the current columns)."""
+    seen = []
+    _run(_by_row(seen))
+    assert all(name not in ctx.__dict__ for ctx in seen for name in ("hidden_states", "input_ids", "visual_index"))
+    forward, call = _forward()
+    hidden = torch.arange(2 * LENGTH * DIM, dtype=torch.float32).view(2, LENGTH, DIM)
+    out = run_stage(forward, Stage(layer=0, select=_by_row([]), name="first"), hidden, call=call, adapter=None,
+                    seed=0, position_policy="preserve")  # fmt: skip
+    later = []
+
+    def keep_all(ctx):
+        later.append(ctx)
+        return torch.ones(ctx.num_visual, dtype=torch.bool)
+
+    run_stage(forward, Stage(layer=2, select=keep_all, name="second"), out, call=call, adapter=None, seed=0,
+              position_policy="preserve")  # fmt: skip
+    row0, row1 = later
+    assert row0.input_ids.tolist() == [100, 101, 103, 104, 105]  # the ids of the kept columns 0, 1, 3, 4, 5
+    assert torch.equal(row0.hidden_states, out[0]) and row0.visual_index.tolist() == [1, 2]
+    assert row1.input_ids.tolist() == [101, 104, 105] and row1.visual_index.tolist() == [1]
+    assert torch.equal(row1.hidden_states, out[1, 2:])  # after the re-padded slot and the caller's pad
+    with pytest.raises(AttributeError):
+        row0.not_a_field  # noqa: B018

@@ -15,7 +15,9 @@ rope, shift, samples and the host mirror `HostBatch`) and changes it in place:
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -100,39 +102,39 @@ def _select_rows(
     device_ids = call["input_ids"]
     if forward.columns.shape == device_ids.shape and host.all_present and not forward.reentry:
         ids_now = device_ids  # nothing removed (or re-entered) yet: slot == column
-    else:
-        ids_now = device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0))  # pads: never read
+    else:  # (made only if a method reads `ctx.input_ids`)
+        ids_now = _Once(lambda: device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0)))  # pads
     host_ids = call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
-    # every row's views with one unbind per tensor (a slice only where a row starts later or holds fewer)
     firsts = [length - valid for valid in plan.valid_counts]
-    hidden_rows, id_rows = (row_views(t, firsts) for t in (hidden, ids_now))
     host_columns = host.columns  # (replaced, not written, by `apply`)
-    index_rows = row_views(padded[1], None, plan.counts)
+    index_rows = padded[1]  # (B, N_max): row r's first counts[r] entries are its visual tokens' places
     keeps, selections = [], {}
     for row in range(batch):
         count = plan.counts[row]
         if count == 0:
             continue
         sample, first = forward.samples[row], firsts[row]
-        if plan.contiguous[row]:  # the usual case (left padding): views, no copies
-            valid_slots, row_hidden, row_ids, where = None, hidden_rows[row], id_rows[row], slice(first, None)
-        else:
-            valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
-            valid_slots = to_device(valid_slots, device)
-            row_hidden, row_ids = hidden[row, valid_slots], ids_now[row, valid_slots]
         row_budgets = budgets[row]
-        ctx = SelectionContext(
+        ctx = _RowContext.make(
             layer=stage.layer,
             num_visual=count,
             budget=None if row_budgets is None else sum(row_budgets),
             budget_per_media=row_budgets,
             visual_features=feature_rows[row],
-            hidden_states=row_hidden,
-            visual_index=index_rows[row],
-            input_ids=row_ids,
             layout=sample.layout,
             seed=seed,
         )
+        if plan.contiguous[row]:  # the usual case (left padding): views, no copies, made on first read
+            valid_slots, where = None, slice(first, None)
+            ctx.later(hidden_states=partial(_row_slice, hidden, row, first),
+                      input_ids=partial(_row_slice, ids_now, row, first),
+                      visual_index=partial(_row_head, index_rows, row, count))  # fmt: skip
+        else:
+            valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
+            valid_slots = to_device(valid_slots, device)
+            ctx.later(hidden_states=partial(_row_pick, hidden, row, valid_slots),
+                      input_ids=partial(_row_pick, ids_now, row, valid_slots),
+                      visual_index=partial(_row_head, index_rows, row, count))  # fmt: skip
         if signals is not None:
             recorder.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
         if attention is not None:
@@ -156,6 +158,65 @@ def _select_rows(
             )
         keeps.append(keep_mask)
     return keeps, selections
+
+
+class _RowContext(SelectionContext):
+    """The engine's `SelectionContext` of one row: its row views (`hidden_states`, `input_ids`, `visual_index`) are
+    made on first read (most methods read none of them: random, pool and DivPrune read the visual features only).
+    A missing instance attribute reaches `__getattr__`, which makes it from `_later` and stores it."""
+
+    @classmethod
+    def make(cls, **values) -> _RowContext:
+        ctx = object.__new__(cls)  # (the dataclass defaults, then the values: no __init__ per row)
+        ctx.__dict__.update(_CONTEXT_DEFAULTS, extras={}, **values)
+        return ctx
+
+    def later(self, **makers) -> None:
+        self.__dict__["_later"] = makers
+
+    def __getattr__(self, name: str):
+        make = self.__dict__.get("_later", {}).pop(name, None)
+        if make is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = make()
+        setattr(self, name, value)
+        return value
+
+
+_CONTEXT_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(SelectionContext) if f.default is not dataclasses.MISSING
+}
+
+
+class _Once:
+    """A tensor made on first use (`_Once(fn).get()`), then kept."""
+
+    def __init__(self, make) -> None:
+        self._make, self._value = make, None
+
+    def get(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._make()
+        return self._value
+
+
+def _rows_of(tensor) -> torch.Tensor:
+    return tensor.get() if isinstance(tensor, _Once) else tensor
+
+
+def _row_slice(tensor, row: int, first: int) -> torch.Tensor:
+    """tensor[row, first:] (a view)."""
+    rows = _rows_of(tensor)
+    return rows[row] if first == 0 else rows[row, first:]
+
+
+def _row_pick(tensor, row: int, slots: torch.Tensor) -> torch.Tensor:
+    return _rows_of(tensor)[row, slots]
+
+
+def _row_head(tensor: torch.Tensor, row: int, count: int) -> torch.Tensor:
+    """tensor[row, :count] (a view)."""
+    return tensor[row] if count == tensor.shape[1] else tensor[row, :count]
 
 
 def _apply_keep(
