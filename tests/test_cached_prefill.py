@@ -12,7 +12,7 @@ from vlm_prune.engine.cached import CachedPrefill
 def _state(final: torch.Tensor, call_mask: torch.Tensor | None, all_valid: bool) -> CachedPrefill:
     lm_mask = torch.ones(final.shape, dtype=torch.long)
     masks = (lm_mask, False, call_mask)
-    return CachedPrefill.after_prefill([(0, final)], final, (final, all_valid), masks, 6,
+    return CachedPrefill.after_prefill([(0, final)], final, (final, all_valid, None), masks, 6,
                                        np.zeros(final.shape[0], dtype=np.int64), torch.zeros(2, 6).long(), None)
 
 

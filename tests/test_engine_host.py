@@ -130,6 +130,7 @@ def test_host_batch_matches_a_per_row_loop(batch, padding, mode):
         assert torch.equal(torch.where(real, before.gather(1, index.clamp(min=0)), -1), expected)
         assert torch.equal(host.columns, expected)
         assert host.index_padded == bool((index < 0).any())
+        assert host.has_pad_slots == bool((host.columns < 0).any())  # followed on the host, never searched
         assert host.all_valid == bool(host.valid.all())
         assert gone.sum().item() == int((~keep).sum())
         # the new slot of every kept visual token holds its column

@@ -62,18 +62,19 @@ class HostMedia:
 
     def __init__(self, input_ids: torch.Tensor, token_ids: Sequence[int]):
         self.source, self.token_ids = input_ids, tuple(token_ids)
-        ids = input_ids.cpu().numpy()  # the engine's host copy: no read
+        ids = (input_ids if input_ids.is_cpu else input_ids.cpu()).numpy()  # the engine's host copy: no read
         first = self.first = ids == token_ids[0]  # (B, L) bool: the tokens of the first kind
         second = None
         media = first
         if len(token_ids) > 1:
             second = ids == token_ids[1]
             media = first | second
-        flat = np.flatnonzero(media)
-        self.batch = ids.shape[0]
+        # (ndarray methods, not np.flatnonzero / np.sum: their Python wrappers cost more than the work here)
+        flat = media.ravel().nonzero()[0]
+        self.batch = batch = ids.shape[0]
         self.total = len(flat)
-        self.columns = flat % ids.shape[1] if ids.shape[0] > 1 else flat
-        self.row_counts: list[int] = media.sum(axis=1).tolist()
+        self.columns = flat % ids.shape[1] if batch > 1 else flat
+        self.row_counts: list[int] = media.sum(axis=1).tolist() if batch > 1 else [self.total]
         self._second = None if second is None else second.reshape(-1)[flat]  # (N,) bool: of the second kind
         if self._second is None:
             self.present = (self.total > 0,)

@@ -114,6 +114,13 @@ def _runs(slots: np.ndarray, counts: list[int], starts: list[int]) -> list[int] 
     return firsts
 
 
+def filled(shape, value, dtype) -> np.ndarray:
+    """np.full without its Python wrapper (np.full / np.ones cost ~2x an empty + fill on these small arrays)."""
+    array = np.empty(shape, dtype=dtype)
+    array.fill(value)
+    return array
+
+
 def _numpy(tensor) -> np.ndarray:
     return tensor.numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
 
@@ -211,13 +218,14 @@ class HostBatch:
         self.num_media, self.width, self.rows = template.num_media, template.width, template.rows
         self.media_key, self.kind, self.offsets = template.media_key, template.kind, template.offsets
         self.slot = self.columns0.copy()  # the prefill starts with slot == column
-        self._present = np.ones(len(self.rows), dtype=bool)
+        self._present = filled(len(self.rows), True, bool)
         self.present = torch.from_numpy(self._present)  # the same memory: writes show in `present` and its row views
         self.all_present = True  # no stage removed a token yet: `present` is all set (skips its nonzero)
         self.checked = False  # the visual tokens were checked against the mask (first stage)
         self.original_counts = template.original_counts
         self.current_counts = self.original_counts  # tokens per media item still present (updated per stage)
         self.index_padded = False  # whether the last stage's compaction index has pad slots
+        self.has_pad_slots: bool | None = False  # whether any current slot is a pad slot (-1 column); None: unknown
         self._all_valid: bool | None = None  # `all_valid`, once known
         # per in-LLM segment (`mark_segment`): (B, L) the slot within the segment's slots of every current slot (-1 =
         # pad), `SAME` when no stage compacted since, None when unknown (a stage grew the sequence)
@@ -267,7 +275,7 @@ class HostBatch:
         if self.all_present:
             present, rows, slots = np.arange(len(self.rows)), self.rows, self.slot
         else:
-            present = np.flatnonzero(self._present)
+            present = self._present.nonzero()[0]
             rows, slots = self.rows[present], self.slot[present]
         tokens_in = self.current_counts
         counts = [sum(row) for row in tokens_in]
@@ -297,7 +305,7 @@ class HostBatch:
             padded = np.concatenate([slots, rank]).reshape(2, batch, width)
         else:
             dest = rows * width + (np.arange(len(present)) - np.asarray(starts, dtype=np.int64)[rows])
-            padded = np.full((2, batch * width), -1, dtype=np.int64)
+            padded = filled((2, batch * width), -1, np.int64)
             padded[0][dest] = slots
             padded[1][dest] = rank
             padded = padded.reshape(2, batch, width)
@@ -332,7 +340,7 @@ class HostBatch:
             return identity, torch.zeros(batch, length, dtype=torch.bool), torch.from_numpy(plan.slots)
         dropped = ~keep
         gone = plan.present[dropped]
-        kept = np.ones(batch * length, dtype=bool)  # (B * L) the slots that stay
+        kept = filled(batch * length, True, bool)  # (B * L) the slots that stay
         kept[plan.flat[dropped]] = False
         self._present[gone] = False
         self.all_present = False
@@ -342,12 +350,14 @@ class HostBatch:
         lengths = [length - count + sum(now) for count, now in zip(plan.counts, self.current_counts)]
         width = max(lengths) if batch else 0
         self.index_padded = min(lengths, default=width) < width  # the index has pad slots (-1): ragged rows
-        source = np.flatnonzero(kept)  # (K,) flat (row * L + slot) of every kept slot, row-major
+        if self.index_padded:  # (pad slots stay: a stage removes visual tokens only)
+            self.has_pad_slots = True
+        source = kept.nonzero()[0]  # (K,) flat (row * L + slot) of every kept slot, row-major
         # a kept slot's new slot: its place in `source` less its row's start there, plus the row's left padding
         row_shift = np.asarray(list(accumulate(lengths[:-1], initial=0)), dtype=np.int64)
         if self.index_padded:
             row_shift -= width - np.asarray(lengths, dtype=np.int64)
-        position = np.searchsorted(source, plan.flat[keep])
+        position = source.searchsorted(plan.flat[keep])
         new_slot = position if batch == 1 else position - row_shift[plan.rows[keep]]
         self.slot[kept_flat] = new_slot
         self.slot[gone] = -1
@@ -355,10 +365,10 @@ class HostBatch:
             index = source.reshape(batch, width)
             if batch > 1:
                 index = index - (np.arange(batch) * length)[:, None]
-            self._set_slots(np.take(self._columns, source).reshape(batch, width),
-                            np.take(self._valid, source).reshape(batch, width))
+            self._set_slots(self._columns.take(source).reshape(batch, width),
+                            self._valid.take(source).reshape(batch, width))
             self._all_valid = True if self._all_valid else None  # dropping slots never adds padding
-            self._within = [index if w is SAME else None if w is None else np.take(w, source).reshape(batch, width)
+            self._within = [index if w is SAME else None if w is None else w.take(source).reshape(batch, width)
                             for w in self._within]
         else:
             row_index = source // length
@@ -366,14 +376,14 @@ class HostBatch:
             dest = np.arange(len(source)) + (row_index * width - row_shift[row_index])  # (K,) flat new slot in (B, L')
 
             def scatter(values: np.ndarray, fill) -> np.ndarray:
-                out = np.full(batch * width, fill, dtype=values.dtype)
+                out = filled(batch * width, fill, values.dtype)
                 out[dest] = values
                 return out.reshape(batch, width)
 
             index = scatter(slot_index, -1)
-            self._set_slots(scatter(np.take(self._columns, source), -1), scatter(np.take(self._valid, source), False))
+            self._set_slots(scatter(self._columns.take(source), -1), scatter(self._valid.take(source), False))
             self._all_valid = False  # the rows are left-padded
-            self._within = [index if w is SAME else None if w is None else scatter(np.take(w, source), -1)
+            self._within = [index if w is SAME else None if w is None else scatter(w.take(source), -1)
                             for w in self._within]
         removed = ~kept.reshape(batch, length)
         return torch.from_numpy(index), torch.from_numpy(removed), torch.from_numpy(new_slot)
@@ -386,7 +396,7 @@ class HostBatch:
         """Take a new slot layout read from the device (after a stage that grows the sequence, `reentry`)."""
         self._set_slots(_numpy(columns), _numpy(valid))
         self._torch = {"columns": columns, "valid": valid}
-        self._all_valid = None
+        self._all_valid = self.has_pad_slots = None
         self._within = [None] * len(self._within)  # the segments' slots no longer map by composition
         columns = self._columns
         batch = columns.shape[0]

@@ -46,7 +46,7 @@ class CachedPrefill:
         cls,
         segments: list[tuple[int, torch.Tensor]],
         final_columns: torch.Tensor,
-        host_final: tuple[torch.Tensor, bool],
+        host_final: tuple[torch.Tensor, bool, bool | None],
         masks: tuple[torch.Tensor, bool, torch.Tensor | None],
         original_length: int,
         shift: np.ndarray,
@@ -56,19 +56,19 @@ class CachedPrefill:
         """The state a pruned prefill leaves on its cache.
 
         segments: per segment (first layer, (B, L_seg) original columns of its cached slots), the last one's columns
-        `final_columns` (B, L'); host_final: (host copy of `final_columns`, whether none of its slots is padding);
+        `final_columns` (B, L'); host_final: (host copy of `final_columns`, whether none of its slots is padding,
+        whether some are pad slots (-1), or None when unknown);
         masks: (the (B, past + L') mask the language model got, whether it is the call's own mask, the call's own
         (B, L0) mask or None); shift: (B,) host int64 positions removed (policy "compact").
         """
         mask, is_call_mask, call_mask = masks
-        host_columns, final_all_valid = host_final
+        host_columns, final_all_valid, final_pads = host_final
+        if final_pads is None:  # (the host mirror did not follow them: re-entry)
+            final_pads = bool((host_columns.numpy() < 0).any())
         prefill_masks, all_valid, pads = [], [], []
-        final_pads = None  # (asked once, for the final segment only)
         for _, seg_columns in segments:
             final = seg_columns is final_columns
             all_valid.append(final and final_all_valid)  # the host mirror of `mask != 0`
-            if final and final_pads is None:
-                final_pads = bool((host_columns.numpy() < 0).any())
             pads.append(final_pads if final else True)
             if final and is_call_mask:  # the compacted mask already is this gather
                 prefill_masks.append(mask[:, mask.shape[1] - seg_columns.shape[1] :])

@@ -36,7 +36,7 @@ from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
 from vlm_prune.adapters.media_plan import HOST_MEDIA, HostMedia
-from vlm_prune.engine.batch import HostBatch, read_call, to_device
+from vlm_prune.engine.batch import HostBatch, filled, read_call, to_device
 from vlm_prune.engine.cached import CACHE_STATE_ATTRIBUTE
 from vlm_prune.engine.cached import CachedPrefill as _Cached
 from vlm_prune.engine.calls import brings_media, cache_of, rope_view
@@ -454,7 +454,7 @@ class PruneHandle:
         host_mask = call.get("attention_mask") if mask is (self._call or {}).get("attention_mask") else None
         if host_mask is None and kwargs.get("attention_mask") is not None:
             host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
-        valid = np.ones((batch, length), dtype=bool) if host_mask is None else host_mask.numpy() != 0  # (host)
+        valid = filled((batch, length), True, bool) if host_mask is None else host_mask.numpy() != 0  # (host)
         host_columns = self._contiguous(0, length, batch, _CPU)  # (a view: the mirror replaces, never writes it)
         host = HostBatch(host_columns, valid, media)
         samples = [_Sample(m, host.original_counts[row], host, row) for row, m in enumerate(media)]
@@ -588,9 +588,9 @@ class PruneHandle:
         self._kept_this_call = final_columns
         if cache is not None:
             masks = (forward.mask, forward.mask_is_call_mask, self._call.get("attention_mask"))
-            state = _Cached.after_prefill(segments, final_columns, (host.columns, host.all_valid), masks, length0,
-                                          forward.shift, self._call["input_ids"].detach(),
-                                          self.adapter.position_state())  # fmt: skip
+            mirror = (host.columns, host.all_valid, host.has_pad_slots)
+            state = _Cached.after_prefill(segments, final_columns, mirror, masks, length0, forward.shift,
+                                          self._call["input_ids"].detach(), self.adapter.position_state())  # fmt: skip
             setattr(cache, CACHE_STATE_ATTRIBUTE, state)
         self._forward = None
         return None
