@@ -125,6 +125,9 @@ def test_host_batch_matches_a_per_row_loop(batch, padding, mode):
             removed[row] |= {c for c, k in zip(present[row], mine.tolist()) if not k}
         before = host.columns.clone()
         index, gone, new_slot = host.apply(plan, keep)
+        if bool(keep.all()):  # kept everything: no index, nothing removed, the slots stay
+            assert index is None and gone is None and torch.equal(host.columns, before)
+            index, gone = torch.arange(before.shape[1]).expand(batch, -1), torch.zeros(before.shape, dtype=torch.bool)
         expected = _expected_index(before, removed) if mode != "all" else before
         real = index >= 0
         assert torch.equal(torch.where(real, before.gather(1, index.clamp(min=0)), -1), expected)
@@ -283,7 +286,7 @@ def test_planned_samples_give_the_host_mirror_of_a_plain_list(family):
                                                                      plain.num_media)
     keep = torch.rand(len(fast.rows), generator=torch.Generator().manual_seed(0)) < 0.5
     results = [host.apply(host.stage_input(), keep) for host in (fast, plain)]
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(*results))
     before = fast.original_counts
     again = adapter.sample_media(*args)
     template, _ = media_template(again)

@@ -330,14 +330,14 @@ class HostBatch:
         """Advance the mirror past a stage that kept the flat tokens where `keep` (P,) bool (host) is set.
 
         Returns (index (B, L') long: the slot of L for each new slot, rows left-padded with -1; removed (B, L)
-        bool: the slots removed; new_slot (K,) long: the new slot of each kept visual token, row-major), tensors.
+        bool: the slots removed), tensors, both None when the stage kept everything (the slots stay as they are),
+        and new_slot (K,) int64 numpy: the new slot of each kept visual token, row-major.
         """
         batch, length = self._columns.shape
         keep = _numpy(keep)
         if np.count_nonzero(keep) == len(keep):  # the stage kept everything: the slots stay as they are
-            identity = torch.arange(length).expand(batch, -1)
             self.index_padded = False
-            return identity, torch.zeros(batch, length, dtype=torch.bool), torch.from_numpy(plan.slots)
+            return None, None, plan.slots
         dropped = ~keep
         gone = plan.present[dropped]
         kept = filled(batch * length, True, bool)  # (B * L) the slots that stay
@@ -386,7 +386,7 @@ class HostBatch:
             self._within = [index if w is SAME else None if w is None else scatter(w.take(source), -1)
                             for w in self._within]
         removed = ~kept.reshape(batch, length)
-        return torch.from_numpy(index), torch.from_numpy(removed), torch.from_numpy(new_slot)
+        return torch.from_numpy(index), torch.from_numpy(removed), new_slot
 
     def mark_segment(self) -> None:
         """A new in-LLM segment starts at the current slots (see `within`)."""

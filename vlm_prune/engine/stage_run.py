@@ -228,7 +228,7 @@ def _apply_keep(
     keep: torch.Tensor,
     groups: dict,
     position_policy: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, np.ndarray]:
     """Advance the host mirror by the stage's (P,) host keep mask and compact the forward state; returns (hidden
     (B, L', D), (K,) the new slot of every kept visual token). `forward.index` is left None when nothing was
     removed (the slots stay as they are), else the (B, L') compaction index on hidden's device."""
@@ -264,7 +264,7 @@ def _apply_keep(
 
 
 def _replace_features(
-    hidden: torch.Tensor, in_place_unsafe: bool, plan: StageInput, keep: torch.Tensor, new_slot: torch.Tensor,
+    hidden: torch.Tensor, in_place_unsafe: bool, plan: StageInput, keep: torch.Tensor, new_slot: np.ndarray,
     selections: dict[int, Selection],
 ) -> torch.Tensor:
     """Merging methods: the kept tokens of their rows take the features the method gave them, in one scatter.
@@ -278,7 +278,7 @@ def _replace_features(
         kept_rows = plan.rows[keep.numpy()]
         which = np.isin(kept_rows, replaced)
         rows = to_device(torch.from_numpy(kept_rows[which]), device)
-        slots = to_device(torch.from_numpy(new_slot.numpy()[which]), device)
+        slots = to_device(torch.from_numpy(new_slot[which]), device)
         features = [selections[row].features for row in replaced]
         hidden[rows, slots] = (features[0] if len(features) == 1 else torch.cat(features)).to(hidden.dtype)
     return hidden
