@@ -304,3 +304,13 @@ def test_rope_view_without_ids_is_the_adapters_positions_as_a_view(rows):
     expected = Adapter.rope_positions(type("A", (), {"rope_rows": rows})(), None, batch, length, 0)
     assert torch.equal(view, expected) and view.data_ptr() == shared.data_ptr()  # no copy
     assert rope_view(None, rows, torch.device("cpu")) is None  # no ids, no arange: the adapter decides
+
+
+def test_a_decode_forward_state_equals_the_dataclass_built_one():
+    """`_Forward.decode` skips the dataclass __init__ per step: every field must still be there, at its default."""
+    from vlm_prune.engine.handle import _Forward
+
+    columns, mask, rope = torch.zeros(2, 1), torch.ones(2, 5), torch.zeros(1, 2, 1)
+    fast, built = _Forward.decode(columns, mask, rope), _Forward(prefill=False, columns=columns, mask=mask, rope=rope)
+    assert fast == built
+    assert fast.layer_masks is not _Forward.decode(columns, mask, rope).layer_masks  # fresh containers per step

@@ -27,7 +27,7 @@ mask and media grids, packed) and ONE per stage (the keep masks); decode steps r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from functools import partial
 
 import numpy as np
@@ -121,6 +121,18 @@ class _Forward:
     visual_keep_flat: torch.Tensor | None = None
     original_embeds: torch.Tensor | None = None
     reentry: dict = field(default_factory=dict)  # row -> `reentry.RowMemory` of tokens that may come back
+
+    @classmethod
+    def decode(cls, columns: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor) -> _Forward:
+        """The state of a continuation (no dataclass __init__ with its factories per decode step)."""
+        forward = object.__new__(cls)
+        forward.__dict__.update(_FORWARD_DEFAULTS, prefill=False, columns=columns, mask=mask, rope=rope, samples=[],
+                                host_segments=[], segments=[], layer_masks={}, reentry={})  # fmt: skip
+        return forward
+
+
+_FORWARD_DEFAULTS = {name: value.default for name, value in _Forward.__dataclass_fields__.items()
+                     if value.default is not MISSING}  # fmt: skip
 
 
 class PruneHandle:
@@ -338,7 +350,8 @@ class PruneHandle:
         # generate(use_cache=False) re-runs the prefill from pre-encoded features without calling the
         # vision tower again, so the latest recordings are kept (bounded) rather than cleared.
         self._signals.trim()
-        del self._vision_calls[:-KEEP_RECORDINGS]
+        if len(self._vision_calls) > KEEP_RECORDINGS:
+            del self._vision_calls[:-KEEP_RECORDINGS]
         self._forward = None
         self._pending_rope = None
         return output if labels is not None else None
@@ -542,7 +555,7 @@ class PruneHandle:
             self._decode_columns.device != device
         ):
             self._decode_columns = torch.arange(q_len, device=device).expand(batch, -1)
-        forward = _Forward(prefill=False, columns=self._decode_columns, mask=segment_mask(0), rope=rope)
+        forward = _Forward.decode(self._decode_columns, segment_mask(0), rope)
         if len(cached.segments) > 1:
             from transformers.masking_utils import create_causal_mask
 

@@ -61,8 +61,9 @@ class SignalRecorder:
 
     def trim(self) -> None:
         """Keep only the latest recordings (generate(use_cache=False) re-runs a prefill without the tower)."""
-        del self.projector_inputs[:-KEEP_RECORDINGS], self.vision_attention[:-KEEP_RECORDINGS]
-        del self.pixel_inputs[:-KEEP_RECORDINGS]
+        for recorded in (self.projector_inputs, self.vision_attention, self.pixel_inputs):
+            if len(recorded) > KEEP_RECORDINGS:  # (most calls record nothing: no slice deletion then)
+                del recorded[:-KEEP_RECORDINGS]
 
     # ---- hooks
     def _on_projector(self, module, args, output) -> None:
