@@ -314,3 +314,25 @@ def test_a_decode_forward_state_equals_the_dataclass_built_one():
     fast, built = _Forward.decode(columns, mask, rope), _Forward(prefill=False, columns=columns, mask=mask, rope=rope)
     assert fast == built
     assert fast.layer_masks is not _Forward.decode(columns, mask, rope).layer_masks  # fresh containers per step
+
+
+def test_first_stage_budgets_are_computed_once_per_template_and_keep():
+    """Before any stage removed a token, the budgets are a function of the template and the keep: a second mirror
+    of the same plan gets the same lists; another keep, or a later stage, computes its own (tokens_to_keep)."""
+    from vlm_prune.engine.budget import tokens_to_keep
+
+    model = build_tiny("llava_next")
+    adapter, args = recorded_sample_media_args(model, batch=3)
+    length = args[0].shape[1]
+    columns, valid = torch.arange(length).expand(3, -1), torch.ones(3, length, dtype=torch.bool)
+    first = HostBatch(columns, valid, adapter.sample_media(*args))
+    again = HostBatch(columns, valid, adapter.sample_media(*args))
+    budgets = first.budgets(0.3, first.original_counts)
+    assert budgets == [[tokens_to_keep(0.3, n, n) for n in row] for row in first.original_counts]
+    assert again.budgets(0.3, again.original_counts) is budgets  # the same plan: computed once
+    assert again.budgets(5, again.original_counts) == [[min(5, n) for n in row] for row in again.original_counts]
+    assert again.budgets(0.3, again.original_counts) is budgets  # (an int keep has its own entry)
+    later = [[max(1, n // 2) for n in row] for row in first.original_counts]  # tokens left after a first stage
+    assert first.budgets(0.3, later) == [
+        [tokens_to_keep(0.3, n, c) for n, c in zip(row, now)] for row, now in zip(first.original_counts, later)
+    ]

@@ -16,7 +16,7 @@ Flat arrays run over the batch's ORIGINAL visual tokens, row-major, ascending co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import numpy as np
@@ -141,6 +141,9 @@ class MediaTemplate:
     kind: np.ndarray
     offsets: list[int]
     original_counts: list[list[int]]
+    #: the first stage's budgets per keep setting (`HostBatch.budgets`), filled on use: a pure function of the keep
+    #: and the original counts (read-only lists)
+    first_budgets: dict = field(default_factory=dict, compare=False)
 
 
 def _joined(tensors: list[torch.Tensor]) -> np.ndarray:
@@ -223,6 +226,7 @@ class HostBatch:
         self.all_present = True  # no stage removed a token yet: `present` is all set (skips its nonzero)
         self.checked = False  # the visual tokens were checked against the mask (first stage)
         self.original_counts = template.original_counts
+        self._first_budgets = template.first_budgets  # (shared by the signature's calls: read-only lists)
         self.current_counts = self.original_counts  # tokens per media item still present (updated per stage)
         self.index_padded = False  # whether the last stage's compaction index has pad slots
         self.has_pad_slots: bool | None = False  # whether any current slot is a pad slot (-1 column); None: unknown
@@ -313,9 +317,15 @@ class HostBatch:
         return StageInput(*plan, runs, flat)
 
     def budgets(self, keep, tokens_in: list[list[int]]) -> list[list[int] | None]:
-        """Tokens to keep per media item of every row (None rows: the method decides)."""
+        """Tokens to keep per media item of every row (None rows: the method decides). Before any stage removed a
+        token they are a function of the media template and the keep alone: computed once per (template, keep)."""
         if keep is None:
             return [None] * len(tokens_in)
+        first = tokens_in is self.original_counts
+        if first:
+            found = self._first_budgets.get((type(keep), keep))
+            if found is not None:
+                return found
         known: dict[tuple, list[int]] = {}  # rows with the same counts share one (read-only) list
         budgets = []
         for original, current in zip(self.original_counts, tokens_in):
@@ -324,6 +334,8 @@ class HostBatch:
             if row is None:
                 row = known[key] = [tokens_to_keep(keep, o, c) for o, c in zip(original, current)]
             budgets.append(row)
+        if first:
+            self._first_budgets[(type(keep), keep)] = budgets
         return budgets
 
     def apply(self, plan: StageInput, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

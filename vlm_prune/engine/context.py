@@ -103,7 +103,8 @@ class SelectionContext:
         layer: 0 for pre-LLM, k for the input of decoder layer k.
         num_visual: N.
         budget: total visual tokens to keep for this sample, or None when the method decides alone.
-        budget_per_media: tokens to keep per media item present (index = media item), or None.
+        budget_per_media: tokens to keep per media item present (index = media item), or None (read-only: the
+            engine shares these lists between rows and calls).
         visual_features: (N, D). Projected embeddings at layer 0, hidden states at layer k.
         hidden_states: (L, D). The whole current sequence of this sample (no padding).
         visual_index: (N,) long. Where the visual tokens sit in `hidden_states`.
