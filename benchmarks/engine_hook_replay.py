@@ -68,6 +68,11 @@ def _keep_output(seen: dict):
 
 
 def _layer_hooks(handle) -> list:
+    """(decoder layer, its hook) in layer order: from the handle's table (attached per forward), or, for engines
+    that kept them registered, from the layers."""
+    table = getattr(getattr(handle, "_layers", None), "hooks", None)
+    if table is not None:
+        return [(handle.adapter.layers[index], hook) for index, hook in sorted(table.items())]
     return [(layer, hook) for layer in handle.adapter.layers for hook in layer._forward_pre_hooks.values()
             if "_make_layer_hook" in getattr(hook, "__qualname__", "")]
 

@@ -70,9 +70,10 @@ DEVICE_OPS = (
 _INSIDE = [0]  # depth of timed hooks running (device ops count only inside them)
 
 
-def wrap_new_hooks(model, before: set, total: list[float]) -> None:
+def wrap_new_hooks(model, before: set, total: list[float], handle=None) -> None:
     """Wrap every forward (pre-)hook not in `before` with a CPU-time timer adding to total[0] (same hook ids, so
-    `handle.remove()` still removes them)."""
+    `handle.remove()` still removes them), and `handle`'s decoder-layer hooks, which it attaches per forward from
+    their table (`vlm_prune/engine/layer_hooks.py`; engines before it kept them registered: found above)."""
 
     def timed(fn):
         def wrapper(*args, **kwargs):
@@ -92,6 +93,9 @@ def wrap_new_hooks(model, before: set, total: list[float]) -> None:
             for key in list(hooks):
                 if (id(module), attr, key) not in before:
                     hooks[key] = timed(hooks[key])
+    layer_hooks = getattr(getattr(handle, "_layers", None), "hooks", {})
+    for index, hook in list(layer_hooks.items()):
+        layer_hooks[index] = timed(hook)
 
 
 def _timed_selects(handle, total: list[float]) -> None:
@@ -173,7 +177,7 @@ def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
             counts.append(counter.count)
             per = [b - a for a, b in zip(counts, counts[1:])]
             where = [s.where for s in counter.syncs]
-        wrap_new_hooks(model, before, hooks)
+        wrap_new_hooks(model, before, hooks, handle)
         _timed_selects(handle, selects)
         totals = [hooks, selects, device]
 

@@ -256,12 +256,17 @@ def _hook_keys(model) -> set:
     return keys
 
 
-def wrap_new_hooks(model, before: set, total: list[float]) -> int:
-    """Wrap every forward (pre-)hook not in `before` with a host timer adding to total[0]. Returns the count.
+def wrap_new_hooks(model, before: set, total: list[float], handle=None) -> int:
+    """Wrap every forward (pre-)hook not in `before` with a host timer adding to total[0], and `handle`'s decoder-layer
+    hooks (attached per forward from their table, `vlm_prune/engine/layer_hooks.py`). Returns the count.
 
     The wrapped functions stay under the same hook ids, so `handle.remove()` still removes them.
     """
     count = 0
+    layer_hooks = getattr(getattr(handle, "_layers", None), "hooks", {})
+    for index, hook in list(layer_hooks.items()):
+        layer_hooks[index] = _timed_hook(hook, total)
+        count += 1
     for module in model.modules():
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             hooks = getattr(module, attr)
@@ -429,7 +434,7 @@ def run_model(family: str, args, device: torch.device, dtype: torch.dtype, log) 
                 handle = make_handle(model, config, seed=args.seed)
                 hook_total = [0.0]
                 if handle is not None:
-                    wrap_new_hooks(model, before, hook_total)
+                    wrap_new_hooks(model, before, hook_total, handle)
                 try:
                     ms, out = clock.time(lambda: model(**inputs, use_cache=True))
                     if handle is not None:

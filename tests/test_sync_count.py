@@ -133,9 +133,11 @@ def test_the_counter_restores_the_hooks_on_error(models):
     inputs = make_inputs(model)
     with vlm_prune.pruned(model, "random", keep=0.5) as handle, torch.no_grad():
         hooks = {hook.id: hook.hooks_dict_ref()[hook.id] for hook in handle._hooks}
+        layer_hooks = dict(handle._layers.hooks)
         selects = [stage.select for stage in handle.stages]
         with pytest.raises(RuntimeError, match="boom"), SyncCounter(handle):
             raise RuntimeError("boom")
         assert {hook.id: hook.hooks_dict_ref()[hook.id] for hook in handle._hooks} == hooks
+        assert handle._layers.hooks == layer_hooks
         assert [stage.select for stage in handle.stages] == selects
         model(**inputs)  # still works

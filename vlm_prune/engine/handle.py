@@ -43,6 +43,7 @@ from vlm_prune.engine.calls import brings_media, cache_of, rope_view
 from vlm_prune.engine.context import VIDEO, VisualLayout
 from vlm_prune.engine.followup import cut_leading, resent_overlap
 from vlm_prune.engine.labels import kept_labels, with_loss
+from vlm_prune.engine.layer_hooks import LayerHooks
 from vlm_prune.engine.masks import StageMasks
 from vlm_prune.engine.ragged import trim_segments
 from vlm_prune.engine.reentry import reenter_tokens
@@ -198,6 +199,7 @@ class PruneHandle:
         self._forward: _Forward | None = None
         self._pending_rope: torch.Tensor | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._layers = LayerHooks(adapter.layers, {})  # decoder-layer hooks, attached per forward (in-LLM stages)
         self._removed = False
         self._labels: torch.Tensor | None = None
         self._loss_kwargs: dict = {}
@@ -241,13 +243,12 @@ class PruneHandle:
             add(vision.register_forward_pre_hook(self._on_vision_call, with_kwargs=True))
         self._signals.install(set().union(*(stage.needs for stage in self.stages)), add)
         in_llm = [stage.layer for stage in self.stages if stage.layer > 0]
-        if in_llm:
+        if in_llm:  # attached per forward (`engine/layer_hooks.py`)
             first = min(in_llm)
             needs_rows = any("attention" in stage.needs for stage in self.stages)
             start = max(0, first - 1) if needs_rows else first
-            for index in range(start, len(self.adapter.layers)):
-                hook = self._make_layer_hook(index)
-                add(self.adapter.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+            hooks = {index: self._make_layer_hook(index) for index in range(start, len(self.adapter.layers))}
+            self._layers = LayerHooks(self.adapter.layers, hooks)
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before `apply()`.
@@ -258,6 +259,7 @@ class PruneHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._layers.detach()
         self._call = self._forward = self._pending_rope = None
         self._signals.clear()
         self._vision_calls = []
@@ -343,6 +345,8 @@ class PruneHandle:
         return args, kwargs
 
     def _on_model_return(self, module, args, output):
+        if self._layers.attached:  # (a language-model forward that raised)
+            self._layers.detach()
         labels, self._labels = self._labels, None
         if labels is not None:
             output = self._with_loss(output, labels)
@@ -412,6 +416,8 @@ class PruneHandle:
     # ------------------------------------------------------------------ language model
     def _on_lm_call(self, module, args, kwargs):
         self._forward = None
+        if self._layers.attached:  # (left by a forward that raised)
+            self._layers.detach()
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
@@ -486,6 +492,8 @@ class PruneHandle:
         )
         forward.mask_is_call_mask = kwargs.get("attention_mask") is (self._call or {}).get("attention_mask")
         self._forward = forward
+        if self._layers.hooks:  # in-LLM stages: their layers' hooks, for this forward
+            self._layers.attach()
         self._check_media_kinds(host)
 
         pre_llm = [stage for stage in self.stages if stage.layer == 0]
@@ -572,10 +580,14 @@ class PruneHandle:
                 for covered in range(layer, bounds[index]):
                     forward.layer_masks[covered] = mask
         self._forward = forward
+        if forward.layer_masks:  # a ragged cache: its segments' layers get their masks
+            self._layers.attach(forward.layer_masks)
         self._finish_lm_kwargs(kwargs, forward, past=past, rotary=rotary)
         return kwargs
 
     def _on_lm_return(self, module, args, kwargs, output):
+        if self._layers.attached:
+            self._layers.detach()
         forward = self._forward
         self._pending_rope = None
         if forward is None or not forward.prefill:

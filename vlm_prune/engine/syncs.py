@@ -160,6 +160,10 @@ class SyncCounter:
                 original = hooks[hook.id]
                 hooks[hook.id] = self._wrap(original, pause=False)
                 self._restore.append(lambda hooks=hooks, key=hook.id, fn=original: hooks.__setitem__(key, fn))
+            layer_hooks = self.handle._layers.hooks  # attached per forward: the entries are what gets registered
+            for index, original in list(layer_hooks.items()):
+                layer_hooks[index] = self._wrap(original, pause=False)
+                self._restore.append(lambda index=index, fn=original: layer_hooks.__setitem__(index, fn))
             for stage in self.handle.stages:
                 original = stage.select
                 stage.select = self._wrap(original, pause=True)
