@@ -308,7 +308,7 @@ def test_rope_view_without_ids_is_the_adapters_positions_as_a_view(rows):
 
 def test_a_decode_forward_state_equals_the_dataclass_built_one():
     """`_Forward.decode` skips the dataclass __init__ per step: every field must still be there, at its default."""
-    from vlm_prune.engine.handle import _Forward
+    from vlm_prune.engine.forward_state import _Forward
 
     columns, mask, rope = torch.zeros(2, 1), torch.ones(2, 5), torch.zeros(1, 2, 1)
     fast, built = _Forward.decode(columns, mask, rope), _Forward(prefill=False, columns=columns, mask=mask, rope=rope)

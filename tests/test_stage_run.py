@@ -13,7 +13,7 @@ import torch
 from vlm_prune.adapters.base import SampleMedia
 from vlm_prune.engine.batch import HostBatch
 from vlm_prune.engine.context import IMAGE, Selection, VisualLayout
-from vlm_prune.engine.handle import _Sample
+from vlm_prune.engine.forward_state import _Sample
 from vlm_prune.engine.stage_run import run_stage
 from vlm_prune.engine.stats import PruneStats
 from vlm_prune.errors import PruneError

@@ -27,21 +27,22 @@ mask and media grids, packed) and ONE per stage (the keep masks); decode steps r
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
 from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
-from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter, SampleMedia
+from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter
 from vlm_prune.adapters.media_plan import HOST_MEDIA, HostMedia
 from vlm_prune.engine.batch import HostBatch, filled, read_call, to_device
 from vlm_prune.engine.cached import CACHE_STATE_ATTRIBUTE
 from vlm_prune.engine.cached import CachedPrefill as _Cached
 from vlm_prune.engine.calls import brings_media, cache_of, rope_view
-from vlm_prune.engine.context import VIDEO, VisualLayout
+from vlm_prune.engine.context import VIDEO
+from vlm_prune.engine.continuation import continue_forward
 from vlm_prune.engine.followup import cut_leading, resent_overlap
+from vlm_prune.engine.forward_state import _Forward, _Sample
 from vlm_prune.engine.labels import kept_labels, with_loss
 from vlm_prune.engine.layer_hooks import LayerHooks
 from vlm_prune.engine.masks import StageMasks
@@ -58,82 +59,6 @@ SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3"
 POSITION_POLICIES = ("preserve", "compact")
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
 _CPU = torch.device("cpu")
-
-
-class _Sample:
-    """Per-sample bookkeeping during one prefill (host tensors).
-
-    present: (N0,) bool over `media.visual_columns`, a view of the batch's `HostBatch.present`; layout: the layout
-    of the tokens still present, brought up to date on first read after a stage (`pending`: that stage's keep mask).
-    """
-
-    def __init__(self, media: SampleMedia, original_counts: list[int], host: HostBatch, row: int):
-        self.media, self.original_counts, self._host, self._row = media, original_counts, host, row
-        self._layout, self.pending, self._present = media.layout, None, None
-
-    @property
-    def present(self) -> torch.Tensor:
-        if self._present is None:  # (made on first use: most prefills never ask)
-            self._present = self._host.row_present(self._row)
-        return self._present
-
-    @present.setter
-    def present(self, value: torch.Tensor) -> None:  # (`sample.present |= ...` writes through, then sets)
-        self._present = value
-
-    @property
-    def layout(self) -> VisualLayout:
-        if self.pending is not None:  # (flat keep mask, first, end): this row's part of the stage's mask
-            keep, first, end = self.pending
-            self._layout, self.pending = self._layout.select(keep[first:end]), None
-        return self._layout
-
-    @layout.setter
-    def layout(self, value: VisualLayout) -> None:
-        self._layout, self.pending = value, None
-
-    @property
-    def visual_columns(self) -> torch.Tensor:
-        """(N,) original columns of the visual tokens still present, ascending."""
-        return self.media.visual_columns[self.present]
-
-
-@dataclass
-class _Forward:
-    """State of one language-model forward (prefill or continuation)."""
-
-    prefill: bool
-    columns: torch.Tensor  # (B, L) original column of every slot, -1 = pad slot we added
-    mask: torch.Tensor  # (B, past + L) 2-D attention mask over the cached + current slots
-    rope: torch.Tensor  # (R, B, L) rotary positions of the current slots
-    samples: list[_Sample] = field(default_factory=list)
-    shift: np.ndarray | None = None  # (B,) int64 host: positions removed so far (policy "compact")
-    host: HostBatch | None = None  # host mirror of the slots and visual tokens (engine/batch.py)
-    index: torch.Tensor | None = None  # (B, L') compaction index of the last stage
-    host_segments: list[torch.Tensor] = field(default_factory=list)  # host copies of `segments`' columns
-    mask_is_call_mask: bool = False  # the language model got the call's own 2-D mask (or neither had one)
-    # per in-LLM segment: (first layer, columns of the segment's slots) -- for cache trimming
-    segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    overrides: dict | None = None  # kwargs handed to every layer after an in-LLM stage
-    layer_masks: dict[int, object] = field(default_factory=dict)  # decode masks per layer (no trimming)
-    # (layer index, input hidden states, position embeddings, cache) of the layer before an attention stage
-    attention_input: tuple | None = None
-    stats: PruneStats | None = None
-    visual_keep_flat: torch.Tensor | None = None
-    original_embeds: torch.Tensor | None = None
-    reentry: dict = field(default_factory=dict)  # row -> `reentry.RowMemory` of tokens that may come back
-
-    @classmethod
-    def decode(cls, columns: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor) -> _Forward:
-        """The state of a continuation (no dataclass __init__ with its factories per decode step)."""
-        forward = object.__new__(cls)
-        forward.__dict__.update(_FORWARD_DEFAULTS, prefill=False, columns=columns, mask=mask, rope=rope, samples=[],
-                                host_segments=[], segments=[], layer_masks={}, reentry={})  # fmt: skip
-        return forward
-
-
-_FORWARD_DEFAULTS = {name: value.default for name, value in _Forward.__dataclass_fields__.items()
-                     if value.default is not MISSING}  # fmt: skip
 
 
 class PruneHandle:
@@ -207,7 +132,7 @@ class PruneHandle:
         self._past = 0  # cached length of the current call's pruned cache (`_live_cached`)
         self._decode_columns: torch.Tensor | None = None  # (B, q) slots of a decode step, reused while shapes repeat
         self._plain_rope = type(adapter).rope_positions is Adapter.rope_positions
-        # decode steps hand the rotary embedding the caller's 2-D position ids unchanged (`_continue`)
+        # decode steps hand the rotary embedding the caller's 2-D position ids unchanged (`engine/continuation.py`)
         self._rotary_as_given = self._plain_rope and position_policy == "preserve" and adapter.rope_rows == 1
         self._positions: dict = {}  # (device, batch) -> expanded arange: contiguous position ids are views of it
         self._media_ids = np.asarray(adapter.media_token_ids(), dtype=np.int64)
@@ -531,58 +456,14 @@ class PruneHandle:
         return buffer[:, start : start + length]
 
     def _continue(self, kwargs: dict, cached: _Cached, cache) -> dict:
-        embeds: torch.Tensor = kwargs["inputs_embeds"]
-        device = embeds.device
-        batch, q_len = embeds.shape[:2]
-        first_columns, past = cached.segments[0][1], self._past  # (set by `_live_cached` for this cache)
-        appended = past - first_columns.shape[1]
-        virtual_past = cached.virtual_past(past)
-        user_mask = kwargs.get("attention_mask")
-        if user_mask is not None and user_mask.ndim != 2:
-            raise InputError("after a pruned prefill, pass a 2-D attention mask (or none)")
-        if user_mask is not None and user_mask.shape[1] != virtual_past + q_len:
-            raise InputError(
-                f"attention_mask spans {user_mask.shape[1]} tokens, but the unpruned sequence so far is "
-                f"{virtual_past + q_len}; pass the mask over the ORIGINAL sequence, as generate() does"
-            )
-
-        def segment_mask(index: int) -> torch.Tensor:
-            return cached.segment_mask(index, user_mask, batch, appended + q_len, device)  # engine/cached.py
-
-        ids = kwargs.get("position_ids")
-        rotary = None
-        if self._rotary_as_given and isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.device == device:
-            rope = rotary = ids  # the rotary embedding gets the caller's ids as they are (rope[0] would be `ids`)
-        else:
-            rope = rope_view(ids, self.adapter.rope_rows, device) if self._plain_rope else None
-            if rope is None:
-                rope = to_device(self.adapter.rope_positions(ids, batch, q_len, virtual_past), device)
-            if self.position_policy == "compact":
-                rope = rope - cached.shift.to(device).view(1, -1, 1)
-        if self._decode_columns is None or self._decode_columns.shape != (batch, q_len) or (
-            self._decode_columns.device != device
-        ):
-            self._decode_columns = torch.arange(q_len, device=device).expand(batch, -1)
-        forward = _Forward.decode(self._decode_columns, segment_mask(0), rope)
-        if len(cached.segments) > 1:
-            from transformers.masking_utils import create_causal_mask
-
-            bounds = [layer for layer, _ in cached.segments[1:]] + [len(self.adapter.layers)]
-            for index, (layer, _) in enumerate(cached.segments[1:], start=1):
-                mask = create_causal_mask(
-                    config=self.adapter.text_config,
-                    inputs_embeds=embeds,
-                    attention_mask=segment_mask(index),
-                    cache=cache,
-                    position_ids=None,
-                    layer_idx=layer,
-                )
-                for covered in range(layer, bounds[index]):
-                    forward.layer_masks[covered] = mask
+        """A call on a pruned cache (a decode step, a later turn): its mask and positions (`engine/continuation.py`)."""
+        forward, rotary = continue_forward(kwargs, cached, cache, self._past, self.adapter, self.position_policy,
+                                           self._rotary_as_given, self._plain_rope, self._decode_columns)  # fmt: skip
+        self._decode_columns = forward.columns
         self._forward = forward
         if forward.layer_masks:  # a ragged cache: its segments' layers get their masks
             self._layers.attach(forward.layer_masks)
-        self._finish_lm_kwargs(kwargs, forward, past=past, rotary=rotary)
+        self._finish_lm_kwargs(kwargs, forward, past=self._past, rotary=rotary)
         return kwargs
 
     def _on_lm_return(self, module, args, kwargs, output):

@@ -5,7 +5,7 @@ cached, -1 = pad slot). Without re-entry every segment's columns contain the nex
 (`trim_cache=True`) gathers every layer down to the final kept set, so decode is uniform. With re-entry
 (LVLM_CSP's scatter) the layers before the re-entry hold only the representatives, which need not contain
 the final set. Those layers are left as they are: decode reads each segment's own columns and the engine
-maps the caller's 2-D mask (over the ORIGINAL sequence) per segment (`_continue` in `handle.py` builds one
+maps the caller's 2-D mask (over the ORIGINAL sequence) per segment (`engine/continuation.py` builds one
 causal mask per segment and hands it to that segment's layers).
 
 What a layer holds after the prefill:
