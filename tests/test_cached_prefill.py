@@ -53,3 +53,36 @@ def test_an_all_valid_prefill_needs_no_decode_mask_without_a_callers_mask():
     state = _state(final, None, all_valid=True)
     assert state.prefill_pads == [False] and state.prefill_all_valid == [True]
     assert state.segment_mask(0, None, 1, 1, torch.device("cpu")) is None
+
+
+def _continue(policy: str, mask_width: int, ids: torch.Tensor):
+    from types import SimpleNamespace
+
+    from vlm_prune.engine.continuation import continue_forward
+
+    final = torch.tensor([[0, 1, 4, 5], [0, 2, 3, 5]])  # 2 of 6 columns pruned per row; shift 2 under "compact"
+    state = CachedPrefill.after_prefill([(0, final)], final, (final, True, False), (torch.ones(2, 4).long(), False,
+                                        None), 6, np.array([2, 2]), torch.zeros(2, 6).long(), None)  # fmt: skip
+    adapter = SimpleNamespace(rope_rows=1, layers=[None] * 4)
+    kwargs = {"inputs_embeds": torch.zeros(2, 1, 8), "attention_mask": torch.ones(2, mask_width).long(),
+              "position_ids": ids}  # fmt: skip
+    past = 4 + 1  # the prefill's 4 cached slots and one decoded token
+    return continue_forward(kwargs, state, None, past, adapter, policy, policy == "preserve", True, None)
+
+
+def test_a_continuation_gets_the_original_positions_or_the_renumbered_ones():
+    ids = torch.tensor([[7], [7]])  # the 8th token of the ORIGINAL sequence (6 prompt + 1 decoded before)
+    forward, rotary = _continue("preserve", 8, ids)
+    assert rotary is ids and forward.mask.tolist() == [[1] * 6] * 2  # the caller's mask at the cached columns
+    forward, rotary = _continue("compact", 8, ids)
+    assert rotary is None and forward.rope.tolist() == [[[5], [5]]]  # 7 less the 2 pruned positions
+    assert forward.columns.tolist() == [[0], [0]] and not forward.prefill and forward.layer_masks == {}
+
+
+def test_a_continuation_refuses_a_mask_over_the_pruned_sequence():
+    import pytest
+
+    from vlm_prune.errors import InputError
+
+    with pytest.raises(InputError, match="unpruned sequence so far is 8"):
+        _continue("preserve", 6, torch.tensor([[7], [7]]))  # 5 cached + 1 new: the PRUNED length
