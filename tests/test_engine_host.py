@@ -336,3 +336,23 @@ def test_first_stage_budgets_are_computed_once_per_template_and_keep():
     assert first.budgets(0.3, later) == [
         [tokens_to_keep(0.3, n, c) for n, c in zip(row, now)] for row, now in zip(first.original_counts, later)
     ]
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_a_plans_padded_index_is_made_on_first_read_and_survives_the_stage(padding):
+    """`StageInput.padded` is made on first read (most stages never read it); read after the stage advanced the
+    mirror (a method that kept its context), it still describes the stage's input: apply writes a new slot array."""
+    generator = torch.Generator().manual_seed(3)
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    if padding:
+        valid[0, :2] = valid[2, :1] = False
+    samples = _samples(valid, generator)
+    early, late = (HostBatch(torch.arange(12).expand(3, -1), valid, samples) for _ in range(2))
+    plans = [host.stage_input() for host in (early, late)]
+    assert plans[0]._padded is None  # nothing read it yet
+    before = plans[0].padded.clone()
+    keep = torch.rand(sum(plans[0].counts), generator=generator) < 0.5
+    for host, plan in zip((early, late), plans):
+        host.apply(plan, keep)
+    assert torch.equal(plans[1].padded, before)  # read after the stage: the same
+    assert torch.equal(plans[0].padded, before)

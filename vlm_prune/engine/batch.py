@@ -16,6 +16,7 @@ Flat arrays run over the batch's ORIGINAL visual tokens, row-major, ascending co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -79,7 +80,8 @@ class StageInput:
     present: (P,) flat indices of those tokens; rows, slots: (P,) their row and current slot (numpy int64);
     counts: N_r per row; starts: offset of row r in the P order; valid_counts: V_r non-padding slots per row;
     contiguous: whether row r's valid slots are its last V_r slots; padded: (2, B, N_max) long tensor, the slots
-    and the positions within the row's valid slots of its visual tokens, -1 padded (uploaded once);
+    and the positions within the row's valid slots of its visual tokens, -1 padded (made on first read: with `runs`
+    and no method asking for `ctx.visual_index`, never);
     tokens_in: visual tokens per media item of each row; runs: the first slot of every row's visual tokens when
     each row's tokens fill one run of consecutive slots (the usual single-image row), else None (then the
     engine gathers them; with runs it takes views); flat: (P,) row * L + slot of each token.
@@ -92,10 +94,17 @@ class StageInput:
     starts: list[int]
     valid_counts: list[int]
     contiguous: list[bool]
-    padded: torch.Tensor
+    make_padded: Callable[[], torch.Tensor]
     tokens_in: list[list[int]]
     runs: list[int] | None
     flat: np.ndarray
+    _padded: torch.Tensor | None = None
+
+    @property
+    def padded(self) -> torch.Tensor:
+        if self._padded is None:
+            self._padded = self.make_padded()
+        return self._padded
 
 
 def _runs(slots: np.ndarray, counts: list[int], starts: list[int]) -> list[int] | None:
@@ -289,31 +298,38 @@ class HostBatch:
         flat = slots if batch == 1 else rows * length + slots
         if self.all_valid:  # no padding slot: a slot is its own rank among the valid ones
             self.checked = True
-            valid_counts, contiguous, rank = [length] * batch, [True] * batch, slots
+            valid_counts, contiguous, first = [length] * batch, [True] * batch, None
         else:
             valid = self._valid
             counted = valid.sum(axis=1)
             first = np.where(counted > 0, valid.argmax(axis=1), length)
             left_padded = first == length - counted  # the row's valid slots are its last ones (left padding)
             valid_counts, contiguous = counted.tolist(), left_padded.tolist()
-            # a slot's rank among its row's valid slots: slot - first where they are one run (left padding)
-            rank = slots - first[rows] if all(contiguous) else (np.cumsum(valid, axis=1) - 1).reshape(-1)[flat]
             if not self.checked:
                 self.checked = True
                 if len(slots) and not bool(self._valid.reshape(-1)[flat].all()):
                     from vlm_prune.errors import InputError
 
                     raise InputError("visual tokens are masked out by the attention mask; check the inputs")
-        width = max(counts) if batch else 0
-        if min(counts, default=0) == width:  # every row holds `width` tokens: no pad entry, no scatter
-            padded = np.concatenate([slots, rank]).reshape(2, batch, width)
-        else:
+        valid, first = (None, None) if self.all_valid else (self._valid, first)
+
+        def make_padded() -> torch.Tensor:
+            if valid is None:  # no padding slot: a slot is its own rank among the valid ones
+                rank = slots
+            elif all(contiguous):  # a slot's rank among its row's valid slots: slot - first (left padding)
+                rank = slots - first[rows]
+            else:
+                rank = (np.cumsum(valid, axis=1) - 1).reshape(-1)[flat]
+            width = max(counts) if batch else 0
+            if min(counts, default=0) == width:  # every row holds `width` tokens: no pad entry, no scatter
+                return torch.from_numpy(np.concatenate([slots, rank]).reshape(2, batch, width))
             dest = rows * width + (np.arange(len(present)) - np.asarray(starts, dtype=np.int64)[rows])
             padded = filled((2, batch * width), -1, np.int64)
             padded[0][dest] = slots
             padded[1][dest] = rank
-            padded = padded.reshape(2, batch, width)
-        plan = (present, rows, slots, counts, starts, valid_counts, contiguous, torch.from_numpy(padded), tokens_in)
+            return torch.from_numpy(padded.reshape(2, batch, width))
+
+        plan = (present, rows, slots, counts, starts, valid_counts, contiguous, make_padded, tokens_in)
         return StageInput(*plan, runs, flat)
 
     def budgets(self, keep, tokens_in: list[list[int]]) -> list[list[int] | None]:
@@ -371,8 +387,10 @@ class HostBatch:
             row_shift -= width - np.asarray(lengths, dtype=np.int64)
         position = source.searchsorted(plan.flat[keep])
         new_slot = position if batch == 1 else position - row_shift[plan.rows[keep]]
-        self.slot[kept_flat] = new_slot
-        self.slot[gone] = -1
+        slot = self.slot.copy()  # (a new array: the stage's plan may still read the one it holds, lazily)
+        slot[kept_flat] = new_slot
+        slot[gone] = -1
+        self.slot = slot
         if not self.index_padded:  # every row keeps `width` slots: the kept slots, row by row, are the index
             index = source.reshape(batch, width)
             if batch > 1:

@@ -61,7 +61,8 @@ def run_stage(
     started = time.perf_counter()
     plan = host.stage_input()
     budgets = host.budgets(stage.keep, plan.tokens_in)
-    padded = to_device(plan.padded, hidden.device)  # (2, B, N_max): visual slots, their places among the valid ones
+    # (2, B, N_max): visual slots, their places among the valid ones; made and uploaded only if read
+    padded = _Once(lambda: to_device(plan.padded, hidden.device))
     keeps, selections = _select_rows(
         forward, stage, hidden, plan, budgets, padded, call, adapter, seed, signals, recorder, attention
     )
@@ -80,7 +81,7 @@ def _select_rows(
     hidden: torch.Tensor,
     plan: StageInput,
     budgets: list,
-    padded: torch.Tensor,
+    padded: _Once,
     call: dict,
     adapter: Adapter,
     seed: int | None,
@@ -96,8 +97,9 @@ def _select_rows(
     if plan.runs is not None:  # every row's visual tokens are consecutive slots: views of hidden, no copy
         feature_rows = [row[s : s + n] for row, s, n in zip(hidden.unbind(0), plan.runs, plan.counts)]
     else:  # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
-        ragged = min(plan.counts, default=0) < padded.shape[-1]  # some row has pad entries (-1)
-        features = take_rows(hidden, 1, padded[0].clamp(min=0) if ragged else padded[0])
+        slots = padded.get()[0]
+        ragged = min(plan.counts, default=0) < slots.shape[-1]  # some row has pad entries (-1)
+        features = take_rows(hidden, 1, slots.clamp(min=0) if ragged else slots)
         feature_rows = row_views(features, None, plan.counts)
     device_ids = call["input_ids"]
     if forward.columns.shape == device_ids.shape and host.all_present and not forward.reentry:
@@ -107,7 +109,6 @@ def _select_rows(
     host_ids = call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
     firsts = [length - valid for valid in plan.valid_counts]
     host_columns = host.columns  # (replaced, not written, by `apply`)
-    index_rows = padded[1]  # (B, N_max): row r's first counts[r] entries are its visual tokens' places
     keeps, selections = [], {}
     for row in range(batch):
         count = plan.counts[row]
@@ -128,13 +129,13 @@ def _select_rows(
             valid_slots, where = None, slice(first, None)
             ctx.later(hidden_states=partial(_row_slice, hidden, row, first),
                       input_ids=partial(_row_slice, ids_now, row, first),
-                      visual_index=partial(_row_head, index_rows, row, count))  # fmt: skip
+                      visual_index=partial(_row_head, padded, row, count))  # fmt: skip
         else:
             valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
             valid_slots = to_device(valid_slots, device)
             ctx.later(hidden_states=partial(_row_pick, hidden, row, valid_slots),
                       input_ids=partial(_row_pick, ids_now, row, valid_slots),
-                      visual_index=partial(_row_head, index_rows, row, count))  # fmt: skip
+                      visual_index=partial(_row_head, padded, row, count))  # fmt: skip
         if signals is not None:
             recorder.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
         if attention is not None:
@@ -144,7 +145,7 @@ def _select_rows(
         result = stage.select(ctx)
         if isinstance(result, Selection):
             if result.represents is not None:  # remembered for re-entry (reentry.py; a no-op without)
-                rope_here = forward.rope[:, row, padded[0, row, :count]]
+                rope_here = forward.rope[:, row, padded.get()[0, row, :count]]
                 columns = to_device(sample.visual_columns, device)
                 remember(forward.reentry, row, result, columns, feature_rows[row], rope_here)
             selections[row], result = result, result.keep_mask
@@ -214,9 +215,10 @@ def _row_pick(tensor, row: int, slots: torch.Tensor) -> torch.Tensor:
     return _rows_of(tensor)[row, slots]
 
 
-def _row_head(tensor: torch.Tensor, row: int, count: int) -> torch.Tensor:
-    """tensor[row, :count] (a view)."""
-    return tensor[row] if count == tensor.shape[1] else tensor[row, :count]
+def _row_head(padded: _Once, row: int, count: int) -> torch.Tensor:
+    """The places of row `row`'s visual tokens: padded[1, row, :count] (a view)."""
+    places = padded.get()[1]
+    return places[row] if count == places.shape[1] else places[row, :count]
 
 
 def _apply_keep(
