@@ -28,6 +28,7 @@ O(H * Q * L).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -209,27 +210,35 @@ LayerInput = tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor], object]
 Slots = torch.Tensor | slice
 
 
-def _layer_rows_fn(layers: Sequence[nn.Module], recorded: LayerInput, row: int, valid_slots: Slots):
-    """(Q,) query positions among `valid_slots` -> (H, Q, L) rows of the recorded layer for batch row `row`."""
+def _layer_rows(layers: Sequence[nn.Module], recorded: LayerInput, row: int, valid_slots: Slots,
+                query_index: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(H, Q, L) rows of the recorded layer for batch row `row`, at (Q,) query positions among `valid_slots` (the
+    method's selection: nothing is computed before it asks)."""
     layer_index, hidden_in, (cos, sin), cache = recorded
     layer = layers[layer_index]
+    keys = None
+    slots = valid_slots if isinstance(valid_slots, slice) else valid_slots.to(hidden_in.device)
+    if cache is not None and len(cache.layers) > layer_index:
+        cached_keys = getattr(cache.layers[layer_index], "keys", None)
+        # the keys the layer just cached (after k_norm and RoPE) cover exactly the current slots
+        if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
+            keys = cached_keys[row : row + 1, :, slots]
+    normed = layer.input_layernorm(hidden_in[row : row + 1, slots])
+    rope = (cos[row : row + 1, slots], sin[row : row + 1, slots])
+    key_mask = torch.ones(1, normed.shape[1], dtype=torch.bool, device=normed.device)
+    with torch.no_grad():
+        rows = recompute_attention_rows(layer.self_attn, normed, rope, query_index, key_mask, keys=keys)
+    return rows[0]
 
-    def rows_for(query_index: torch.Tensor) -> torch.Tensor:  # (the method's selection: nothing before it asks)
-        keys = None
-        slots = valid_slots if isinstance(valid_slots, slice) else valid_slots.to(hidden_in.device)
-        if cache is not None and len(cache.layers) > layer_index:
-            cached_keys = getattr(cache.layers[layer_index], "keys", None)
-            # the keys the layer just cached (after k_norm and RoPE) cover exactly the current slots
-            if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
-                keys = cached_keys[row : row + 1, :, slots]
-        normed = layer.input_layernorm(hidden_in[row : row + 1, slots])
-        rope = (cos[row : row + 1, slots], sin[row : row + 1, slots])
-        key_mask = torch.ones(1, normed.shape[1], dtype=torch.bool, device=normed.device)
-        with torch.no_grad():
-            rows = recompute_attention_rows(layer.self_attn, normed, rope, query_index, key_mask, keys=keys)
-        return rows[0]
 
-    return rows_for
+def _stage_rows(layers: Sequence[nn.Module], previous: LayerInput, current: LayerInput | None, row: int,
+                valid_slots: Slots, query_index: torch.Tensor, layer: int | None = None) -> torch.Tensor:  # fmt: skip
+    query_index = query_index.to(previous[1].device)
+    if layer is None or layer == previous[0]:
+        return _layer_rows(layers, previous, row, valid_slots, query_index)
+    if current is None or layer != current[0]:
+        raise ValueError(f"attention rows of layer {layer} were not recorded for this stage")
+    return _layer_rows(layers, current, row, valid_slots, query_index)
 
 
 def stage_rows_fn(
@@ -242,17 +251,6 @@ def stage_rows_fn(
     valid_slots: (L,) the sample's non-padding slots of the batch row, or a slice of them when they are one run (a
     view, no index tensor: the usual left-padded row). Returns `fn(query_index, layer=None)`:
     query_index (Q,) indexes the sample's sequence; layer None / k-1 or k; the result is (H, Q, L) float32.
+    (One partial per row: the contexts of a batch are built on the hot path.)
     """
-    rows_previous = _layer_rows_fn(layers, previous, row, valid_slots)
-    rows_current = None if current is None else _layer_rows_fn(layers, current, row, valid_slots)
-    previous_layer = previous[0]
-
-    def attention_fn(query_index: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        query_index = query_index.to(previous[1].device)
-        if layer is None or layer == previous_layer:
-            return rows_previous(query_index)
-        if rows_current is None or layer != current[0]:
-            raise ValueError(f"attention rows of layer {layer} were not recorded for this stage")
-        return rows_current(query_index)
-
-    return attention_fn
+    return partial(_stage_rows, layers, previous, current, row, valid_slots)

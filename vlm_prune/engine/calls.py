@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from vlm_prune.engine.segments import segments_fn
@@ -51,7 +53,11 @@ def cache_of(kwargs: dict):
 def segments_later(adapter, ids: torch.Tensor, columns: torch.Tensor, row: int, where, media):
     """`segments_fn` for row `row` of the (B, L0) host `ids`, whose current columns (`columns[row, where]`, host)
     are sliced on first use."""
-    return lambda: segments_fn(adapter, ids[row], columns[row, where], media)()
+    return partial(_segments_of_row, adapter, ids, columns, row, where, media)
+
+
+def _segments_of_row(adapter, ids: torch.Tensor, columns: torch.Tensor, row: int, where, media):
+    return segments_fn(adapter, ids[row], columns[row, where], media)()
 
 
 def rope_view(ids, rows: int, device, arange=None) -> torch.Tensor | None:
