@@ -354,12 +354,15 @@ class HostBatch:
             self._first_budgets[(type(keep), keep)] = budgets
         return budgets
 
-    def apply(self, plan: StageInput, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def apply(
+        self, plan: StageInput, keep: torch.Tensor, removed: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, np.ndarray]:
         """Advance the mirror past a stage that kept the flat tokens where `keep` (P,) bool (host) is set.
 
         Returns (index (B, L') long: the slot of L for each new slot, rows left-padded with -1; removed (B, L)
-        bool: the slots removed), tensors, both None when the stage kept everything (the slots stay as they are),
-        and new_slot (K,) int64 numpy: the new slot of each kept visual token, row-major.
+        bool: the slots removed, or None when not asked for), tensors, both None when the stage kept everything
+        (the slots stay as they are), and new_slot (K,) int64 numpy: the new slot of each kept visual token,
+        row-major.
         """
         batch, length = self._columns.shape
         keep = _numpy(keep)
@@ -367,13 +370,18 @@ class HostBatch:
             self.index_padded = False
             return None, None, plan.slots
         dropped = ~keep
-        gone = plan.present[dropped]
         kept = filled(batch * length, True, bool)  # (B * L) the slots that stay
         kept[plan.flat[dropped]] = False
-        self._present[gone] = False
+        first_stage = self.all_present  # the plan holds every token: `keep` is a mask over all of them
+        if first_stage:
+            self._present[...] = keep  # (in place: `present` and its row views share the memory)
+            kept_tokens = keep
+        else:
+            gone = plan.present[dropped]
+            self._present[gone] = False
+            kept_tokens = plan.present[keep]
         self.all_present = False
-        kept_flat = plan.present[keep]
-        self.current_counts = self.media_counts(kept_flat)
+        self.current_counts = self.media_counts(kept_tokens)
         # slots left per row: only visual tokens are removed
         lengths = [length - count + sum(now) for count, now in zip(plan.counts, self.current_counts)]
         width = max(lengths) if batch else 0
@@ -387,14 +395,18 @@ class HostBatch:
             row_shift -= width - np.asarray(lengths, dtype=np.int64)
         position = source.searchsorted(plan.flat[keep])
         new_slot = position if batch == 1 else position - row_shift[plan.rows[keep]]
-        slot = self.slot.copy()  # (a new array: the stage's plan may still read the one it holds, lazily)
-        slot[kept_flat] = new_slot
-        slot[gone] = -1
+        # (a new array: the stage's plan may still read the one it holds, lazily)
+        if first_stage:
+            slot = filled(len(keep), -1, np.int64)
+        else:
+            slot = self.slot.copy()
+            slot[gone] = -1
+        slot[kept_tokens] = new_slot
         self.slot = slot
         if not self.index_padded:  # every row keeps `width` slots: the kept slots, row by row, are the index
             index = source.reshape(batch, width)
             if batch > 1:
-                index = index - (np.arange(batch) * length)[:, None]
+                index = index % length  # (row r's entries lie in [r * L, (r + 1) * L))
             self._set_slots(self._columns.take(source).reshape(batch, width),
                             self._valid.take(source).reshape(batch, width))
             self._all_valid = True if self._all_valid else None  # dropping slots never adds padding
@@ -415,8 +427,8 @@ class HostBatch:
             self._all_valid = False  # the rows are left-padded
             self._within = [index if w is SAME else None if w is None else scatter(w.take(source), -1)
                             for w in self._within]
-        removed = ~kept.reshape(batch, length)
-        return torch.from_numpy(index), torch.from_numpy(removed), new_slot
+        gone_slots = torch.from_numpy(~kept.reshape(batch, length)) if removed else None
+        return torch.from_numpy(index), gone_slots, new_slot
 
     def mark_segment(self) -> None:
         """A new in-LLM segment starts at the current slots (see `within`)."""

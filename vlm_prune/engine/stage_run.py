@@ -235,7 +235,7 @@ def _apply_keep(
     (B, L', D), (K,) the new slot of every kept visual token). `forward.index` is left None when nothing was
     removed (the slots stay as they are), else the (B, L') compaction index on hidden's device."""
     host, device = forward.host, hidden.device
-    index, removed, new_slot = host.apply(plan, keep)
+    index, removed, new_slot = host.apply(plan, keep, removed=position_policy == "compact")
     tokens_out = host.current_counts
     kept = [sum(counts) for counts in tokens_out]
     for row, row_budgets in enumerate(budgets):
