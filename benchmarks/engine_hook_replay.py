@@ -7,7 +7,8 @@ This script isolates the engine's own code path, to compare two versions of it a
 1. one real forward (prefill) and generate() (decode) record the kwargs the handle's hooks receive;
 2. the hooks (top-level, vision, language model, rotary, decoder layers, returns) are then called directly with
    fresh copies of those kwargs, `--calls` times, timed with the thread's CPU time; the method's `select` time is
-   subtracted, as in the headline benchmark. A decode step replays on a cache cropped back by one token.
+   subtracted, as in the headline benchmark (a second column keeps it: the whole stage, scoring included). A
+   decode step replays on a cache cropped back by one token.
 
 It is NOT the issue's measurement (that one stays `engine_host_time.py`); it is an A/B tool for the engine code.
 
@@ -121,7 +122,7 @@ def measure(family: str, batch: int, name: str, calls: int) -> dict:
         # prefill: one real forward records the kwargs; the cache is copied per replay when stages trim it
         seen = _record(model, handle, lambda: model(**inputs, use_cache=True))
         cache = seen["cache"]
-        prefill, embeddings = [], _position_embeddings(handle, seen)
+        prefill, with_select, embeddings = [], [], _position_embeddings(handle, seen)
         for index in range(calls + 20):
             output = copy.copy(seen["out"])
             if cache is not None and layer_hooks:
@@ -130,7 +131,9 @@ def measure(family: str, batch: int, name: str, calls: int) -> dict:
             started = CLOCK()
             _replay(handle, model, seen, layer_hooks, output, embeddings)
             if index >= 20:
-                prefill.append((CLOCK() - started - selects[0]) * 1e3)
+                total = CLOCK() - started
+                prefill.append((total - selects[0]) * 1e3)
+                with_select.append(total * 1e3)
         # decode: the last step of a generate() call, replayed on its cache cropped back by one token
         steps: dict = {}
         lm = handle.adapter.language_model
@@ -156,6 +159,7 @@ def measure(family: str, batch: int, name: str, calls: int) -> dict:
                 state.token_chunks.clear()
                 state.chunk_width = 0
     return {"prefill_ms": statistics.median(prefill), "prefill_min_ms": min(prefill),
+            "with_select_ms": statistics.median(with_select),
             "decode_ms": statistics.median(decode), "decode_min_ms": min(decode)}
 
 
@@ -169,12 +173,14 @@ def main() -> None:
     import os
 
     print(f"# {args.tag} {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, load {os.getloadavg()[0]:.2f}")
-    print("| cell | prefill median ms | prefill min ms | decode median ms | decode min ms |")
-    print("|---|---:|---:|---:|---:|")
+    print("| cell | prefill median ms | prefill min ms | prefill incl. select median ms | decode median ms | "
+          "decode min ms |")
+    print("|---|---:|---:|---:|---:|---:|")
     for cell in args.cells.split(","):
         family, batch, name = cell.split(":")
         row = measure(family, int(batch), name, args.calls)
         print(f"| {family} b{batch} {name} | {row['prefill_ms']:.3f} | {row['prefill_min_ms']:.3f} | "
+              f"{row['with_select_ms']:.3f} | "
               f"{row['decode_ms']:.4f} | {row['decode_min_ms']:.4f} |", flush=True)
 
 

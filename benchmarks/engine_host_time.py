@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import transformers
 from speed import _hook_keys, cpu_model, keep_all_at  # benchmarks/speed.py, next to this script
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import vlm_prune
@@ -68,6 +69,25 @@ DEVICE_OPS = (
     ("vlm_prune.engine.masks", "padded_causal_mask"),  # (the engine's own padded 4-D mask, from 9eea39f)
 )
 _INSIDE = [0]  # depth of timed hooks running (device ops count only inside them)
+_SELECTING = [0]  # depth of timed `select` calls running
+
+
+class TorchOps(TorchDispatchMode):
+    """Counts the aten operators dispatched inside the handle's timed hooks, apart: `engine` outside the methods'
+    `select`, `selection` inside it. Unlike the times they are exact and the same on every machine. Each is a pass
+    through torch's dispatcher; on a GPU each one that computes (not a view or a shape query) is a kernel launch,
+    so this is the count the issue's "no per-row host work" is about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine = self.selection = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _SELECTING[0]:
+            self.selection += 1
+        elif _INSIDE[0]:
+            self.engine += 1
+        return func(*args, **(kwargs or {}))
 
 
 def wrap_new_hooks(model, before: set, total: list[float], handle=None) -> None:
@@ -104,9 +124,11 @@ def _timed_selects(handle, total: list[float]) -> None:
 
         def timed(ctx, select=select):
             started = CLOCK()
+            _SELECTING[0] += 1
             try:
                 return select(ctx)
             finally:
+                _SELECTING[0] -= 1
                 total[0] += CLOCK() - started
 
         stage.select = timed
@@ -201,6 +223,7 @@ def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
             run(max(5, repeats // 2), prefill_host, decode_host, True)
         finally:
             _restore(saved)
+        calls = _torch_calls(model, inputs, generate)
     return {
         "prefill_ms": statistics.median(prefill),
         "decode_ms": statistics.median(decode),
@@ -210,7 +233,25 @@ def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
         "syncs_decode": max(per[2:]),
         "stages": stages,
         "where": where,
+        **calls,
     }
+
+
+def _torch_calls(model, inputs: dict, generate: dict) -> dict:
+    """Aten ops of the engine and of the selection in the prefill, and of the engine in the busiest decode
+    step, in one untimed generate() call (hooks and selects already wrapped)."""
+    marks: list = []
+    with TorchOps() as counter:
+        start = model.register_forward_pre_hook(
+            lambda module, args: marks.append((counter.engine, counter.selection)), prepend=True
+        )
+        try:
+            model.generate(**inputs, **generate)
+        finally:
+            start.remove()
+        marks.append((counter.engine, counter.selection))
+    per = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+    return {"calls_prefill": per[0][0], "calls_select": per[0][1], "calls_decode": max(p[0] for p in per[1:])}
 
 
 def clock_cost(calls: int = 20000) -> float:
@@ -283,8 +324,9 @@ def render(results: dict) -> str:
             f"{meta['torch']}, transformers {meta['transformers']}{clock}"
         )
     lines += ["", "| family | batch | method | " + " | ".join(
-        f"{tag} prefill ms | {tag} decode ms | {tag} syncs (prefill / step)" for tag in tags) + " |",
-        "|---|---:|---|" + "---:|---:|---:|" * len(tags)]
+        f"{tag} prefill ms | {tag} decode ms | {tag} syncs (prefill / step) | {tag} aten ops (prefill + "
+        "selection / step)" for tag in tags) + " |",
+        "|---|---:|---|" + "---:|---:|---:|---:|" * len(tags)]
     keys = list(results[tags[-1]]["rows"])
     for key in keys:
         family, batch, name = key.split("|")
@@ -292,10 +334,12 @@ def render(results: dict) -> str:
         for tag in tags:
             row = results[tag]["rows"].get(key)
             if row is None:
-                cells += ["", "", ""]
+                cells += ["", "", "", ""]
             else:
+                calls = (f"{row['calls_prefill']} + {row['calls_select']} / {row['calls_decode']}"
+                         if "calls_prefill" in row else "")  # (tags measured before the count existed)
                 cells += [f"{row['prefill_ms']:.2f}", f"{row['decode_ms']:.3f}",
-                          f"{row['syncs_prefill']} / {row['syncs_decode']}"]
+                          f"{row['syncs_prefill']} / {row['syncs_decode']}", calls]
         lines.append(f"| {family} | {batch} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "Worst case per tag (over families and methods):", ""]
     for tag in tags:

@@ -251,6 +251,7 @@ def stage_rows_fn(
     valid_slots: (L,) the sample's non-padding slots of the batch row, or a slice of them when they are one run (a
     view, no index tensor: the usual left-padded row). Returns `fn(query_index, layer=None)`:
     query_index (Q,) indexes the sample's sequence; layer None / k-1 or k; the result is (H, Q, L) float32.
-    (One partial per row: the contexts of a batch are built on the hot path.)
+    (One partial per row: the contexts of a batch are built on the hot path.) This is the per-row path: the engine's
+    contexts serve host-int queries on one-run rows from `engine/stage_attention.py`, one recompute per batch.
     """
     return partial(_stage_rows, layers, previous, current, row, valid_slots)

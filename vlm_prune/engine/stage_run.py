@@ -6,7 +6,8 @@ rope, shift, samples and the host mirror `HostBatch`) and changes it in place:
 
 1. `HostBatch.stage_input` gives the shapes (per row: visual tokens present, their slots, budgets);
 2. `_select_rows` builds each row's `SelectionContext` (views of hidden and ids where the row's slots are one run,
-   lazily computed signals, attention rows and later segments) and calls the stage's `select`;
+   lazily computed signals, attention rows and later segments) and calls the stage's `select`; attention rows
+   at host-int queries (the last token) come from one batched recompute for the stage (`stage_attention.py`);
 3. `read_keeps` concatenates the keep masks and reads them in ONE device->host copy (the stage's only sync);
 4. `_apply_keep` advances the host mirror, checks the budgets, records the samples' pending masks and compacts
    hidden states, columns, mask and rotary positions in one `compact_sequence` (fused on CUDA);
@@ -29,6 +30,7 @@ from vlm_prune.engine.calls import read_keeps, segments_later
 from vlm_prune.engine.context import Selection, SelectionContext
 from vlm_prune.engine.reentry import remember
 from vlm_prune.engine.signals import SignalRecorder
+from vlm_prune.engine.stage_attention import StageAttention
 from vlm_prune.engine.stats import StageStats
 from vlm_prune.errors import PruneError
 from vlm_prune.kernels import compact_sequence
@@ -109,6 +111,8 @@ def _select_rows(
     host_ids = call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
     firsts = [length - valid for valid in plan.valid_counts]
     host_columns = host.columns  # (replaced, not written, by `apply`)
+    # in-LLM scorers: every row's rows at the same padded query slots come from one batched recompute
+    stage_attention = None if attention is None else StageAttention(adapter.layers, *attention, forward.mask)
     keeps, selections = [], {}
     for row in range(batch):
         count = plan.counts[row]
@@ -141,6 +145,8 @@ def _select_rows(
         if attention is not None:
             slots = valid_slots if valid_slots is not None else slice(first, length)
             ctx.attention_fn = stage_rows_fn(adapter.layers, *attention, row, slots)
+            if valid_slots is None:  # one run of slots, first..L-1: batched rows for host-int queries
+                ctx.__dict__["_batched"] = (stage_attention, row, first)
         ctx.segments_fn = segments_later(adapter, host_ids, host_columns, row, where, sample.media)
         result = stage.select(ctx)
         if isinstance(result, Selection):
@@ -174,6 +180,22 @@ class _RowContext(SelectionContext):
 
     def later(self, **makers) -> None:
         self.__dict__["_later"] = makers
+
+    def attention_rows(self, query_index: torch.Tensor | int, layer: int | None = None) -> torch.Tensor:
+        """As `SelectionContext.attention_rows`; a host-int query of a row whose slots are one run is served from
+        the stage's batched rows (`engine/stage_attention.py`), anything else per row."""
+        batched = self.__dict__.get("_batched")
+        if batched is not None and type(query_index) is int and 0 <= query_index < self.num_tokens:
+            stage_attention, row, first = batched
+            rows = stage_attention.rows(row, first, (query_index,), self.layer - 1 if layer is None else layer)
+            if rows is not None:
+                return rows
+        return super().attention_rows(query_index, layer)
+
+    @property
+    def num_tokens(self) -> int:
+        """L, the row's current sequence length (without padding)."""
+        return self.hidden_states.shape[0]
 
     def __getattr__(self, name: str):
         make = self.__dict__.get("_later", {}).pop(name, None)
