@@ -62,6 +62,7 @@ import argparse
 import cProfile
 import datetime as _dt
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -77,7 +78,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from anywhere, without installing the package
+# run as a script from anywhere, without installing the package; a vlm_prune already importable (installed, or an
+# older worktree on PYTHONPATH for a before/after run) is the one measured, not this checkout's
+if importlib.util.find_spec("vlm_prune") is None and str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import vlm_prune  # noqa: E402
