@@ -80,13 +80,13 @@ class TorchOps(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.engine = self.selection = 0
+        self.engine, self.selection = [0], [0]  # (one-element accumulators, as the timers': `_per_forward` splits)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _SELECTING[0]:
-            self.selection += 1
+            self.selection[0] += 1
         elif _INSIDE[0]:
-            self.engine += 1
+            self.engine[0] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -223,7 +223,7 @@ def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
             run(max(5, repeats // 2), prefill_host, decode_host, True)
         finally:
             _restore(saved)
-        calls = _torch_calls(model, inputs, generate)
+        ops = _aten_ops(model, inputs, generate)
     return {
         "prefill_ms": statistics.median(prefill),
         "decode_ms": statistics.median(decode),
@@ -233,25 +233,23 @@ def measure(model, inputs: dict, method, options: dict, repeats: int) -> dict:
         "syncs_decode": max(per[2:]),
         "stages": stages,
         "where": where,
-        **calls,
+        **ops,
     }
 
 
-def _torch_calls(model, inputs: dict, generate: dict) -> dict:
+def _aten_ops(model, inputs: dict, generate: dict) -> dict:
     """Aten ops of the engine and of the selection in the prefill, and of the engine in the busiest decode
     step, in one untimed generate() call (hooks and selects already wrapped)."""
     marks: list = []
     with TorchOps() as counter:
-        start = model.register_forward_pre_hook(
-            lambda module, args: marks.append((counter.engine, counter.selection)), prepend=True
-        )
+        totals = [counter.engine, counter.selection]
+        start = _per_forward(model, totals, marks)
         try:
             model.generate(**inputs, **generate)
         finally:
             start.remove()
-        marks.append((counter.engine, counter.selection))
-    per = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
-    return {"calls_prefill": per[0][0], "calls_select": per[0][1], "calls_decode": max(p[0] for p in per[1:])}
+    per = _splits(marks, totals)
+    return {"ops_prefill": per[0][0], "ops_select": per[0][1], "ops_decode": max(p[0] for p in per[1:])}
 
 
 def clock_cost(calls: int = 20000) -> float:
@@ -336,10 +334,10 @@ def render(results: dict) -> str:
             if row is None:
                 cells += ["", "", "", ""]
             else:
-                calls = (f"{row['calls_prefill']} + {row['calls_select']} / {row['calls_decode']}"
-                         if "calls_prefill" in row else "")  # (tags measured before the count existed)
+                ops = (f"{row['ops_prefill']} + {row['ops_select']} / {row['ops_decode']}"
+                       if "ops_prefill" in row else "")  # (tags measured before the count existed)
                 cells += [f"{row['prefill_ms']:.2f}", f"{row['decode_ms']:.3f}",
-                          f"{row['syncs_prefill']} / {row['syncs_decode']}", calls]
+                          f"{row['syncs_prefill']} / {row['syncs_decode']}", ops]
         lines.append(f"| {family} | {batch} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "Worst case per tag (over families and methods):", ""]
     for tag in tags:

@@ -210,19 +210,38 @@ LayerInput = tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor], object]
 Slots = torch.Tensor | slice
 
 
+def recorded_layer(previous: LayerInput, current: LayerInput | None, layer: int | None) -> LayerInput | None:
+    """What a stage recorded of decoder layer `layer` (None or k-1: `previous`; k: `current`), or None when that
+    layer was not recorded."""
+    if layer is None or layer == previous[0]:
+        return previous
+    if current is not None and layer == current[0]:
+        return current
+    return None
+
+
+def cached_keys(recorded: LayerInput) -> torch.Tensor | None:
+    """(B, H_kv, L, d) the keys the recorded layer just cached (after k_norm and RoPE) when they cover exactly its
+    (B, L) input slots, else None (layer k has not run yet; a sliding-window cache keeps only the window)."""
+    layer_index, hidden_in, _, cache = recorded
+    if cache is None or len(cache.layers) <= layer_index:
+        return None
+    keys = getattr(cache.layers[layer_index], "keys", None)
+    if isinstance(keys, torch.Tensor) and (keys.shape[0], keys.shape[-2]) == tuple(hidden_in.shape[:2]):
+        return keys
+    return None
+
+
 def _layer_rows(layers: Sequence[nn.Module], recorded: LayerInput, row: int, valid_slots: Slots,
                 query_index: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """(H, Q, L) rows of the recorded layer for batch row `row`, at (Q,) query positions among `valid_slots` (the
     method's selection: nothing is computed before it asks)."""
-    layer_index, hidden_in, (cos, sin), cache = recorded
+    layer_index, hidden_in, (cos, sin), _ = recorded
     layer = layers[layer_index]
-    keys = None
     slots = valid_slots if isinstance(valid_slots, slice) else valid_slots.to(hidden_in.device)
-    if cache is not None and len(cache.layers) > layer_index:
-        cached_keys = getattr(cache.layers[layer_index], "keys", None)
-        # the keys the layer just cached (after k_norm and RoPE) cover exactly the current slots
-        if isinstance(cached_keys, torch.Tensor) and cached_keys.shape[-2] == hidden_in.shape[1]:
-            keys = cached_keys[row : row + 1, :, slots]
+    keys = cached_keys(recorded)
+    if keys is not None:
+        keys = keys[row : row + 1, :, slots]
     normed = layer.input_layernorm(hidden_in[row : row + 1, slots])
     rope = (cos[row : row + 1, slots], sin[row : row + 1, slots])
     key_mask = torch.ones(1, normed.shape[1], dtype=torch.bool, device=normed.device)
@@ -233,12 +252,10 @@ def _layer_rows(layers: Sequence[nn.Module], recorded: LayerInput, row: int, val
 
 def _stage_rows(layers: Sequence[nn.Module], previous: LayerInput, current: LayerInput | None, row: int,
                 valid_slots: Slots, query_index: torch.Tensor, layer: int | None = None) -> torch.Tensor:  # fmt: skip
-    query_index = query_index.to(previous[1].device)
-    if layer is None or layer == previous[0]:
-        return _layer_rows(layers, previous, row, valid_slots, query_index)
-    if current is None or layer != current[0]:
+    recorded = recorded_layer(previous, current, layer)
+    if recorded is None:
         raise ValueError(f"attention rows of layer {layer} were not recorded for this stage")
-    return _layer_rows(layers, current, row, valid_slots, query_index)
+    return _layer_rows(layers, recorded, row, valid_slots, query_index.to(previous[1].device))
 
 
 def stage_rows_fn(

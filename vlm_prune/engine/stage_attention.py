@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vlm_prune.engine.attention_rows import LayerInput, recompute_attention_rows
+from vlm_prune.engine.attention_rows import LayerInput, cached_keys, recompute_attention_rows, recorded_layer
 
 
 class StageAttention:
@@ -41,19 +41,11 @@ class StageAttention:
         self.key_mask = key_mask
         self._memo: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
-    def recorded(self, layer: int) -> LayerInput | None:
-        """The recorded input of decoder layer `layer` (k-1 or k), or None when it was not recorded."""
-        if layer == self.previous[0]:
-            return self.previous
-        if self.current is not None and layer == self.current[0]:
-            return self.current
-        return None
-
     def rows(self, row: int, first: int, queries: Sequence[int], layer: int) -> torch.Tensor | None:
         """(H, Q, L - first) the rows of batch row `row`, whose valid slots are first..L-1, at its own (Q,) query
         positions `queries` (host ints, 0 <= q < L - first), from layer `layer`; None when this layer was not
         recorded or its shapes do not match the mask (the caller then takes the per-row path)."""
-        recorded = self.recorded(layer)
+        recorded = recorded_layer(self.previous, self.current, layer)
         if recorded is None or tuple(recorded[1].shape[:2]) != tuple(self.key_mask.shape):
             return None
         slots = tuple(first + query for query in queries)
@@ -69,15 +61,9 @@ def batch_rows(layers: Sequence[nn.Module], recorded: LayerInput, slots: Sequenc
     """(B, H, Q, L) float32 attention probabilities of the recorded layer at the padded (Q,) query `slots` of
     every row, over the row's real keys (`key_mask` (B, L), nonzero = real; padding gets 0). The layer's cached
     keys are used when they cover exactly the recorded slots (layer k-1 has run), else recomputed (layer k)."""
-    layer_index, hidden_in, position_embeddings, cache = recorded
+    layer_index, hidden_in, position_embeddings, _ = recorded
     layer = layers[layer_index]
-    keys = None
-    if cache is not None and len(cache.layers) > layer_index:
-        cached_keys = getattr(cache.layers[layer_index], "keys", None)
-        if isinstance(cached_keys, torch.Tensor) and tuple(cached_keys.shape[:1]) + cached_keys.shape[2:3] == tuple(
-            hidden_in.shape[:2]
-        ):
-            keys = cached_keys
+    keys = cached_keys(recorded)
     query_index = torch.tensor(slots, dtype=torch.long).to(hidden_in.device, non_blocking=True)  # (an upload)
     with torch.no_grad():
         normed = layer.input_layernorm(hidden_in)

@@ -185,17 +185,12 @@ class _RowContext(SelectionContext):
         """As `SelectionContext.attention_rows`; a host-int query of a row whose slots are one run is served from
         the stage's batched rows (`engine/stage_attention.py`), anything else per row."""
         batched = self.__dict__.get("_batched")
-        if batched is not None and type(query_index) is int and 0 <= query_index < self.num_tokens:
+        if batched is not None and type(query_index) is int and 0 <= query_index < self.hidden_states.shape[0]:
             stage_attention, row, first = batched
             rows = stage_attention.rows(row, first, (query_index,), self.layer - 1 if layer is None else layer)
             if rows is not None:
                 return rows
         return super().attention_rows(query_index, layer)
-
-    @property
-    def num_tokens(self) -> int:
-        """L, the row's current sequence length (without padding)."""
-        return self.hidden_states.shape[0]
 
     def __getattr__(self, name: str):
         make = self.__dict__.get("_later", {}).pop(name, None)
