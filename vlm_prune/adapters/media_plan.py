@@ -162,7 +162,7 @@ class PlanCache:
         plan = self._plans.get((host.key, items_key), build)
         columns = host.columns if plan.gather is None else host.columns[plan.gather]
         tensor = torch.from_numpy(columns)
-        parts = tensor.split(plan.sizes) if len(plan.sizes) > 1 else (tensor,)
+        parts = tensor.split_with_sizes(plan.sizes) if len(plan.sizes) > 1 else (tensor,)  # (no Python wrapper)
         samples = [SampleMedia(part, fresh_layout(layout)) for part, layout in zip(parts, plan.layouts)]
         return PlannedSamples(samples, plan, columns)
 

@@ -71,7 +71,8 @@ class CachedPrefill:
             all_valid.append(final and final_all_valid)  # the host mirror of `mask != 0`
             pads.append(final_pads if final else True)
             if final and is_call_mask:  # the compacted mask already is this gather
-                prefill_masks.append(mask[:, mask.shape[1] - seg_columns.shape[1] :])
+                past = mask.shape[1] - seg_columns.shape[1]
+                prefill_masks.append(mask[:, past:] if past else mask)
                 continue
             seg_mask = (seg_columns >= 0).to(mask.dtype)
             if call_mask is None:

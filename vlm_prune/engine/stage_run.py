@@ -266,7 +266,9 @@ def _apply_keep(
             sample.layout.group = groups[row]
     forward.index = None  # None: the stage kept every token, the slots stay as they are
     if kept != plan.counts:
-        forward.shift += np.subtract(plan.counts, kept)
+        for row, (count, now) in enumerate(zip(plan.counts, kept)):  # (B ints: no list -> array conversions)
+            if count != now:
+                forward.shift[row] += count - now
         if position_policy == "compact":
             removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
             forward.rope = forward.rope - removed_before.unsqueeze(0)

@@ -134,7 +134,7 @@ def compact_reference(
     new_mask = None
     if mask is not None:
         past = mask.shape[1] - length
-        current = mask[:, past:].gather(1, safe)
+        current = (mask[:, past:] if past else mask).gather(1, safe)
         current = current.masked_fill_(pads, 0) if fill else current
         new_mask = torch.cat([mask[:, :past], current], dim=1) if past else current
     new_rope = None

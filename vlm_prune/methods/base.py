@@ -137,8 +137,7 @@ def per_media(
     if ctx.budget_per_media is None:
         raise BudgetError("this method needs a budget: pass keep=... to apply()")
     keep_mask = torch.zeros(ctx.num_visual, dtype=torch.bool, device=ctx.visual_features.device)
-    new_features = ctx.visual_features.clone()
-    merged = False
+    new_features = None  # (cloned from the features when an item first merges: selectors never copy them)
     for item, budget in enumerate(ctx.budget_per_media):
         members = (ctx.layout.media_index == item).nonzero(as_tuple=True)[0]
         if members.numel() == 0:
@@ -147,11 +146,11 @@ def per_media(
         if isinstance(result, Selection):
             item_keep = result.keep_mask
             if result.features is not None:
-                merged = True
+                new_features = ctx.visual_features.clone() if new_features is None else new_features
                 new_features[members[item_keep]] = result.features.to(new_features.dtype)
         else:
             item_keep = result
         keep_mask[members[item_keep]] = True
-    if merged:
+    if new_features is not None:
         return Selection(keep_mask, new_features[keep_mask])
     return keep_mask
