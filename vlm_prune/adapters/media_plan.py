@@ -73,8 +73,11 @@ class HostMedia:
         flat = media.ravel().nonzero()[0]
         self.batch = batch = ids.shape[0]
         self.total = len(flat)
-        self.columns = flat % ids.shape[1] if batch > 1 else flat
-        self.row_counts: list[int] = media.sum(axis=1).tolist() if batch > 1 else [self.total]
+        if batch > 1:  # (one divmod and a bincount: lighter paths than a % and a sum over an axis)
+            rows, self.columns = np.divmod(flat, ids.shape[1])
+            self.row_counts: list[int] = np.bincount(rows, minlength=batch).tolist()
+        else:
+            self.columns, self.row_counts = flat, [self.total]
         self._second = None if second is None else second.reshape(-1)[flat]  # (N,) bool: of the second kind
         if self._second is None:
             self.present = (self.total > 0,)

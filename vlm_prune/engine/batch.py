@@ -69,8 +69,11 @@ def row_views(tensor: torch.Tensor, firsts: list[int] | None = None, counts: lis
     return [row if count == width else row[:count] for row, count in zip(rows, counts)]
 
 
+_INTEGER_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
 def _readable(value) -> bool:
-    return isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex()
+    return isinstance(value, torch.Tensor) and value.dtype in _INTEGER_DTYPES
 
 
 @dataclass
@@ -150,6 +153,8 @@ class MediaTemplate:
     kind: np.ndarray
     offsets: list[int]
     original_counts: list[list[int]]
+    #: (P0,) 0, 1, ..., P0 - 1: the flat indices of every visual token (the first stage's `present`)
+    every: np.ndarray
     #: the first stage's budgets per keep setting (`HostBatch.budgets`), filled on use: a pure function of the keep
     #: and the original counts (read-only lists)
     first_budgets: dict = field(default_factory=dict, compare=False)
@@ -188,9 +193,10 @@ def _build_template(samples: list) -> MediaTemplate:
         media_key = kind = np.zeros(0, dtype=np.int64)
     offsets = list(accumulate(lengths, initial=0))
     original_counts = _counts_per_item(media_key, num_media, width)
-    for array in (rows, media_key, kind):  # shared by every call of the signature: a stray write raises
+    every = np.arange(len(rows))
+    for array in (rows, media_key, kind, every):  # shared by every call of the signature: a stray write raises
         array.flags.writeable = False
-    return MediaTemplate(num_media, width, rows, media_key, kind, offsets, original_counts)
+    return MediaTemplate(num_media, width, rows, media_key, kind, offsets, original_counts, every)
 
 
 def media_template(samples: list) -> tuple[MediaTemplate, np.ndarray]:
@@ -229,6 +235,7 @@ class HostBatch:
         template, self.columns0 = media_template(samples)
         self.num_media, self.width, self.rows = template.num_media, template.width, template.rows
         self.media_key, self.kind, self.offsets = template.media_key, template.kind, template.offsets
+        self._every = template.every
         self.slot = self.columns0.copy()  # the prefill starts with slot == column
         self._present = filled(len(self.rows), True, bool)
         self.present = torch.from_numpy(self._present)  # the same memory: writes show in `present` and its row views
@@ -286,7 +293,7 @@ class HostBatch:
     def stage_input(self) -> StageInput:
         batch, length = self._columns.shape
         if self.all_present:
-            present, rows, slots = np.arange(len(self.rows)), self.rows, self.slot
+            present, rows, slots = self._every, self.rows, self.slot
         else:
             present = self._present.nonzero()[0]
             rows, slots = self.rows[present], self.slot[present]
@@ -390,11 +397,14 @@ class HostBatch:
             self.has_pad_slots = True
         source = kept.nonzero()[0]  # (K,) flat (row * L + slot) of every kept slot, row-major
         # a kept slot's new slot: its place in `source` less its row's start there, plus the row's left padding
-        row_shift = np.asarray(list(accumulate(lengths[:-1], initial=0)), dtype=np.int64)
-        if self.index_padded:
-            row_shift -= width - np.asarray(lengths, dtype=np.int64)
         position = source.searchsorted(plan.flat[keep])
-        new_slot = position if batch == 1 else position - row_shift[plan.rows[keep]]
+        if batch == 1:  # one row, no left padding: a kept slot's place in `source` is its new slot
+            new_slot = position
+        else:
+            row_shift = np.asarray(list(accumulate(lengths[:-1], initial=0)), dtype=np.int64)
+            if self.index_padded:
+                row_shift -= width - np.asarray(lengths, dtype=np.int64)
+            new_slot = position - row_shift[plan.rows[keep]]
         # (a new array: the stage's plan may still read the one it holds, lazily)
         if first_stage:
             slot = filled(len(keep), -1, np.int64)

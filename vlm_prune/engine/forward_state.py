@@ -88,6 +88,14 @@ class _Forward:
                                 host_segments=[], segments=[], layer_masks={}, reentry={})  # fmt: skip
         return forward
 
+    @classmethod
+    def start_prefill(cls, **values) -> _Forward:
+        """The state of a prefill (`values`: the fields it sets), without the dataclass __init__ and its factories."""
+        forward = object.__new__(cls)
+        forward.__dict__.update({**_FORWARD_DEFAULTS, "prefill": True, "samples": [], "host_segments": [],
+                                 "segments": [], "layer_masks": {}, "reentry": {}, **values})  # fmt: skip
+        return forward
+
 
 _FORWARD_DEFAULTS = {name: value.default for name, value in _Forward.__dataclass_fields__.items()
                      if value.default is not MISSING}  # fmt: skip

@@ -97,7 +97,10 @@ def _select_rows(
     host, device = forward.host, hidden.device
     batch, length = forward.columns.shape
     if plan.runs is not None:  # every row's visual tokens are consecutive slots: views of hidden, no copy
-        feature_rows = [row[s : s + n] for row, s, n in zip(hidden.unbind(0), plan.runs, plan.counts)]
+        if batch == 1:  # (one view, no unbind)
+            feature_rows = [hidden[0, plan.runs[0] : plan.runs[0] + plan.counts[0]]]
+        else:
+            feature_rows = [row[s : s + n] for row, s, n in zip(hidden.unbind(0), plan.runs, plan.counts)]
     else:  # (B, N_max, D): every row's visual tokens in one gather (pad entries are never read: rows are sliced)
         slots = padded.get()[0]
         ragged = min(plan.counts, default=0) < slots.shape[-1]  # some row has pad entries (-1)
