@@ -65,6 +65,9 @@ def flushes(flush_mb: int) -> dict:
     }
 
 
+_TINY: dict = {}  # the tiny model and its inputs, built once
+
+
 def in_situ(op, forwards: int = 60) -> tuple[float, float]:
     """Median seconds of `op` run in a pre-hook of the tiny LLaVA's language model, once per forward, and of the
     same op run again right after it in the same hook."""
@@ -93,9 +96,6 @@ def in_situ(op, forwards: int = 60) -> tuple[float, float]:
     finally:
         handle.remove()
     return statistics.median(times[10:]), statistics.median(again[10:])
-
-
-_TINY: dict = {}  # the tiny model and its inputs, built once
 
 
 def measure(flush_mb: int) -> tuple[list[str], list[tuple[str, list[float]]]]:

@@ -314,6 +314,23 @@ def test_a_decode_forward_state_equals_the_dataclass_built_one():
     fast, built = _Forward.decode(columns, mask, rope), _Forward(prefill=False, columns=columns, mask=mask, rope=rope)
     assert fast == built
     assert fast.layer_masks is not _Forward.decode(columns, mask, rope).layer_masks  # fresh containers per step
+    shift = torch.zeros(2, dtype=torch.long)
+    prefill = _Forward.start_prefill(columns=columns, mask=mask, rope=rope, shift=shift)
+    assert prefill == _Forward(prefill=True, columns=columns, mask=mask, rope=rope, shift=shift)
+    assert prefill.samples is not _Forward.start_prefill(columns=columns, mask=mask, rope=rope).samples
+
+
+def test_read_call_reads_the_integer_and_bool_entries_only():
+    """`read_call` takes every integer or bool tensor of the call (what the adapters read on the host), whatever its
+    dtype, and no floating or complex one: the same as the tensors' own `is_floating_point` / `is_complex`."""
+    from vlm_prune.engine.batch import _readable
+
+    dtypes = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+              torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
+    for dtype in dtypes:
+        tensor = torch.zeros(2, dtype=dtype)
+        assert _readable(tensor) == (not tensor.is_floating_point() and not tensor.is_complex()), dtype
+    assert not _readable([1, 2]) and not _readable(None)
 
 
 def test_first_stage_budgets_are_computed_once_per_template_and_keep():

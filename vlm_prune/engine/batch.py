@@ -69,11 +69,9 @@ def row_views(tensor: torch.Tensor, firsts: list[int] | None = None, counts: lis
     return [row if count == width else row[:count] for row, count in zip(rows, counts)]
 
 
-_INTEGER_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
-
-
 def _readable(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype in _INTEGER_DTYPES
+    """An integer (or bool) tensor. (The dtype's attributes: lighter than the tensor's two predicate methods.)"""
+    return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and not value.dtype.is_complex
 
 
 @dataclass

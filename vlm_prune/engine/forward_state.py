@@ -82,20 +82,28 @@ class _Forward:
 
     @classmethod
     def decode(cls, columns: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor) -> _Forward:
-        """The state of a continuation (no dataclass __init__ with its factories per decode step)."""
-        forward = object.__new__(cls)
-        forward.__dict__.update(_FORWARD_DEFAULTS, prefill=False, columns=columns, mask=mask, rope=rope, samples=[],
-                                host_segments=[], segments=[], layer_masks={}, reentry={})  # fmt: skip
-        return forward
+        """The state of a continuation (one per decode step)."""
+        return cls._fresh(prefill=False, columns=columns, mask=mask, rope=rope)
 
     @classmethod
     def start_prefill(cls, **values) -> _Forward:
-        """The state of a prefill (`values`: the fields it sets), without the dataclass __init__ and its factories."""
+        """The state of a prefill (`values`: the fields it sets)."""
+        return cls._fresh(prefill=True, **values)
+
+    @classmethod
+    def _fresh(cls, **values) -> _Forward:
+        """A state with `values`, the other fields at their defaults: the dataclass __init__'s result without its
+        generated code (it runs in every forward). The mutable defaults come from the fields' own factories."""
         forward = object.__new__(cls)
-        forward.__dict__.update({**_FORWARD_DEFAULTS, "prefill": True, "samples": [], "host_segments": [],
-                                 "segments": [], "layer_masks": {}, "reentry": {}, **values})  # fmt: skip
+        state = forward.__dict__
+        state.update(_FORWARD_DEFAULTS)
+        for name, make in _FORWARD_FACTORIES:
+            state[name] = make()
+        state.update(values)
         return forward
 
 
 _FORWARD_DEFAULTS = {name: value.default for name, value in _Forward.__dataclass_fields__.items()
                      if value.default is not MISSING}  # fmt: skip
+_FORWARD_FACTORIES = tuple((name, value.default_factory) for name, value in _Forward.__dataclass_fields__.items()
+                           if value.default_factory is not MISSING)  # fmt: skip
