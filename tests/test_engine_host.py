@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from tests.adapter_calls import recorded_sample_media_args
 from vlm_prune.adapters.base import SampleMedia
 from vlm_prune.adapters.llava import _grid_block, _hires_block
 from vlm_prune.adapters.media_plan import PlannedSamples
-from vlm_prune.engine.batch import SAME, HostBatch, media_template
+from vlm_prune.engine.batch import SAME, HostBatch, _valid_runs, media_template
 from vlm_prune.engine.context import IMAGE, VisualLayout
 from vlm_prune.engine.lru import SmallLRU
 from vlm_prune.engine.ragged import positions_within
@@ -373,3 +374,19 @@ def test_a_plans_padded_index_is_made_on_first_read_and_survives_the_stage(paddi
         host.apply(plan, keep)
     assert torch.equal(plans[1].padded, before)  # read after the stage: the same
     assert torch.equal(plans[0].padded, before)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_valid_runs_equal_the_reductions_over_the_rows(seed):
+    """`_valid_runs` (nonzero + divmod + bincount) against the axis reductions it replaces, on masks with left and
+    right padding, holes and empty rows."""
+    generator = np.random.default_rng(seed)
+    batch, length = int(generator.integers(1, 6)), int(generator.integers(1, 9))
+    valid = generator.random((batch, length)) < 0.6
+    valid[0] = True
+    if batch > 1:
+        valid[-1] = False  # a row without a valid slot
+    counts, firsts = _valid_runs(valid)
+    expected_counts = valid.sum(axis=1)
+    assert counts == expected_counts.tolist()
+    assert firsts == np.where(expected_counts > 0, valid.argmax(axis=1), length).tolist()

@@ -107,6 +107,22 @@ def test_run_stage_writes_a_merging_methods_features_into_the_kept_slots():
     assert hidden.view(-1).tolist() == list(range(2 * LENGTH * DIM))  # the caller's tensor is never written
 
 
+def test_run_stage_writes_the_features_of_the_merging_rows_only():
+    calls = []
+
+    def select(ctx):  # row 0 merges (its kept tokens get features), row 1 returns a plain mask
+        calls.append(ctx)
+        keep = torch.tensor([True, False, True])
+        return Selection(keep, features=torch.full((2, DIM), -7.0)) if len(calls) == 1 else keep
+
+    forward, hidden, out = _run(select)
+    assert len(calls) == 2
+    assert out[0, [1, 2]].tolist() == [[-7.0, -7.0], [-7.0, -7.0]]  # row 0's kept visual slots take its features
+    # row 1 keeps slots 0 (the caller's pad), 1, 2, 4, 5: its kept visual columns 2 and 4 keep their states
+    assert torch.equal(out[1], hidden[1, [0, 1, 2, 4, 5]])
+    assert torch.equal(out[0, [0, 3, 4]], hidden[0, [0, 4, 5]])
+
+
 def test_run_stage_rejects_a_mask_of_the_wrong_shape():
     with pytest.raises(PruneError, match=r"must return a bool mask of shape \(3,\)"):
         _run(lambda ctx: torch.ones(2, dtype=torch.bool))

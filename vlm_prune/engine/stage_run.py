@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from functools import partial
 
 import numpy as np
 import torch
@@ -116,6 +115,7 @@ def _select_rows(
     host_columns = host.columns  # (replaced, not written, by `apply`)
     # in-LLM scorers: every row's rows at the same padded query slots come from one batched recompute
     stage_attention = None if attention is None else StageAttention(adapter.layers, *attention, forward.mask)
+    views = (hidden, ids_now, padded)  # what every row's lazy views are taken from (one tuple for the stage)
     keeps, selections = [], {}
     for row in range(batch):
         count = plan.counts[row]
@@ -123,7 +123,13 @@ def _select_rows(
             continue
         sample, first = forward.samples[row], firsts[row]
         row_budgets = budgets[row]
+        if plan.contiguous[row]:  # the usual case (left padding): views, no copies, made on first read
+            valid_slots, where = None, slice(first, None)
+        else:
+            valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
+            valid_slots = to_device(valid_slots, device)
         ctx = _RowContext.make(
+            views, row, first if valid_slots is None else valid_slots,
             layer=stage.layer,
             num_visual=count,
             budget=None if row_budgets is None else sum(row_budgets),
@@ -132,17 +138,6 @@ def _select_rows(
             layout=sample.layout,
             seed=seed,
         )
-        if plan.contiguous[row]:  # the usual case (left padding): views, no copies, made on first read
-            valid_slots, where = None, slice(first, None)
-            ctx.later(hidden_states=partial(_row_slice, hidden, row, first),
-                      input_ids=partial(_row_slice, ids_now, row, first),
-                      visual_index=partial(_row_head, padded, row, count))  # fmt: skip
-        else:
-            valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
-            valid_slots = to_device(valid_slots, device)
-            ctx.later(hidden_states=partial(_row_pick, hidden, row, valid_slots),
-                      input_ids=partial(_row_pick, ids_now, row, valid_slots),
-                      visual_index=partial(_row_head, padded, row, count))  # fmt: skip
         if signals is not None:
             recorder.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
         if attention is not None:
@@ -173,16 +168,16 @@ def _select_rows(
 class _RowContext(SelectionContext):
     """The engine's `SelectionContext` of one row: its row views (`hidden_states`, `input_ids`, `visual_index`) are
     made on first read (most methods read none of them: random, pool and DivPrune read the visual features only).
-    A missing instance attribute reaches `__getattr__`, which makes it from `_later` and stores it."""
+    A missing instance attribute reaches `__getattr__`, which makes it from the stage's shared `views` (hidden,
+    ids, padded slots) and the row's `_slots` (its first valid slot, or its valid slots), and stores it."""
 
     @classmethod
-    def make(cls, **values) -> _RowContext:
+    def make(cls, views: tuple, row: int, slots, **values) -> _RowContext:
+        """views: (hidden (B, L, D), ids (B, L) or `_Once`, padded `_Once`), shared by the stage's rows; slots: the
+        row's first valid slot (an int: its valid slots are first..L-1) or its (V,) valid slots on the device."""
         ctx = object.__new__(cls)  # (the dataclass defaults, then the values: no __init__ per row)
-        ctx.__dict__.update(_CONTEXT_DEFAULTS, extras={}, **values)
+        ctx.__dict__.update(_CONTEXT_DEFAULTS, extras={}, _views=views, _row=row, _slots=slots, **values)
         return ctx
-
-    def later(self, **makers) -> None:
-        self.__dict__["_later"] = makers
 
     def attention_rows(self, query_index: torch.Tensor | int, layer: int | None = None) -> torch.Tensor:
         """As `SelectionContext.attention_rows`; a host-int query of a row whose slots are one run is served from
@@ -196,11 +191,11 @@ class _RowContext(SelectionContext):
         return super().attention_rows(query_index, layer)
 
     def __getattr__(self, name: str):
-        make = self.__dict__.get("_later", {}).pop(name, None)
-        if make is None:
+        make = _LAZY.get(name)
+        views = self.__dict__.get("_views")
+        if make is None or views is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        value = make()
-        setattr(self, name, value)
+        value = self.__dict__[name] = make(views, self._row, self._slots, self.num_visual)
         return value
 
 
@@ -225,20 +220,26 @@ def _rows_of(tensor) -> torch.Tensor:
     return tensor.get() if isinstance(tensor, _Once) else tensor
 
 
-def _row_slice(tensor, row: int, first: int) -> torch.Tensor:
-    """tensor[row, first:] (a view)."""
+def _row_of(tensor, row: int, slots) -> torch.Tensor:
+    """tensor[row, slots:] (a view) when `slots` is the row's first valid slot, else tensor[row, slots]."""
     rows = _rows_of(tensor)
-    return rows[row] if first == 0 else rows[row, first:]
-
-
-def _row_pick(tensor, row: int, slots: torch.Tensor) -> torch.Tensor:
-    return _rows_of(tensor)[row, slots]
+    if type(slots) is int:
+        return rows[row] if slots == 0 else rows[row, slots:]
+    return rows[row, slots]
 
 
 def _row_head(padded: _Once, row: int, count: int) -> torch.Tensor:
     """The places of row `row`'s visual tokens: padded[1, row, :count] (a view)."""
     places = padded.get()[1]
     return places[row] if count == places.shape[1] else places[row, :count]
+
+
+#: the row views a `_RowContext` makes on first read: name -> (views, row, slots, count) -> tensor
+_LAZY = {
+    "hidden_states": lambda views, row, slots, count: _row_of(views[0], row, slots),
+    "input_ids": lambda views, row, slots, count: _row_of(views[1], row, slots),
+    "visual_index": lambda views, row, slots, count: _row_head(views[2], row, count),
+}
 
 
 def _apply_keep(
@@ -300,9 +301,14 @@ def _replace_features(
         hidden = hidden.clone() if in_place_unsafe else hidden  # never write into the caller's tensor
         # one scatter for every replaced row: their kept tokens, row-major, in the order of their features
         kept_rows = plan.rows[keep.numpy()]
-        which = np.isin(kept_rows, replaced)
-        rows = to_device(torch.from_numpy(kept_rows[which]), device)
-        slots = to_device(torch.from_numpy(new_slot[which]), device)
+        if len(replaced) == len(plan.counts) - plan.counts.count(0):  # every row with visual tokens: all of them
+            rows, slots = torch.from_numpy(kept_rows), torch.from_numpy(new_slot)
+        else:  # (a row table: np.isin sorts, ~10x the cost of two indexing ops on these small arrays)
+            is_replaced = np.zeros(len(plan.counts), dtype=bool)
+            is_replaced[replaced] = True
+            which = is_replaced[kept_rows]
+            rows, slots = torch.from_numpy(kept_rows[which]), torch.from_numpy(new_slot[which])
+        rows, slots = to_device(rows, device), to_device(slots, device)
         features = [selections[row].features for row in replaced]
         hidden[rows, slots] = (features[0] if len(features) == 1 else torch.cat(features)).to(hidden.dtype)
     return hidden

@@ -158,6 +158,7 @@ def cache_bytes(cache, length0: int) -> tuple[int, int]:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if keys is None or not isinstance(keys, torch.Tensor):
             continue
-        total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
-        per_token_layer += (keys.numel() // max(keys.shape[-2], 1)) * keys.element_size() * 2
+        key_bytes = keys.nbytes  # (one attribute: numel() * element_size() in one call, per layer of a deep model)
+        total += key_bytes + values.nbytes
+        per_token_layer += key_bytes // max(keys.shape[-2], 1) * 2
     return total, per_token_layer * length0
