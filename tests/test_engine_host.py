@@ -295,16 +295,23 @@ def test_planned_samples_give_the_host_mirror_of_a_plain_list(family):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_rope_view_without_ids_is_the_adapters_positions_as_a_view(rows):
+def test_shared_aranges_are_the_adapters_positions_as_views_of_one_buffer(rows):
     from vlm_prune.adapters.base import Adapter
+    from vlm_prune.engine.aranges import SharedAranges
     from vlm_prune.engine.calls import rope_view
 
-    batch, length = 2, 5
-    shared = torch.arange(64).expand(batch, -1)
-    view = rope_view(None, rows, torch.device("cpu"), lambda: shared[:, :length])
+    batch, length, cpu = 2, 5, torch.device("cpu")
+    aranges = SharedAranges()
     expected = Adapter.rope_positions(type("A", (), {"rope_rows": rows})(), None, batch, length, 0)
-    assert torch.equal(view, expected) and view.data_ptr() == shared.data_ptr()  # no copy
-    assert rope_view(None, rows, torch.device("cpu")) is None  # no ids, no arange: the adapter decides
+    rope, again = aranges.rope(length, batch, rows, cpu), aranges.rope(length + 2, batch, rows, cpu)
+    assert torch.equal(rope, expected) and rope.data_ptr() == again.data_ptr()  # one buffer, no copy per call
+    positions = aranges.positions(3, length, batch, cpu)
+    assert torch.equal(positions, torch.arange(3, 3 + length).expand(batch, -1))
+    long = aranges.positions(0, 10_000, batch, cpu)  # past the first buffer: a longer one, the same values
+    assert torch.equal(long[:, -1], torch.full((batch,), 9_999)) and long.shape == (batch, 10_000)
+    assert rope_view(None, rows, cpu) is None  # no ids: the caller decides (the engine takes `SharedAranges.rope`)
+    ids = torch.arange(length).expand(batch, -1)
+    assert torch.equal(rope_view(ids, rows, cpu), expected)
 
 
 def test_a_decode_forward_state_equals_the_dataclass_built_one():

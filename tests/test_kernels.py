@@ -160,14 +160,21 @@ def test_bad_shapes_are_refused():
 # ---------------------------------------------------------------- the reference against hand-built results
 
 
-def test_compact_reference_against_a_hand_loop():
-    generator = torch.Generator().manual_seed(0)
-    batch, length, dim, past, rows = 3, 6, 4, 2, 3
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("past", [0, 2])
+@pytest.mark.parametrize("expanded_rope", [False, True])
+def test_compact_reference_against_a_hand_loop(batch, past, expanded_rope):
+    """Every side tensor's path: one row, contiguous ones (the hidden states' row index), a cached prefix (a mask
+    slice) and an expanded (stride-0) rope (the broadcast gather)."""
+    generator = torch.Generator().manual_seed(batch + past)
+    length, dim, rows = 6, 4, 3
     hidden = torch.randn(batch, length, dim, generator=generator)
     index = ragged_index(generator, batch, length)
     columns = torch.arange(10, 10 + length).expand(batch, -1).clone()
     mask = torch.randint(0, 2, (batch, past + length), generator=generator)
     rope = torch.randint(0, 50, (rows, batch, length), generator=generator)
+    if expanded_rope:
+        rope = rope[:, :1].expand(-1, batch, -1)
     out = compact_reference(hidden, index, columns, mask, rope)
     width = index.shape[1]
     for row in range(batch):

@@ -60,14 +60,9 @@ def _segments_of_row(adapter, ids: torch.Tensor, columns: torch.Tensor, row: int
     return segments_fn(adapter, ids[row], columns[row, where], media)()
 
 
-def rope_view(ids, rows: int, device, arange=None) -> torch.Tensor | None:
+def rope_view(ids, rows: int, device) -> torch.Tensor | None:
     """`Adapter.rope_positions(ids)` as a view, without its copy (the engine never writes into it); None when
-    `ids` need the adapter (another device or shape, or no ids and no `arange`).
-
-    arange: for calls without ids, a zero-argument callable giving the (B, L) positions 0, 1, ... on `device`
-    (the engine's shared expanded arange), whose (rows, B, L) expansion is then the answer."""
-    if ids is None and arange is not None:
-        return arange().unsqueeze(0).expand(rows, -1, -1)
+    `ids` need the adapter (no ids, another device or shape). (A call without ids: `engine/aranges.py`.)"""
     if not isinstance(ids, torch.Tensor) or ids.device != device:
         return None
     if ids.ndim == 2:

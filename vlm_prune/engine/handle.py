@@ -35,6 +35,7 @@ from torch import nn
 
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter
 from vlm_prune.adapters.media_plan import HOST_MEDIA, HostMedia
+from vlm_prune.engine.aranges import SharedAranges
 from vlm_prune.engine.batch import HostBatch, filled, read_call, to_device
 from vlm_prune.engine.cached import CACHE_STATE_ATTRIBUTE
 from vlm_prune.engine.cached import CachedPrefill as _Cached
@@ -134,7 +135,7 @@ class PruneHandle:
         self._plain_rope = type(adapter).rope_positions is Adapter.rope_positions
         # decode steps hand the rotary embedding the caller's 2-D position ids unchanged (`engine/continuation.py`)
         self._rotary_as_given = self._plain_rope and position_policy == "preserve" and adapter.rope_rows == 1
-        self._positions: dict = {}  # (device, batch) -> expanded arange: contiguous position ids are views of it
+        self._aranges = SharedAranges()  # contiguous position ids (and plain rotary ones) are views of its buffers
         self._media_ids = np.asarray(adapter.media_token_ids(), dtype=np.int64)
         self._media_id_list = self._media_ids.tolist()
         try:
@@ -390,9 +391,12 @@ class PruneHandle:
         elif not isinstance(mask, torch.Tensor) or mask.ndim != 2:
             raise InputError("vlm_prune needs a 2-D attention mask (or none); a prepared 4-D mask cannot be pruned")
         positions = kwargs.get("position_ids")
-        arange = partial(self._contiguous, 0, length, batch, device)  # (shared, never written)
-        rope = rope_view(positions, self.adapter.rope_rows, device, arange) if self._plain_rope else None
-        if rope is None:  # (a view is enough: the engine never writes into `forward.rope`, it replaces it)
+        rope, rows = None, self.adapter.rope_rows
+        if self._plain_rope and positions is None:  # (views: the engine replaces `forward.rope`, never writes it)
+            rope = self._aranges.rope(length, batch, rows, device)
+        elif self._plain_rope:
+            rope = rope_view(positions, rows, device)
+        if rope is None:
             rope = to_device(self.adapter.rope_positions(positions, batch, length, 0), device)
         call = self._host_call()  # the host copies read once in `_on_model_call_inner`
         media = self.adapter.sample_media(call["input_ids"], call, embeds)
@@ -400,7 +404,7 @@ class PruneHandle:
         if host_mask is None and kwargs.get("attention_mask") is not None:
             host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
         valid = filled((batch, length), True, bool) if host_mask is None else host_mask.numpy() != 0  # (host)
-        host_columns = self._contiguous(0, length, batch, _CPU)  # (a view: the mirror replaces, never writes it)
+        host_columns = self._aranges.positions(0, length, batch, _CPU)  # (a view: the mirror replaces, never writes it)
         host = HostBatch(host_columns, valid, media)
         samples = [_Sample(m, host.original_counts[row], host, row) for row, m in enumerate(media)]
         columns = host_columns if device.type == "cpu" else torch.arange(length, device=device).expand(batch, -1)
@@ -438,22 +442,12 @@ class PruneHandle:
         """Set mask, contiguous position ids and the pending rotary positions (`rotary`, if given: what the
         rotary embedding gets, already in its layout) for the language model."""
         batch, length = forward.columns.shape
-        contiguous = self._contiguous(past, length, batch, forward.rope.device)
+        contiguous = self._aranges.positions(past, length, batch, forward.rope.device)
         kwargs["attention_mask"] = forward.mask
         kwargs["position_ids"] = self.adapter.lm_position_ids(contiguous)
         if rotary is None:
             rotary = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
         self._pending_rope = rotary
-
-    def _contiguous(self, start: int, length: int, batch: int, device) -> torch.Tensor:
-        """(batch, length) positions start, start + 1, ... in every row: ONE view of a per-(device, batch) expanded
-        arange (never written into; a decode step makes no allocation for its position ids)."""
-        key = (device, batch)
-        buffer = self._positions.get(key)
-        if buffer is None or buffer.shape[1] < start + length:
-            buffer = torch.arange(max(2 * (start + length), 4096), device=device).expand(batch, -1)
-            self._positions[key] = buffer
-        return buffer.narrow(1, start, length)  # (one method call: lighter than a slicing __getitem__)
 
     def _continue(self, kwargs: dict, cached: _Cached, cache) -> dict:
         """A call on a pruned cache (a decode step, a later turn): its mask and positions (`engine/continuation.py`)."""
@@ -572,7 +566,7 @@ class PruneHandle:
                 cos, sin = (gather_tokens(t, slot_index, padded=padded) for t in (cos, sin))
         batch, length = forward.columns.shape
         cache = cache_of(kwargs)
-        contiguous = self._contiguous(0, length, batch, hidden.device)
+        contiguous = self._aranges.positions(0, length, batch, hidden.device)
         # decided on the host mirror, so that transformers need not read the mask to skip it
         plain = forward.mask.shape[1] == length and forward.host.all_valid
         layer_idx = index if cache is not None else None
