@@ -23,6 +23,7 @@ from vlm_prune.kernels import (
     backend,
     choose_backend,
     compact_sequence,
+    gather_many,
     gather_tokens,
     resolve_backend,
     trim_layers,
@@ -192,6 +193,21 @@ def test_compact_reference_against_a_hand_loop(batch, past, expanded_rope):
     assert out.mask.shape == (batch, past + width) and out.rope.shape == (rows, batch, width)
     flat = compact_reference(hidden, index, rope=rope[0]).rope
     assert torch.equal(flat, out.rope[0])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("padded", [None, True])
+def test_gather_many_equals_one_gather_per_tensor(batch, padded):
+    """The rotary cos / sin of an in-LLM stage: (B, L, d) tensors go together (one trim on their (B, 1, L, d) views),
+    any other shape alone; each equals its own `gather_tokens`."""
+    generator = torch.Generator().manual_seed(batch)
+    index = ragged_index(generator, batch, 6)
+    cos, sin = torch.randn(2, batch, 6, 4, generator=generator).unbind(0)  # (non-contiguous: views of one stack)
+    positions = torch.randint(0, 9, (batch, 6), generator=generator)
+    out = gather_many((cos, positions, sin), index, padded=padded)
+    for got, tensor in zip(out, (cos, positions, sin)):
+        assert got.shape == (batch, index.shape[1], *tensor.shape[2:])
+        assert torch.equal(got, gather_tokens(tensor, index))
 
 
 def test_trim_reference_against_a_hand_loop():

@@ -53,7 +53,7 @@ from vlm_prune.engine.signals import KEEP_RECORDINGS, SignalRecorder
 from vlm_prune.engine.stage_run import run_stage
 from vlm_prune.engine.stats import LayerShape, PruneStats, cache_bytes, finish_prefill_stats
 from vlm_prune.errors import AttentionImplementationError, InputError, MediaKindError, PruneError
-from vlm_prune.kernels import gather_tokens
+from vlm_prune.kernels import gather_many
 from vlm_prune.methods.base import Stage
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -562,8 +562,7 @@ class PruneHandle:
                     rope = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
                     cos, sin = self.adapter.rotary(hidden, rope)
             else:
-                padded = forward.host.index_padded  # (host)
-                cos, sin = (gather_tokens(t, slot_index, padded=padded) for t in (cos, sin))
+                cos, sin = gather_many((cos, sin), slot_index, padded=forward.host.index_padded)  # (host flag)
         batch, length = forward.columns.shape
         cache = cache_of(kwargs)
         contiguous = self._aranges.positions(0, length, batch, hidden.device)

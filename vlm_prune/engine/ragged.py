@@ -18,6 +18,7 @@ What a layer holds after the prefill:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from vlm_prune.engine.batch import SAME, to_device
@@ -59,6 +60,13 @@ def positions_within(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return index.where(inner >= 0, -1)
 
 
+def _has_pads(index: torch.Tensor) -> bool:
+    """Whether the host `index` holds a pad slot (-1): in numpy (three torch ops cost ~10x these two)."""
+    if type(index) is torch.Tensor and index.is_cpu:
+        return bool(np.count_nonzero(index.numpy() < 0))
+    return bool((index < 0).any())
+
+
 def trim_segments(
     cache,
     segments: Segments,
@@ -89,7 +97,7 @@ def trim_segments(
             if known is not None or seg_host.shape != host_final.shape or not torch.equal(seg_host, host_final):
                 known = positions_within(seg_host, host_final) if known is None else known
                 index = to_device(known, final_columns.device)
-                padded = bool((known < 0).any()) if host is not None else None  # (decided on the host)
+                padded = _has_pads(known) if host is not None else None  # (decided on the host)
                 # every layer's keys and values in one launch on CUDA (Triton), the torch reference elsewhere
                 entries = [cache.layers[layer] for layer in range(first, end)]
                 trimmed = trim_layers([e.keys for e in entries] + [e.values for e in entries], index, padded=padded)

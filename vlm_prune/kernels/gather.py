@@ -166,3 +166,20 @@ def trim_layers(
     index = index.to(tensors[0].device)
     _check_index(tensors[0], index)
     return trim_triton(tensors, index, fill)
+
+
+def gather_many(
+    tensors: tuple[torch.Tensor, ...], index: torch.Tensor, fill: float | int = 0, padded: bool | None = None
+) -> list[torch.Tensor]:
+    """`gather_tokens(t, index, dim=1, fill)` of every tensor, the (B, L, d) ones together: one `trim_layers` call
+    on their (B, 1, L, d) views (one launch on the Triton backend; on the torch path the index is prepared once
+    for all of them), e.g. the rotary cos and sin after an in-LLM stage. Other shapes go one by one.
+
+    padded: whether `index` holds pad slots, when the caller knows it on the host (see `gather_tokens`).
+    """
+    batch = index.shape[0]
+    together = [t.ndim == 3 and t.shape[0] == batch and t.device == index.device for t in tensors]
+    out = [None if joint else gather_tokens(t, index, 1, fill, padded=padded) for t, joint in zip(tensors, together)]
+    joint = [t.unsqueeze(1) for t, flag in zip(tensors, together) if flag]
+    gathered = iter(trim_layers(joint, index, fill, padded=padded))
+    return [next(gathered).squeeze(1) if value is None else value for value in out]
