@@ -411,10 +411,11 @@ class HostBatch:
         position = source.searchsorted(plan.flat[keep])
         if batch == 1:  # one row, no left padding: a kept slot's place in `source` is its new slot
             new_slot = position
+        elif not self.index_padded:  # every row keeps `width` slots: row r's start in `source` is r * width
+            new_slot = position % width
         else:
             row_shift = np.asarray(list(accumulate(lengths[:-1], initial=0)), dtype=np.int64)
-            if self.index_padded:
-                row_shift -= width - np.asarray(lengths, dtype=np.int64)
+            row_shift -= width - np.asarray(lengths, dtype=np.int64)
             new_slot = position - row_shift[plan.rows[keep]]
         # (a new array: the stage's plan may still read the one it holds, lazily)
         if first_stage:
