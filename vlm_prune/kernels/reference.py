@@ -125,46 +125,39 @@ def compact_reference(
         safe = index.clamp(min=0)
         # on an accelerator (or its CPU stand-in, `engine/syncs.py`) asking whether there are pad slots would sync
         fill = padded or hidden.device.type != "cpu" or type(index) is not torch.Tensor or bool(pads.any())
-    # hidden's row index (B * L',) into (B * L, D), shared by the (B, L) and (R, B, L) side tensors laid out alike
+    # hidden's row index (B * L',) into (B * L, D): the (B, L) and (R, B, L) side tensors take it too
     flat = flat_rows(hidden, 1, safe) if safe.shape[0] > 1 and hidden.is_contiguous() else None
     new_hidden = take_rows(hidden, 1, safe, flat)
     if fill:
         new_hidden = new_hidden.masked_fill_(pads.unsqueeze(-1), 0)
-    new_columns = None if columns is None else _take_slots(columns, safe, flat, length)
+    new_columns = None if columns is None else take_rows(columns, 1, safe, flat)
     if new_columns is not None and fill:
         new_columns = new_columns.masked_fill_(pads, -1)
     new_mask = None
     if mask is not None:
         past = mask.shape[1] - length
-        current = _take_slots(mask[:, past:] if past else mask, safe, flat, length)
+        current = take_rows(mask[:, past:] if past else mask, 1, safe, flat)
         current = current.masked_fill_(pads, 0) if fill else current
         new_mask = torch.cat([mask[:, :past], current], dim=1) if past else current
     new_rope = None
     if rope is not None:
         rows = rope.unsqueeze(0) if rope.ndim == 2 else rope
-        new_rope = _take_slots(rows, safe, flat, length)
+        new_rope = _take_rope_rows(rows, safe, flat)
         new_rope = new_rope.masked_fill_(pads.unsqueeze(0), 0) if fill else new_rope
         if rope.ndim == 2:
             new_rope = new_rope[0]
     return Compacted(new_hidden, new_columns, new_mask, new_rope)
 
 
-def _take_slots(x: torch.Tensor, safe: torch.Tensor, flat: torch.Tensor | None, length: int) -> torch.Tensor:
-    """x (B, L) or (R, B, L) at the (B, L') slots `safe` (no -1) along its last axis: the values of
-    `x.gather(-1, safe)` (broadcast over R), by one `index_select` where it can, else by that gather.
-
-    One `index_select` for one row, or for a contiguous x with `flat`, the (B * L',) row index of `flat_rows` into
-    hidden (B, L = `length`, D): the op that gathered the hidden states, 3-10x lighter on CPU than the broadcast
-    gather."""
-    batch = safe.shape[0]
-    if batch == 1 and x.shape[-2] == 1:
-        return x.index_select(-1, safe[0])
-    if flat is not None and x.is_contiguous() and x.shape[-2:] == (batch, length):
-        taken = x.reshape(*x.shape[:-2], -1).index_select(-1, flat)
-        return taken.view(*x.shape[:-2], batch, safe.shape[1])
-    if x.ndim == 2:
-        return x.gather(1, safe)
-    return x.gather(2, safe.unsqueeze(0).expand(x.shape[0], -1, -1))
+def _take_rope_rows(rows: torch.Tensor, safe: torch.Tensor, flat: torch.Tensor | None) -> torch.Tensor:
+    """(R, B, L) rotary positions at the (B, L') slots `safe` (no -1): `take_rows` for a batch axis that is not the
+    first. A contiguous `rows` takes hidden's (B * L',) row index `flat` (`flat_rows`, the index that gathered the
+    hidden states) with one `index_select`, 3-10x lighter on CPU than the broadcast gather used otherwise."""
+    if safe.shape[0] == 1:
+        return rows.index_select(2, safe[0])
+    if flat is not None and rows.is_contiguous():
+        return rows.reshape(rows.shape[0], -1).index_select(1, flat).view(rows.shape[0], *safe.shape)
+    return rows.gather(2, safe.unsqueeze(0).expand(rows.shape[0], -1, -1))
 
 
 def trim_reference(
