@@ -210,6 +210,14 @@ def test_gather_many_equals_one_gather_per_tensor(batch, padded):
         assert torch.equal(got, gather_tokens(tensor, index))
 
 
+def test_gather_many_refuses_an_index_of_another_batch_or_dtype():
+    tokens = torch.zeros(2, 5, 3)
+    with pytest.raises(KernelBackendError, match="index must be a"):
+        gather_many((tokens,), torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(KernelBackendError, match="long tensor"):
+        gather_many((tokens,), torch.zeros(2, 4))
+
+
 def test_trim_reference_against_a_hand_loop():
     generator = torch.Generator().manual_seed(1)
     index = ragged_index(generator, 2, 5)

@@ -177,8 +177,9 @@ def gather_many(
 
     padded: whether `index` holds pad slots, when the caller knows it on the host (see `gather_tokens`).
     """
-    batch = index.shape[0]
-    together = [t.ndim == 3 and t.shape[0] == batch and t.device == index.device for t in tensors]
+    for tensor in tensors:  # (a bad index or batch is refused here, with what to pass, for every backend)
+        _check_index(tensor, index)
+    together = [t.ndim == 3 for t in tensors]
     out = [None if joint else gather_tokens(t, index, 1, fill, padded=padded) for t, joint in zip(tensors, together)]
     joint = [t.unsqueeze(1) for t, flag in zip(tensors, together) if flag]
     gathered = iter(trim_layers(joint, index, fill, padded=padded))
