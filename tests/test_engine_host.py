@@ -326,6 +326,12 @@ def test_a_decode_forward_state_equals_the_dataclass_built_one():
     prefill = _Forward.start_prefill(columns=columns, mask=mask, rope=rope, shift=shift)
     assert prefill == _Forward(prefill=True, columns=columns, mask=mask, rope=rope, shift=shift)
     assert prefill.samples is not _Forward.start_prefill(columns=columns, mask=mask, rope=rope).samples
+    from vlm_prune.engine.forward_state import _FORWARD_FACTORIES
+
+    # `_fresh` writes one literal per field with a factory: a new such field must be added there too
+    assert set(_FORWARD_FACTORIES) == {"samples", "host_segments", "segments", "layer_masks", "reentry"}
+    for name, factory in _FORWARD_FACTORIES.items():
+        assert type(getattr(fast, name)) is type(factory()) and getattr(fast, name) == factory(), name
 
 
 def test_read_call_reads_the_integer_and_bool_entries_only():

@@ -80,6 +80,13 @@ def _grid_block(offset: int, h: int, w: int, t: int = 0) -> torch.Tensor:
     return block
 
 
+@functools.lru_cache(maxsize=64)
+def _square_blocks(counts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The `_grid_block` of every image of `counts` tokens (a square grid, possibly after a CLS token): once per
+    call signature (a batch of B images asks the same every call), the same (cached) blocks as one by one."""
+    return tuple(_grid_block(*_square_grid(count)) for count in counts)
+
+
 @functools.lru_cache(maxsize=256)
 def _hires_block(rows: int, width: int, base: torch.Tensor) -> torch.Tensor:
     """LLaVA-NeXT anyres block: `base` (the base grid), then `rows` rows of `width` tokens (1, row, col), each
@@ -176,11 +183,7 @@ class LlavaAdapter(Adapter):
         if len(counts) == 1 and counts[0] != per_image and counts[0] % per_image == 0:
             # generate(prefill_chunk_size=N) hands a chunk all its images' features as one block
             counts = [per_image] * (counts[0] // per_image)
-        blocks = []
-        for count in counts:
-            offset, h, w = _square_grid(count)
-            blocks.append(_grid_block(offset, h, w))
-        return blocks
+        return list(_square_blocks(tuple(counts)))
 
     def _grid_side(self) -> int:
         """Patches along one side of the vision tower's square input grid.

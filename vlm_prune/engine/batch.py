@@ -263,6 +263,9 @@ class HostBatch:
         # per in-LLM segment (`mark_segment`): (B, L) the slot within the segment's slots of every current slot (-1 =
         # pad), `SAME` when no stage compacted since, None when unknown (a stage grew the sequence)
         self._within: list = []
+        # per stage that ran: (keep (P,) host bool over its tokens, row starts and counts in them, kept per row); the
+        # samples apply their rows' parts to their layouts on read (`forward_state._Sample.layout`)
+        self.stage_keeps: list[tuple] = []
 
     # ---- torch views of the numpy state (made on first use after each change)
     def _view(self, name: str) -> torch.Tensor:

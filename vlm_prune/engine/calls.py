@@ -92,8 +92,8 @@ def read_keeps(keeps: list[torch.Tensor], selections: dict, device) -> tuple[tor
 
 def brings_media(call: dict) -> bool:
     """Whether the call carries media to encode or pre-encoded media features."""
-    for key in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"):  # (a loop: no generator per call)
-        value = call.get(key)
-        if value is not None and len(value):
-            return True
-    return False
+    get = call.get
+    values = (get("pixel_values"), get("pixel_values_videos"), get("mm_encoder_outputs"))
+    if values[0] is None and values[1] is None and values[2] is None:  # (a decode step: one line)
+        return False
+    return any(value is not None and len(value) for value in values)

@@ -41,20 +41,16 @@ def continue_forward(
     embeds: torch.Tensor = kwargs["inputs_embeds"]
     device = embeds.device
     batch, q_len = embeds.shape[:2]
-    first_columns = cached.segments[0][1]
-    appended = past - first_columns.shape[1]
-    virtual_past = cached.virtual_past(past)
+    appended = past - cached.segments[0][1].shape[1]
+    virtual_past = cached.original_length + appended  # (`cached.virtual_past(past)`, inline: every step)
     user_mask = kwargs.get("attention_mask")
-    if user_mask is not None and user_mask.ndim != 2:
-        raise InputError("after a pruned prefill, pass a 2-D attention mask (or none)")
-    if user_mask is not None and user_mask.shape[1] != virtual_past + q_len:
+    if user_mask is not None and (user_mask.ndim != 2 or user_mask.shape[1] != virtual_past + q_len):
+        if user_mask.ndim != 2:
+            raise InputError("after a pruned prefill, pass a 2-D attention mask (or none)")
         raise InputError(
             f"attention_mask spans {user_mask.shape[1]} tokens, but the unpruned sequence so far is "
             f"{virtual_past + q_len}; pass the mask over the ORIGINAL sequence, as generate() does"
         )
-
-    def segment_mask(index: int) -> torch.Tensor | None:
-        return cached.segment_mask(index, user_mask, batch, appended + q_len, device)  # engine/cached.py
 
     ids = kwargs.get("position_ids")
     rotary = None
@@ -68,7 +64,8 @@ def continue_forward(
             rope = rope - cached.shift.to(device).view(1, -1, 1)
     if decode_columns is None or decode_columns.shape != (batch, q_len) or decode_columns.device != device:
         decode_columns = torch.arange(q_len, device=device).expand(batch, -1)
-    forward = _Forward.decode(decode_columns, segment_mask(0), rope)
+    tail = appended + q_len  # slots after each segment's cached prefill slots (`CachedPrefill.segment_mask`)
+    forward = _Forward.decode(decode_columns, cached.segment_mask(0, user_mask, batch, tail, device), rope)
     if len(cached.segments) > 1:
         from transformers.masking_utils import create_causal_mask
 
@@ -77,7 +74,7 @@ def continue_forward(
             mask = create_causal_mask(
                 config=adapter.text_config,
                 inputs_embeds=embeds,
-                attention_mask=segment_mask(index),
+                attention_mask=cached.segment_mask(index, user_mask, batch, tail, device),
                 cache=cache,
                 position_ids=None,
                 layer_idx=layer,

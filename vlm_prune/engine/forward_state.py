@@ -21,12 +21,13 @@ class _Sample:
     """Per-sample bookkeeping during one prefill (host tensors).
 
     present: (N0,) bool over `media.visual_columns`, a view of the batch's `HostBatch.present`; layout: the layout
-    of the tokens still present, brought up to date on first read after a stage (`pending`: that stage's keep mask).
+    of the tokens still present, brought up to date on first read after a stage (from the stages' keep masks the
+    host mirror lists, `HostBatch.stage_keeps`: a stage records its mask once for the batch, not per row).
     """
 
     def __init__(self, media: SampleMedia, original_counts: list[int], host: HostBatch, row: int):
         self.media, self.original_counts, self._host, self._row = media, original_counts, host, row
-        self._layout, self.pending, self._present = media.layout, None, None
+        self._layout, self._applied, self._present = media.layout, 0, None
 
     @property
     def present(self) -> torch.Tensor:
@@ -40,14 +41,18 @@ class _Sample:
 
     @property
     def layout(self) -> VisualLayout:
-        if self.pending is not None:  # (flat keep mask, first, end): this row's part of the stage's mask
-            keep, first, end = self.pending
-            self._layout, self.pending = self._layout.select(keep[first:end]), None
+        stages = self._host.stage_keeps
+        if self._applied < len(stages):  # the stages since the last read: this row's part of each keep mask
+            layout, row = self._layout, self._row
+            for keep, starts, counts, kept in stages[self._applied :]:
+                if kept[row] < counts[row]:
+                    layout = layout.select(keep[starts[row] : starts[row] + counts[row]])
+            self._layout, self._applied = layout, len(stages)
         return self._layout
 
     @layout.setter
     def layout(self, value: VisualLayout) -> None:
-        self._layout, self.pending = value, None
+        self._layout, self._applied = value, len(self._host.stage_keeps)
 
     @property
     def visual_columns(self) -> torch.Tensor:
@@ -93,17 +98,16 @@ class _Forward:
     @classmethod
     def _fresh(cls, **values) -> _Forward:
         """A state with `values`, the other fields at their defaults: the dataclass __init__'s result without its
-        generated code (it runs in every forward). The mutable defaults come from the fields' own factories."""
+        generated code (it runs in every forward). The mutable defaults are new empty containers, as the fields'
+        own factories make them (`_FORWARD_FACTORIES`, checked by the tests)."""
         forward = object.__new__(cls)
-        state = forward.__dict__
-        state.update(_FORWARD_DEFAULTS)
-        for name, make in _FORWARD_FACTORIES:
-            state[name] = make()
-        state.update(values)
+        forward.__dict__.update({**_FORWARD_DEFAULTS, "samples": [], "host_segments": [], "segments": [],
+                                 "layer_masks": {}, "reentry": {}, **values})  # fmt: skip
         return forward
 
 
 _FORWARD_DEFAULTS = {name: value.default for name, value in _Forward.__dataclass_fields__.items()
                      if value.default is not MISSING}  # fmt: skip
-_FORWARD_FACTORIES = tuple((name, value.default_factory) for name, value in _Forward.__dataclass_fields__.items()
-                           if value.default_factory is not MISSING)  # fmt: skip
+#: the fields with factories, and what `_fresh` makes for them (one literal each, in one call)
+_FORWARD_FACTORIES = {name: value.default_factory for name, value in _Forward.__dataclass_fields__.items()
+                      if value.default_factory is not MISSING}  # fmt: skip

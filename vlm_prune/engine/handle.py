@@ -205,9 +205,8 @@ class PruneHandle:
     # ------------------------------------------------------------------ top level
     def _on_model_call(self, module, args, kwargs):
         # labels span the ORIGINAL sequence; the loss is computed on the kept positions after the forward
-        self._labels = kwargs.pop("labels", None)
-        labelled = self._labels is not None
-        self._loss_kwargs = {key: kwargs[key] for key in _LOSS_KWARGS if key in kwargs} if labelled else {}
+        labels = self._labels = kwargs.pop("labels", None)
+        self._loss_kwargs = {} if labels is None else {key: kwargs[key] for key in _LOSS_KWARGS if key in kwargs}
         self._kept_this_call = None
         cache = cache_of(kwargs)
         cached = self._live_cached(cache)
@@ -242,15 +241,14 @@ class PruneHandle:
         call = dict(kwargs)
         if args:
             call.setdefault("input_ids", args[0])
-        if call.get("pixel_values") is not None or call.get("pixel_values_videos") is not None:
+        # asked once per forward; the language-model hook reuses them for the same cache
+        brings = call["brings_media"] = brings_media(call)
+        if brings and (call.get("pixel_values") is not None or call.get("pixel_values_videos") is not None):
             # media is encoded inside this call: older recordings are stale
             self._signals.clear()
             self._vision_calls = []
         call["vision_calls"] = self._vision_calls
-        self._call = call
-        self._host_of = {}
-        # asked once per forward; the language-model hook reuses them for the same cache
-        brings = call["brings_media"] = brings_media(call)
+        self._call, self._host_of = call, {}
         filled = cached is not None or (cache is not None and cache.get_seq_length() > 0)
         call["live"] = (cache, cached, filled)
         if call.get("input_ids") is not None and (brings or not filled):  # a prefill: read it ONCE
@@ -272,8 +270,7 @@ class PruneHandle:
         return args, kwargs
 
     def _on_model_return(self, module, args, output):
-        if self._layers.attached:  # (a language-model forward that raised)
-            self._layers.detach()
+        self._layers.detach()  # (a no-op unless a language-model forward raised)
         labels, self._labels = self._labels, None
         if labels is not None:
             output = self._with_loss(output, labels)
@@ -343,14 +340,11 @@ class PruneHandle:
     # ------------------------------------------------------------------ language model
     def _on_lm_call(self, module, args, kwargs):
         self._forward = None
-        if self._layers.attached:  # (left by a forward that raised)
-            self._layers.detach()
+        self._layers.detach()  # (a no-op unless a forward raised)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
-        batch, length = embeds.shape[:2]
         call = self._call or {}
-        input_ids = call.get("input_ids")
         brings = call["brings_media"] if "brings_media" in call else brings_media(call)
         live = call.get("live")
         cache = kwargs.get("cache")
@@ -359,23 +353,23 @@ class PruneHandle:
             cache = cache_of(kwargs)  # (the call's own cache was checked by the top-level hook)
             live = (cache, None, cache is not None and cache.get_seq_length() > 0)
             live = (cache, self._live_cached(cache) if live[2] else None, live[2])
-        if input_ids is None and brings:
+        # on a filled cache, media token ids without media (e.g. prompt-lookup candidates copied from the
+        # prompt) are plain tokens to the model, as they are to the unwrapped one; decode steps (no host read) skip
+        host_ids = call.get("host", {}).get("input_ids")  # (read only when the call has input_ids)
+        if host_ids is None and brings:
             raise InputError(
                 "vlm_prune finds the visual tokens by their token ids, and this call passes inputs_embeds "
                 "with media but no input_ids; pass the processor's input_ids instead of inputs_embeds"
             )
-        filled = live[2]
-        # on a filled cache, media token ids without media (e.g. prompt-lookup candidates copied from the
-        # prompt) are plain tokens to the model, as they are to the unwrapped one; decode steps stop here
-        host_ids = call.get("host", {}).get("input_ids")
-        media_here = host_ids is not None and (brings or not filled) and self._has_media(host_ids)
-        if media_here and tuple(input_ids.shape) == (batch, length):
-            if filled:
-                raise InputError(
-                    "media tokens arrived with a non-empty cache; vlm_prune prunes whole prefills only. "
-                    f"Start a new cache for a prompt with new images or video. {SPLIT_MEDIA_HINT}"
-                )
-            return args, self._prefill(kwargs, input_ids, cache)
+        if host_ids is not None and (brings or not live[2]) and self._has_media(host_ids):
+            input_ids = call["input_ids"]
+            if tuple(input_ids.shape) == tuple(embeds.shape[:2]):
+                if live[2]:
+                    raise InputError(
+                        "media tokens arrived with a non-empty cache; vlm_prune prunes whole prefills only. "
+                        f"Start a new cache for a prompt with new images or video. {SPLIT_MEDIA_HINT}"
+                    )
+                return args, self._prefill(kwargs, input_ids, cache)
         cached = live[1]
         if cached is not None:
             return args, self._continue(kwargs, cached, cache)
@@ -461,8 +455,7 @@ class PruneHandle:
         return kwargs
 
     def _on_lm_return(self, module, args, kwargs, output):
-        if self._layers.attached:
-            self._layers.detach()
+        self._layers.detach()
         forward = self._forward
         self._pending_rope = None
         if forward is None or not forward.prefill:

@@ -61,8 +61,9 @@ class SignalRecorder:
 
     def trim(self) -> None:
         """Keep only the latest recordings (generate(use_cache=False) re-runs a prefill without the tower)."""
-        for recorded in (self.projector_inputs, self.vision_attention, self.pixel_inputs):
-            if len(recorded) > KEEP_RECORDINGS:  # (most calls record nothing: no slice deletion then)
+        lists = (self.projector_inputs, self.vision_attention, self.pixel_inputs)
+        if max(map(len, lists)) > KEEP_RECORDINGS:  # (most calls record nothing: one check, no slice deletion)
+            for recorded in lists:
                 del recorded[:-KEEP_RECORDINGS]
 
     # ---- hooks

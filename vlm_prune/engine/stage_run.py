@@ -112,45 +112,35 @@ def _select_rows(
         ids_now = _Once(lambda: device_ids.gather(1, forward.columns.to(device_ids.device).clamp(min=0)))  # pads
     host_ids = call["host"]["input_ids"]  # (the host copy `read_call` made; rows sliced on use)
     firsts = [length - valid for valid in plan.valid_counts]
-    host_columns = host.columns  # (replaced, not written, by `apply`)
     # in-LLM scorers: every row's rows at the same padded query slots come from one batched recompute
     stage_attention = None if attention is None else StageAttention(adapter.layers, *attention, forward.mask)
-    views = (hidden, ids_now, padded)  # what every row's lazy views are taken from (one tuple for the stage)
-    keeps, selections = [], {}
+    # what every row's lazy views are taken from (one tuple for the stage; `_LAZY`, `_RowContext.segments_fn`)
+    views = (hidden, ids_now, padded, adapter, host_ids, host.columns, forward.samples)
+    keeps, selections, layer, samples, select = [], {}, stage.layer, forward.samples, stage.select
     for row in range(batch):
         count = plan.counts[row]
         if count == 0:
             continue
-        sample, first = forward.samples[row], firsts[row]
-        row_budgets = budgets[row]
+        first, row_budgets = firsts[row], budgets[row]
         if plan.contiguous[row]:  # the usual case (left padding): views, no copies, made on first read
-            valid_slots, where = None, slice(first, None)
-        else:
-            valid_slots = where = host.valid[row].nonzero(as_tuple=True)[0]
-            valid_slots = to_device(valid_slots, device)
-        ctx = _RowContext.make(
-            views, row, first if valid_slots is None else valid_slots,
-            layer=stage.layer,
-            num_visual=count,
-            budget=None if row_budgets is None else sum(row_budgets),
-            budget_per_media=row_budgets,
-            visual_features=feature_rows[row],
-            layout=sample.layout,
-            seed=seed,
-        )
+            slots = first
+        else:  # (the host slots ride along for the segment map)
+            where = host.valid[row].nonzero(as_tuple=True)[0]
+            slots = (to_device(where, device), where)
+        ctx = _RowContext.make(views, row, slots, layer, count, None if row_budgets is None else sum(row_budgets),
+                               row_budgets, feature_rows[row], samples[row].layout, seed)  # fmt: skip
         if signals is not None:
+            sample = samples[row]
             recorder.fill(ctx, signals, row, sample.media.layout.kind[sample.present], sample.present)
         if attention is not None:
-            slots = valid_slots if valid_slots is not None else slice(first, length)
-            ctx.attention_fn = stage_rows_fn(adapter.layers, *attention, row, slots)
-            if valid_slots is None:  # one run of slots, first..L-1: batched rows for host-int queries
+            ctx.attention_fn = stage_rows_fn(adapter.layers, *attention, row, ctx._device_slots(length))
+            if type(slots) is int:  # one run of slots, first..L-1: batched rows for host-int queries
                 ctx.__dict__["_batched"] = (stage_attention, row, first)
-        ctx.segments_fn = segments_later(adapter, host_ids, host_columns, row, where, sample.media)
-        result = stage.select(ctx)
+        result = select(ctx)
         if isinstance(result, Selection):
             if result.represents is not None:  # remembered for re-entry (reentry.py; a no-op without)
                 rope_here = forward.rope[:, row, padded.get()[0, row, :count]]
-                columns = to_device(sample.visual_columns, device)
+                columns = to_device(samples[row].visual_columns, device)
                 remember(forward.reentry, row, result, columns, feature_rows[row], rope_here)
             selections[row], result = result, result.keep_mask
         keep_mask = result if isinstance(result, torch.Tensor) and result.device == device else torch.as_tensor(
@@ -172,12 +162,37 @@ class _RowContext(SelectionContext):
     ids, padded slots) and the row's `_slots` (its first valid slot, or its valid slots), and stores it."""
 
     @classmethod
-    def make(cls, views: tuple, row: int, slots, **values) -> _RowContext:
-        """views: (hidden (B, L, D), ids (B, L) or `_Once`, padded `_Once`), shared by the stage's rows; slots: the
-        row's first valid slot (an int: its valid slots are first..L-1) or its (V,) valid slots on the device."""
+    def make(cls, views: tuple, row: int, slots, layer, num_visual, budget, budget_per_media, visual_features, layout,
+             seed) -> _RowContext:  # fmt: skip
+        """views: (hidden (B, L, D), ids (B, L) or `_Once`, padded `_Once`, adapter, host ids (B, L0), host columns
+        (B, L), the forward's samples), shared by the stage's rows; slots: the row's first valid slot (an int: its
+        valid slots are first..L-1) or (its (V,) valid slots on the device, the same on the host)."""
         ctx = object.__new__(cls)  # (the dataclass defaults, then the values: no __init__ per row)
-        ctx.__dict__.update(_CONTEXT_DEFAULTS, extras={}, _views=views, _row=row, _slots=slots, **values)
+        ctx.__dict__.update(_CONTEXT_DEFAULTS, extras={}, _views=views, _row=row, _slots=slots, layer=layer,
+                            num_visual=num_visual, budget=budget, budget_per_media=budget_per_media,
+                            visual_features=visual_features, layout=layout, seed=seed)  # fmt: skip
         return ctx
+
+    def _device_slots(self, length: int):
+        """The row's valid slots for indexing the device tensors: a slice first..L-1, or the (V,) slots."""
+        slots = self._slots
+        return slice(slots, length) if type(slots) is int else slots[0]
+
+    @property
+    def segments_fn(self):
+        """The row's segment map builder, made on first read (`engine/calls.segments_later`); settable."""
+        made = self.__dict__.get("_segments_fn", _UNSET)
+        if made is _UNSET:
+            _, _, _, adapter, host_ids, host_columns, samples = self._views
+            slots = self._slots
+            where = slice(slots, None) if type(slots) is int else slots[1]
+            made = self._segments_fn = segments_later(adapter, host_ids, host_columns, self._row, where,
+                                                      samples[self._row].media)  # fmt: skip
+        return made
+
+    @segments_fn.setter
+    def segments_fn(self, value) -> None:
+        self.__dict__["_segments_fn"] = value
 
     def attention_rows(self, query_index: torch.Tensor | int, layer: int | None = None) -> torch.Tensor:
         """As `SelectionContext.attention_rows`; a host-int query of a row whose slots are one run is served from
@@ -199,9 +214,11 @@ class _RowContext(SelectionContext):
         return value
 
 
-_CONTEXT_DEFAULTS = {
-    f.name: f.default for f in dataclasses.fields(SelectionContext) if f.default is not dataclasses.MISSING
+_CONTEXT_DEFAULTS = {  # (`segments_fn` is `_RowContext`'s own, made on first read)
+    f.name: f.default for f in dataclasses.fields(SelectionContext)
+    if f.default is not dataclasses.MISSING and f.name != "segments_fn"
 }
+_UNSET = object()
 
 
 class _Once:
@@ -221,11 +238,11 @@ def _rows_of(tensor) -> torch.Tensor:
 
 
 def _row_of(tensor, row: int, slots) -> torch.Tensor:
-    """tensor[row, slots:] (a view) when `slots` is the row's first valid slot, else tensor[row, slots]."""
+    """tensor[row, slots:] (a view) when `slots` is the row's first valid slot, else tensor[row, device slots]."""
     rows = _rows_of(tensor)
     if type(slots) is int:
         return rows[row] if slots == 0 else rows[row, slots:]
-    return rows[row, slots]
+    return rows[row, slots[0]]
 
 
 def _row_head(padded: _Once, row: int, count: int) -> torch.Tensor:
@@ -257,22 +274,18 @@ def _apply_keep(
     removed (the slots stay as they are), else the (B, L') compaction index on hidden's device."""
     host, device = forward.host, hidden.device
     index, removed, new_slot = host.apply(plan, keep, removed=position_policy == "compact")
-    tokens_out = host.current_counts
-    kept = [sum(counts) for counts in tokens_out]
-    for row, row_budgets in enumerate(budgets):
-        if row_budgets is not None and plan.counts[row] and kept[row] != sum(row_budgets):
-            raise PruneError(f"{stage.name} kept {kept[row]} tokens, its budget is {sum(row_budgets)}")
-    for row, sample in enumerate(forward.samples):
-        if plan.counts[row] and kept[row] < plan.counts[row]:
-            sample.layout  # noqa: B018 -- applies an earlier stage's pending mask first
-            sample.pending = (keep, plan.starts[row], plan.starts[row] + plan.counts[row])  # sliced on use
-        if row in groups:
-            sample.layout.group = groups[row]
+    kept = [sum(counts) for counts in host.current_counts]
+    if kept != [plan.counts[row] if wanted is None else sum(wanted) for row, wanted in enumerate(budgets)]:
+        for row, row_budgets in enumerate(budgets):  # (rows without tokens keep 0, whatever their budget)
+            if row_budgets is not None and plan.counts[row] and kept[row] != sum(row_budgets):
+                raise PruneError(f"{stage.name} kept {kept[row]} tokens, its budget is {sum(row_budgets)}")
+    host.stage_keeps.append((keep, plan.starts, plan.counts, kept))  # the samples' layouts follow on read
+    for row, group in groups.items():  # (a copy: the layout may be the adapter's shared template)
+        sample = forward.samples[row]
+        sample.layout = dataclasses.replace(sample.layout, group=group)
     forward.index = None  # None: the stage kept every token, the slots stay as they are
     if kept != plan.counts:
-        for row, (count, now) in enumerate(zip(plan.counts, kept)):  # (B ints: no list -> array conversions)
-            if count != now:
-                forward.shift[row] += count - now
+        forward.shift += np.subtract(plan.counts, kept)  # (B,) host int64
         if position_policy == "compact":
             removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
             forward.rope = forward.rope - removed_before.unsqueeze(0)
