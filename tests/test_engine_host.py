@@ -403,3 +403,35 @@ def test_valid_runs_equal_the_reductions_over_the_rows(seed):
     expected_counts = valid.sum(axis=1)
     assert counts == expected_counts.tolist()
     assert firsts == np.where(expected_counts > 0, valid.argmax(axis=1), length).tolist()
+
+
+def test_records_made_without_init_equal_the_dataclass_built_ones():
+    """`engine/records.fresh` skips a dataclass __init__ in the hot path: each record the engine makes that way must
+    hold every field (a field added to the class but not to the caller's dict fails here) at the value __init__
+    would give it."""
+    import dataclasses
+
+    from vlm_prune.engine.batch import StageInput
+    from vlm_prune.engine.cached import CachedPrefill
+    from vlm_prune.engine.records import defaults, factories, fresh
+    from vlm_prune.engine.stats import PruneStats
+
+    stats = PruneStats.of_prefill(7)
+    assert stats == PruneStats(visual_tokens_in=7) and stats.stages is not PruneStats.of_prefill(7).stages
+    assert factories(PruneStats) == {"stages"} and set(defaults(PruneStats)) | {"stages"} == set(vars(stats))
+    columns = torch.tensor([[0, 1, 3]])
+    state = CachedPrefill.after_prefill([(0, columns)], columns, (columns, True, False),
+                                        (torch.ones(1, 3, dtype=torch.long), True, None), 4, np.zeros(1, np.int64),
+                                        torch.tensor([[5, 6, 7, 8]]), None)  # fmt: skip
+    built = CachedPrefill(original_length=4, shift=state.shift, segments=state.segments,
+                          prefill_mask=state.prefill_mask, tokens=state.tokens, prefill_all_valid=[True],
+                          prefill_pads=[False])  # fmt: skip
+    assert set(vars(state)) == {f.name for f in dataclasses.fields(CachedPrefill)}
+    for field in dataclasses.fields(CachedPrefill):
+        assert getattr(state, field.name) is getattr(built, field.name) or getattr(state, field.name) == getattr(
+            built, field.name), field.name
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    host = HostBatch(torch.arange(6).expand(1, -1), valid, _samples(valid, torch.Generator().manual_seed(0)))
+    plan = host.stage_input()
+    assert set(vars(plan)) == {f.name for f in dataclasses.fields(StageInput)} and plan._padded is None
+    assert fresh(StageInput, dict(vars(plan))) == StageInput(**vars(plan))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vlm_prune.engine.budget import tokens_to_keep
+from vlm_prune.engine.records import fresh
 
 #: `HostBatch.within` entry of a segment whose slots are the current slots
 SAME = "same"
@@ -243,8 +244,9 @@ class HostBatch:
 
     def __init__(self, columns: torch.Tensor, valid: torch.Tensor | np.ndarray, samples: list) -> None:
         self._columns, self._valid = _numpy(columns), _numpy(valid)
-        # torch views of `_columns` / `_valid`, once made (numpy inputs get theirs on first use)
-        self._torch = {key: t for key, t in (("columns", columns), ("valid", valid)) if isinstance(t, torch.Tensor)}
+        #: (B, L) long torch view of `_columns` (replaced with it, never written)
+        self.columns = columns if isinstance(columns, torch.Tensor) else torch.from_numpy(self._columns)
+        self._valid_view = valid if isinstance(valid, torch.Tensor) else None  # `valid`, made on first use
         template, self.columns0 = media_template(samples)
         self.num_media, self.width, self.rows = template.num_media, template.width, template.rows
         self.media_key, self.kind, self.offsets = template.media_key, template.kind, template.offsets
@@ -267,27 +269,20 @@ class HostBatch:
         # samples apply their rows' parts to their layouts on read (`forward_state._Sample.layout`)
         self.stage_keeps: list[tuple] = []
 
-    # ---- torch views of the numpy state (made on first use after each change)
-    def _view(self, name: str) -> torch.Tensor:
-        tensor = self._torch.get(name)
-        if tensor is None:
-            tensor = self._torch[name] = torch.from_numpy(getattr(self, "_" + name))
-        return tensor
-
-    @property
-    def columns(self) -> torch.Tensor:
-        return self._view("columns")
-
+    # ---- torch views of the numpy state (`columns` with every change, `valid` on first use after one)
     @property
     def valid(self) -> torch.Tensor:
-        return self._view("valid")
+        if self._valid_view is None:
+            self._valid_view = torch.from_numpy(self._valid)
+        return self._valid_view
 
     @property
     def within(self) -> list:
         return [w if w is SAME or w is None else torch.from_numpy(w) for w in self._within]
 
     def _set_slots(self, columns: np.ndarray, valid: np.ndarray) -> None:
-        self._columns, self._valid, self._torch = columns, valid, {}
+        self._columns, self._valid, self._valid_view = columns, valid, None
+        self.columns = torch.from_numpy(columns)
 
     @property
     def all_valid(self) -> bool:
@@ -350,8 +345,9 @@ class HostBatch:
             padded[1][dest] = rank
             return torch.from_numpy(padded.reshape(2, batch, width))
 
-        plan = (present, rows, slots, counts, starts, valid_counts, contiguous, make_padded, tokens_in)
-        return StageInput(*plan, runs, flat)
+        return fresh(StageInput, {"present": present, "rows": rows, "slots": slots, "counts": counts, "starts": starts,
+                                  "valid_counts": valid_counts, "contiguous": contiguous, "make_padded": make_padded,
+                                  "tokens_in": tokens_in, "runs": runs, "flat": flat, "_padded": None})  # fmt: skip
 
     def budgets(self, keep, tokens_in: list[list[int]]) -> list[list[int] | None]:
         """Tokens to keep per media item of every row (None rows: the method decides). Before any stage removed a
@@ -461,8 +457,7 @@ class HostBatch:
 
     def refresh(self, columns: torch.Tensor, valid: torch.Tensor) -> None:
         """Take a new slot layout read from the device (after a stage that grows the sequence, `reentry`)."""
-        self._set_slots(_numpy(columns), _numpy(valid))
-        self._torch = {"columns": columns, "valid": valid}
+        self._columns, self._valid, self.columns, self._valid_view = _numpy(columns), _numpy(valid), columns, valid
         self._all_valid = self.has_pad_slots = None
         self._within = [None] * len(self._within)  # the segments' slots no longer map by composition
         columns = self._columns

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from vlm_prune.engine.batch import to_device
+from vlm_prune.engine.records import fresh
 from vlm_prune.errors import InputError
 from vlm_prune.kernels import gather_tokens
 
@@ -80,16 +81,19 @@ class CachedPrefill:
             else:
                 original = gather_tokens(call_mask.unsqueeze(-1), seg_columns.to(call_mask.device)).squeeze(-1)
             prefill_masks.append(seg_mask * original.to(mask.dtype))
-        return cls(
-            original_length=int(original_length),
-            shift=to_device(torch.from_numpy(shift), final_columns.device),
-            segments=segments,
-            prefill_mask=prefill_masks,
-            tokens=tokens,  # stays on the device: decode steps append to it
-            position_state=position_state,
-            prefill_all_valid=all_valid,
-            prefill_pads=pads,
-        )
+        return fresh(cls, {  # (`cls(...)` without its generated __init__: once per prefill, in the hot path)
+            "original_length": int(original_length),
+            "shift": to_device(torch.from_numpy(shift), final_columns.device),
+            "segments": segments,
+            "prefill_mask": prefill_masks,
+            "tokens": tokens,  # stays on the device: decode steps append to it
+            "position_state": position_state,
+            "token_chunks": [],
+            "chunk_width": 0,
+            "prefill_all_valid": all_valid,
+            "prefill_pads": pads,
+            "_mask_index": {},
+        })
 
     def virtual_past(self, past: int) -> int:
         """The unpruned length so far, for `past` cached positions in the first segment's layers."""

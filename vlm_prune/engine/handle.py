@@ -402,7 +402,7 @@ class PruneHandle:
         host = HostBatch(host_columns, valid, media)
         samples = [_Sample(m, host.original_counts[row], host, row) for row, m in enumerate(media)]
         columns = host_columns if device.type == "cpu" else torch.arange(length, device=device).expand(batch, -1)
-        stats = PruneStats(visual_tokens_in=len(host.rows))
+        stats = PruneStats.of_prefill(len(host.rows))
         forward = _Forward.start_prefill(
             columns=columns,
             mask=mask,

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from vlm_prune.engine.records import defaults, fresh
+
 
 @dataclass
 class LayerShape:
@@ -81,6 +83,11 @@ class PruneStats:
     equivalent_average_tokens: float = 0.0
     forwards: int = 0
 
+    @classmethod
+    def of_prefill(cls, visual_tokens_in: int) -> PruneStats:
+        """The stats a prefill starts with (`PruneStats(visual_tokens_in=...)`, without the generated __init__)."""
+        return fresh(cls, {**_PRUNE_STATS_DEFAULTS, "stages": [], "visual_tokens_in": visual_tokens_in})
+
     @property
     def flops_ratio(self) -> float:
         return self.prefill_flops / self.prefill_flops_unpruned if self.prefill_flops_unpruned else 1.0
@@ -118,6 +125,9 @@ class PruneStats:
         return "\n".join(lines)
 
 
+_PRUNE_STATS_DEFAULTS = defaults(PruneStats)
+
+
 def finish_prefill_stats(
     stats: PruneStats, shape: LayerShape, num_layers: int, mask0, length0: int, visual_in: list[int]
 ) -> None:
@@ -153,12 +163,10 @@ def finish_prefill_stats(
 
 def cache_bytes(cache, length0: int) -> tuple[int, int]:
     """(bytes the cache's keys and values hold, bytes they would hold for `length0` positions); shapes only."""
-    total = per_token_layer = 0
-    for layer in cache.layers:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if keys is None or not isinstance(keys, torch.Tensor):
-            continue
-        key_bytes = keys.nbytes  # (one attribute: numel() * element_size() in one call, per layer of a deep model)
-        total += key_bytes + values.nbytes
-        per_token_layer += key_bytes // max(keys.shape[-2], 1) * 2
-    return total, per_token_layer * length0
+    try:  # (one comprehension over the layers: this runs once per prefill, per layer of a deep model)
+        sizes = [(layer.keys.nbytes, layer.values.nbytes, layer.keys.shape[-2]) for layer in cache.layers]
+    except AttributeError:  # a layer without tensors (not filled, or another kind of cache layer)
+        sizes = [(layer.keys.nbytes, layer.values.nbytes, layer.keys.shape[-2]) for layer in cache.layers
+                 if isinstance(getattr(layer, "keys", None), torch.Tensor)]  # fmt: skip
+    total = sum([keys + values for keys, values, _ in sizes])
+    return total, sum([keys // (length or 1) * 2 for keys, _, length in sizes]) * length0

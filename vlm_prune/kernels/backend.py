@@ -82,5 +82,5 @@ def choose_backend(device_type: str, requested: str, has_triton: bool, interpret
 def resolve_backend(tensor: torch.Tensor, requested: str = "auto") -> str:
     """The backend that will run for `tensor` (checks Triton only when the answer depends on it)."""
     if requested == "torch" or (requested == "auto" and tensor.device.type != "cuda"):
-        return choose_backend(tensor.device.type, requested, has_triton=False, interpreting=False)
+        return "torch"  # (`choose_backend`'s answer for these, without asking: every stage asks)
     return choose_backend(tensor.device.type, requested, triton_available(), triton_interpreting())
