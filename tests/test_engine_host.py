@@ -79,7 +79,8 @@ def _expected_index(columns: torch.Tensor, removed_columns: list[set]) -> torch.
 @pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("mode", ["random", "all", "equal"])
-def test_host_batch_matches_a_per_row_loop(batch, padding, mode):
+@pytest.mark.parametrize("slots_known", [False, True])
+def test_host_batch_matches_a_per_row_loop(batch, padding, mode, slots_known):
     generator = torch.Generator().manual_seed(batch * 10 + padding + len(mode))
     length = 12
     valid = torch.ones(batch, length, dtype=torch.bool)
@@ -87,7 +88,8 @@ def test_host_batch_matches_a_per_row_loop(batch, padding, mode):
         for row in range(batch):
             valid[row, : int(torch.randint(0, 4, (1,), generator=generator))] = False
     samples = _samples(valid, generator)
-    host = HostBatch(torch.arange(length).expand(batch, -1), valid, samples)
+    # (`columns_are_slots`: the engine's prefill mirror, whose first compaction takes its columns from the index)
+    host = HostBatch(torch.arange(length).expand(batch, -1), valid, samples, columns_are_slots=slots_known)
     removed: list[set] = [set() for _ in range(batch)]
     host.mark_segment()  # a segment starts before the stages: `within` must follow both compactions
     segment_columns = host.columns
@@ -140,7 +142,7 @@ def test_host_batch_matches_a_per_row_loop(batch, padding, mode):
         # the new slot of every kept visual token holds its column
         kept_columns = [c for row in range(batch) for c in present[row] if c not in removed[row]]
         rows = [row for row in range(batch) for c in present[row] if c not in removed[row]]
-        assert [int(host.columns[r, s]) for r, s in zip(rows, new_slot.tolist())] == kept_columns
+        assert [int(host.columns[r, s]) for r, s in zip(rows, new_slot().tolist())] == kept_columns
         assert host.current_counts == host.media_counts(host.present)
     within = host.within[0]
     if within is SAME:  # no stage removed anything
@@ -287,6 +289,7 @@ def test_planned_samples_give_the_host_mirror_of_a_plain_list(family):
                                                                      plain.num_media)
     keep = torch.rand(len(fast.rows), generator=torch.Generator().manual_seed(0)) < 0.5
     results = [host.apply(host.stage_input(), keep) for host in (fast, plain)]
+    results = [(index, gone, new_slot()) for index, gone, new_slot in results]  # (new slots: made on request)
     assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(*results))
     before = fast.original_counts
     again = adapter.sample_media(*args)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 
 import numpy as np
@@ -229,6 +230,40 @@ def media_template(samples: list) -> tuple[MediaTemplate, np.ndarray]:
     return template, samples.columns
 
 
+class _NewSlots:
+    """The new slot of every kept visual token after a stage, row-major ((K,) int64), made on first call."""
+
+    def __init__(self, source: np.ndarray, plan: StageInput, keep: np.ndarray, batch: int, width: int,
+                 row_shift: np.ndarray | None) -> None:  # fmt: skip
+        self._args, self._value = (source, plan, keep, batch, width, row_shift), None
+
+    def __call__(self) -> np.ndarray:
+        if self._value is None:
+            source, plan, keep, batch, width, row_shift = self._args
+            # a kept slot's new slot: its place in `source` less its row's start there, plus the row's left padding
+            position = source.searchsorted(plan.flat[keep])
+            if batch == 1:  # one row, no left padding: a kept slot's place in `source` is its new slot
+                self._value = position
+            elif row_shift is None:  # every row keeps `width` slots: row r's start in `source` is r * width
+                self._value = position % width
+            else:
+                self._value = position - row_shift[plan.rows[keep]]
+        return self._value
+
+
+def _advance_slots(previous: np.ndarray | None, gone: np.ndarray | None, kept_tokens: np.ndarray,
+                   new_slot: _NewSlots, count: int) -> np.ndarray:  # fmt: skip
+    """The mirror's `slot` after a stage: -1 for the tokens it removed (all absent ones, at the first stage, where
+    `previous` is None and `kept_tokens` masks all `count`), the new slot for those it kept. A new array."""
+    if previous is None:
+        slot = filled(count, -1, np.int64)
+    else:
+        slot = previous.copy()
+        slot[gone] = -1
+    slot[kept_tokens] = new_slot()
+    return slot
+
+
 class HostBatch:
     """Host mirror of one prefill's slots and visual tokens (see the module docstring).
 
@@ -242,8 +277,13 @@ class HostBatch:
     the indices `apply` returns are torch views of the same memory (`torch.from_numpy`, no copy).
     """
 
-    def __init__(self, columns: torch.Tensor, valid: torch.Tensor | np.ndarray, samples: list) -> None:
+    def __init__(
+        self, columns: torch.Tensor, valid: torch.Tensor | np.ndarray, samples: list, columns_are_slots: bool = False
+    ) -> None:
+        """columns_are_slots: every row's columns are 0..L-1 (a prefill's own slots: the first compaction's columns
+        are then its index, no gather)."""
         self._columns, self._valid = _numpy(columns), _numpy(valid)
+        self._columns_are_slots = columns_are_slots
         #: (B, L) long torch view of `_columns` (replaced with it, never written)
         self.columns = columns if isinstance(columns, torch.Tensor) else torch.from_numpy(self._columns)
         self._valid_view = valid if isinstance(valid, torch.Tensor) else None  # `valid`, made on first use
@@ -251,9 +291,11 @@ class HostBatch:
         self.num_media, self.width, self.rows = template.num_media, template.width, template.rows
         self.media_key, self.kind, self.offsets = template.media_key, template.kind, template.offsets
         self._every = template.every
-        self.slot = self.columns0.copy()  # the prefill starts with slot == column
-        self._present = filled(len(self.rows), True, bool)
-        self.present = torch.from_numpy(self._present)  # the same memory: writes show in `present` and its row views
+        self._slot, self._slot_todo = self.columns0, None  # the prefill starts with slot == column (`slot`)
+        # (P0,) bool, every visual token still present, and its torch view (the same memory: writes show in
+        # `present` and its row views), made on first use (`present`): before a stage removed one, all True
+        self._present: np.ndarray | None = None
+        self._present_view: torch.Tensor | None = None
         self.all_present = True  # no stage removed a token yet: `present` is all set (skips its nonzero)
         self.checked = False  # the visual tokens were checked against the mask (first stage)
         self.original_counts = template.original_counts
@@ -290,6 +332,27 @@ class HostBatch:
         if self._all_valid is None:
             self._all_valid = np.count_nonzero(self._valid) == self._valid.size  # (lighter than .all())
         return self._all_valid
+
+    @property
+    def present(self) -> torch.Tensor:
+        """(P0,) bool torch view of the visual tokens still present (writes go through)."""
+        if self._present_view is None:
+            if self._present is None:
+                self._present = filled(len(self.rows), True, bool)
+            self._present_view = torch.from_numpy(self._present)
+        return self._present_view
+
+    @property
+    def slot(self) -> np.ndarray:
+        """(P0,) int64 current slot of every original visual token, -1 when absent (replaced, never written)."""
+        if self._slot_todo is not None:  # (the last stage's, made on first read: one stage never reads it)
+            todo, self._slot_todo = self._slot_todo, None
+            self._slot = todo()
+        return self._slot
+
+    @slot.setter
+    def slot(self, value: np.ndarray) -> None:
+        self._slot, self._slot_todo = value, None
 
     def row_present(self, row: int) -> torch.Tensor:
         """(N0_r,) bool view of row `row`'s entries of `present` (writes go through)."""
@@ -373,28 +436,31 @@ class HostBatch:
 
     def apply(
         self, plan: StageInput, keep: torch.Tensor, removed: bool = True
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, np.ndarray]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, Callable[[], np.ndarray]]:
         """Advance the mirror past a stage that kept the flat tokens where `keep` (P,) bool (host) is set.
 
         Returns (index (B, L') long: the slot of L for each new slot, rows left-padded with -1; removed (B, L)
         bool: the slots removed, or None when not asked for), tensors, both None when the stage kept everything
-        (the slots stay as they are), and new_slot (K,) int64 numpy: the new slot of each kept visual token,
-        row-major.
+        (the slots stay as they are), and new_slot: a function giving the (K,) int64 numpy new slot of each kept
+        visual token, row-major (computed on first call: only merging methods ask).
         """
         batch, length = self._columns.shape
         keep = _numpy(keep)
         if np.count_nonzero(keep) == len(keep):  # the stage kept everything: the slots stay as they are
             self.index_padded = False
-            return None, None, plan.slots
-        dropped = ~keep
+            return None, None, lambda: plan.slots
         kept = filled(batch * length, True, bool)  # (B * L) the slots that stay
-        kept[plan.flat[dropped]] = False
+        kept[plan.flat] = keep  # (the other slots hold no visual token: they stay)
         first_stage = self.all_present  # the plan holds every token: `keep` is a mask over all of them
+        gone = None
         if first_stage:
-            self._present[...] = keep  # (in place: `present` and its row views share the memory)
+            if self._present is None:  # (nobody read `present` yet: a new array, no views to keep in step)
+                self._present = keep.copy()
+            else:
+                self._present[...] = keep  # (in place: `present` and its row views share the memory)
             kept_tokens = keep
         else:
-            gone = plan.present[dropped]
+            gone = plan.present[~keep]
             self._present[gone] = False
             kept_tokens = plan.present[keep]
         self.all_present = False
@@ -406,30 +472,21 @@ class HostBatch:
         if self.index_padded:  # (pad slots stay: a stage removes visual tokens only)
             self.has_pad_slots = True
         source = kept.nonzero()[0]  # (K,) flat (row * L + slot) of every kept slot, row-major
-        # a kept slot's new slot: its place in `source` less its row's start there, plus the row's left padding
-        position = source.searchsorted(plan.flat[keep])
-        if batch == 1:  # one row, no left padding: a kept slot's place in `source` is its new slot
-            new_slot = position
-        elif not self.index_padded:  # every row keeps `width` slots: row r's start in `source` is r * width
-            new_slot = position % width
-        else:
+        row_shift = None
+        if self.index_padded:  # row r's start in `source`, less its left padding in the new layout
             row_shift = np.asarray(list(accumulate(lengths[:-1], initial=0)), dtype=np.int64)
             row_shift -= width - np.asarray(lengths, dtype=np.int64)
-            new_slot = position - row_shift[plan.rows[keep]]
-        # (a new array: the stage's plan may still read the one it holds, lazily)
-        if first_stage:
-            slot = filled(len(keep), -1, np.int64)
-        else:
-            slot = self.slot.copy()
-            slot[gone] = -1
-        slot[kept_tokens] = new_slot
-        self.slot = slot
+        new_slot = _NewSlots(source, plan, keep, batch, width, row_shift)
+        previous = None if first_stage else self.slot
+        self._slot_todo = partial(_advance_slots, previous, gone, kept_tokens, new_slot, len(keep))
+        slots_known = self._columns_are_slots
+        self._columns_are_slots = False
         if not self.index_padded:  # every row keeps `width` slots: the kept slots, row by row, are the index
             index = source.reshape(batch, width)
             if batch > 1:
                 index = index % length  # (row r's entries lie in [r * L, (r + 1) * L))
-            self._set_slots(self._columns.take(source).reshape(batch, width),
-                            self._valid.take(source).reshape(batch, width))
+            columns = index if slots_known else self._columns.take(source).reshape(batch, width)
+            self._set_slots(columns, self._valid.take(source).reshape(batch, width))
             self._all_valid = True if self._all_valid else None  # dropping slots never adds padding
             self._within = [index if w is SAME else None if w is None else w.take(source).reshape(batch, width)
                             for w in self._within]
@@ -444,12 +501,13 @@ class HostBatch:
                 return out.reshape(batch, width)
 
             index = scatter(slot_index, -1)
-            self._set_slots(scatter(self._columns.take(source), -1), scatter(self._valid.take(source), False))
+            columns = index if slots_known else scatter(self._columns.take(source), -1)
+            self._set_slots(columns, scatter(self._valid.take(source), False))
             self._all_valid = False  # the rows are left-padded
             self._within = [index if w is SAME else None if w is None else scatter(w.take(source), -1)
                             for w in self._within]
         gone_slots = torch.from_numpy(~kept.reshape(batch, length)) if removed else None
-        return torch.from_numpy(index), gone_slots, new_slot
+        return self.columns if columns is index else torch.from_numpy(index), gone_slots, new_slot
 
     def mark_segment(self) -> None:
         """A new in-LLM segment starts at the current slots (see `within`)."""
@@ -458,6 +516,7 @@ class HostBatch:
     def refresh(self, columns: torch.Tensor, valid: torch.Tensor) -> None:
         """Take a new slot layout read from the device (after a stage that grows the sequence, `reentry`)."""
         self._columns, self._valid, self.columns, self._valid_view = _numpy(columns), _numpy(valid), columns, valid
+        self.present  # noqa: B018 -- made, if no stage made it yet (read below)
         self._all_valid = self.has_pad_slots = None
         self._within = [None] * len(self._within)  # the segments' slots no longer map by composition
         columns = self._columns

@@ -65,8 +65,8 @@ def rope_view(ids, rows: int, device) -> torch.Tensor | None:
     `ids` need the adapter (no ids, another device or shape). (A call without ids: `engine/aranges.py`.)"""
     if not isinstance(ids, torch.Tensor) or ids.device != device:
         return None
-    if ids.ndim == 2:
-        return ids.unsqueeze(0).expand(rows, -1, -1)
+    if ids.ndim == 2:  # (expand adds the leading axis: one view op)
+        return ids.expand(rows, -1, -1)
     if ids.ndim == 3 and ids.shape[0] in (rows, rows + 1):
         return ids[ids.shape[0] - rows :]
     return None

@@ -138,6 +138,10 @@ class PruneHandle:
         self._aranges = SharedAranges()  # contiguous position ids (and plain rotary ones) are views of its buffers
         self._media_ids = np.asarray(adapter.media_token_ids(), dtype=np.int64)
         self._media_id_list = self._media_ids.tolist()
+        self._num_layers = num_layers
+        self._compacts_lm_kwargs = type(adapter).compact_lm_kwargs is not Adapter.compact_lm_kwargs
+        self._pre_llm = [stage for stage in self.stages if stage.layer == 0]
+        self._video_only = [method for method in self.methods if getattr(method, "media", "any") == "video"]
         try:
             self._install()
         except BaseException:
@@ -399,7 +403,7 @@ class PruneHandle:
             host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
         valid = filled((batch, length), True, bool) if host_mask is None else host_mask.numpy() != 0  # (host)
         host_columns = self._aranges.positions(0, length, batch, _CPU)  # (a view: the mirror replaces, never writes it)
-        host = HostBatch(host_columns, valid, media)
+        host = HostBatch(host_columns, valid, media, columns_are_slots=True)
         samples = [_Sample(m, host.original_counts[row], host, row) for row, m in enumerate(media)]
         columns = host_columns if device.type == "cpu" else torch.arange(length, device=device).expand(batch, -1)
         stats = PruneStats.of_prefill(len(host.rows))
@@ -419,13 +423,12 @@ class PruneHandle:
             self._layers.attach()
         self._check_media_kinds(host)
 
-        pre_llm = [stage for stage in self.stages if stage.layer == 0]
-        for stage in pre_llm:
-            layouts = [sample.media.layout for sample in samples]
-            signals = self._signals.tables(stage.needs, call, layouts, forward.original_embeds)
+        for stage in self._pre_llm:
+            signals = None if not stage.needs else self._signals.tables(
+                stage.needs, call, [sample.media.layout for sample in samples], forward.original_embeds)
             embeds = self._run_stage(stage, embeds, signals=signals)
         kwargs["inputs_embeds"] = embeds
-        if pre_llm:
+        if self._pre_llm and self._compacts_lm_kwargs:  # (only families with such kwargs: Qwen3-VL's deepstack)
             self.adapter.compact_lm_kwargs(kwargs, forward.columns, host.present)  # row-major over the batch
         forward.segments, forward.host_segments = [(0, forward.columns)], [forward.host.columns]
         host.mark_segment()
@@ -469,14 +472,12 @@ class PruneHandle:
             mirrors = (forward.host_segments, host.columns)
             segments = trim_segments(cache, segments, final_columns, len(self.adapter.layers), mirrors, host.within)
         stats, length0 = forward.stats, self._call["input_ids"].shape[1]
-        stats.visual_tokens_out = sum(sum(counts) for counts in host.current_counts)
         if cache is not None:
             stats.kv_cache_bytes, stats.kv_cache_bytes_unpruned = cache_bytes(cache, length0)
-        visual_in = [end - start for start, end in zip(host.offsets, host.offsets[1:])]
         mask0 = self._call.get("host", {}).get("attention_mask", self._call.get("attention_mask"))
-        self.stats = stats
-        layers = len(self.adapter.layers)
-        self._stats_todo = partial(finish_prefill_stats, stats, self.shape, layers, mask0, length0, visual_in)
+        self._stats = stats  # (the rest when read: `stats`; the mirror's counts are replaced, never written)
+        self._stats_todo = partial(finish_prefill_stats, stats, self.shape, self._num_layers, mask0, length0,
+                                   host.offsets, host.current_counts)  # fmt: skip
         self.last_kept_index = final_columns
         self._kept_this_call = final_columns
         if cache is not None:
@@ -490,7 +491,7 @@ class PruneHandle:
 
     # ------------------------------------------------------------------ stages
     def _check_media_kinds(self, host: HostBatch) -> None:
-        video_only = [method for method in self.methods if getattr(method, "media", "any") == "video"]
+        video_only = self._video_only
         has_video = bool(video_only) and bool((host.kind == VIDEO).any())
         for method in video_only:
             if not has_video:

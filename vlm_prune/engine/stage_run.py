@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -268,7 +269,7 @@ def _apply_keep(
     keep: torch.Tensor,
     groups: dict,
     position_policy: str,
-) -> tuple[torch.Tensor, np.ndarray]:
+) -> tuple[torch.Tensor, Callable]:
     """Advance the host mirror by the stage's (P,) host keep mask and compact the forward state; returns (hidden
     (B, L', D), (K,) the new slot of every kept visual token). `forward.index` is left None when nothing was
     removed (the slots stay as they are), else the (B, L') compaction index on hidden's device."""
@@ -302,7 +303,7 @@ def _apply_keep(
 
 
 def _replace_features(
-    hidden: torch.Tensor, in_place_unsafe: bool, plan: StageInput, keep: torch.Tensor, new_slot: np.ndarray,
+    hidden: torch.Tensor, in_place_unsafe: bool, plan: StageInput, keep: torch.Tensor, new_slot: Callable,
     selections: dict[int, Selection],
 ) -> torch.Tensor:
     """Merging methods: the kept tokens of their rows take the features the method gave them, in one scatter.
@@ -313,7 +314,7 @@ def _replace_features(
     if replaced:  # merging methods: the kept tokens take the features the method gave them
         hidden = hidden.clone() if in_place_unsafe else hidden  # never write into the caller's tensor
         # one scatter for every replaced row: their kept tokens, row-major, in the order of their features
-        kept_rows = plan.rows[keep.numpy()]
+        kept_rows, new_slot = plan.rows[keep.numpy()], new_slot()  # (K,) row and new slot of each kept token
         if len(replaced) == len(plan.counts) - plan.counts.count(0):  # every row with visual tokens: all of them
             rows, slots = torch.from_numpy(kept_rows), torch.from_numpy(new_slot)
         else:  # (a row table: np.isin sorts, ~10x the cost of two indexing ops on these small arrays)

@@ -129,14 +129,18 @@ _PRUNE_STATS_DEFAULTS = defaults(PruneStats)
 
 
 def finish_prefill_stats(
-    stats: PruneStats, shape: LayerShape, num_layers: int, mask0, length0: int, visual_in: list[int]
+    stats: PruneStats, shape: LayerShape, num_layers: int, mask0, length0: int, offsets: list[int],
+    tokens_out: list[list[int]],
 ) -> None:
-    """Fill the FLOPs fields of a prefill's `stats` from its stages (run when `handle.stats` is read, off the
-    hot path).
+    """Fill the token count out and the FLOPs fields of a prefill's `stats` from its stages (run when `handle.stats`
+    is read, off the hot path).
 
-    mask0: (B, L0) host 2-D mask of the unpruned input, or None (every token real); visual_in: each sample's
-    visual tokens before pruning.
+    mask0: (B, L0) host 2-D mask of the unpruned input, or None (every token real); offsets: (B + 1) where each
+    sample's visual tokens start among the batch's (before pruning); tokens_out: the visual tokens per media item of
+    each sample left at the end of the prefill.
     """
+    stats.visual_tokens_out = sum(map(sum, tokens_out))
+    visual_in = [end - start for start, end in zip(offsets, offsets[1:])]
     batch = len(visual_in)
     per_sample_len0 = mask0.sum(dim=1).tolist() if mask0 is not None else [length0] * batch
     # tokens per layer per sample: start from the unpruned count, subtract each stage's removals

@@ -33,8 +33,8 @@ def take_rows(x: torch.Tensor, dim: int, safe: torch.Tensor, flat: torch.Tensor 
     index broadcast over the other axes copies (the same values, new and contiguous), by `index_select`: along
     `dim` for one row, else over the rows of x viewed as (B * [H *] L, rest) with `flat_rows`' index (`flat`, if
     the caller computed it for several tensors of this shape). On CPU 3-10x faster than the broadcast gather."""
-    if safe.shape[0] == 1 and x.shape[0] == 1:
-        return x.index_select(dim, safe[0])
+    if safe.shape[0] == 1 and x.shape[0] == 1:  # (`flat`, given for one row, is safe[0])
+        return x.index_select(dim, safe[0] if flat is None else flat)
     if not x.is_contiguous():
         batch = torch.arange(x.shape[0], device=x.device)
         if dim == 1:
@@ -125,8 +125,12 @@ def compact_reference(
         safe = index.clamp(min=0)
         # on an accelerator (or its CPU stand-in, `engine/syncs.py`) asking whether there are pad slots would sync
         fill = padded or hidden.device.type != "cpu" or type(index) is not torch.Tensor or bool(pads.any())
-    # hidden's row index (B * L',) into (B * L, D): the (B, L) and (R, B, L) side tensors take it too
-    flat = flat_rows(hidden, 1, safe) if safe.shape[0] > 1 and hidden.is_contiguous() else None
+    # hidden's row index (B * L',) into (B * L, D): the (B, L) and (R, B, L) side tensors take it too (one row:
+    # its slots, taken once for the four tensors)
+    if safe.shape[0] == 1:
+        flat = safe[0] if hidden.shape[0] == 1 else None
+    else:
+        flat = flat_rows(hidden, 1, safe) if hidden.is_contiguous() else None
     new_hidden = take_rows(hidden, 1, safe, flat)
     if fill:
         new_hidden = new_hidden.masked_fill_(pads.unsqueeze(-1), 0)
@@ -153,8 +157,8 @@ def _take_rope_rows(rows: torch.Tensor, safe: torch.Tensor, flat: torch.Tensor |
     """(R, B, L) rotary positions at the (B, L') slots `safe` (no -1): `take_rows` for a batch axis that is not the
     first. A contiguous `rows` takes hidden's (B * L',) row index `flat` (`flat_rows`, the index that gathered the
     hidden states) with one `index_select`, 3-10x lighter on CPU than the broadcast gather used otherwise."""
-    if safe.shape[0] == 1:
-        return rows.index_select(2, safe[0])
+    if safe.shape[0] == 1:  # (`flat`, given for one row, is safe[0])
+        return rows.index_select(2, safe[0] if flat is None else flat)
     if flat is not None and rows.is_contiguous():
         return rows.reshape(rows.shape[0], -1).index_select(1, flat).view(rows.shape[0], *safe.shape)
     return rows.gather(2, safe.unsqueeze(0).expand(rows.shape[0], -1, -1))
@@ -183,7 +187,8 @@ def trim_reference(
                 safe, pads = idx.clamp(min=0), ~valid.view(valid.shape[0], 1, -1, 1)
                 on_device = tensor.device.type != "cpu" or type(idx) is not torch.Tensor
                 fill_here = padded or on_device or not bool(valid.all())
-            shared[key] = (safe, flat_rows(tensor, 2, safe) if safe.shape[0] > 1 else None, pads, fill_here)
+            # (one row: its slots, taken once for every tensor of the shape)
+            shared[key] = (safe, flat_rows(tensor, 2, safe) if safe.shape[0] > 1 else safe[0], pads, fill_here)
         safe, flat, pads, fill_here = shared[key]
         trimmed = take_rows(tensor, 2, safe, flat)
         out.append(trimmed.masked_fill(pads, fill) if fill_here else trimmed)
