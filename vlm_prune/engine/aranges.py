@@ -10,9 +10,11 @@ forward. The buffers are expanded (stride 0 over the batch) and never written: e
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _MIN_WIDTH = 4096  # (positions a buffer holds at first; it doubles past the longest sequence seen)
+_MAX_VIEWS = 64  # (prefill shapes whose views are kept)
 
 
 class SharedAranges:
@@ -20,6 +22,9 @@ class SharedAranges:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        # the views a prefill asks for (from position 0), by shape: the same every call of a signature, so one
+        # dict lookup instead of a narrow (bounded: cleared past `_MAX_VIEWS` shapes)
+        self._views: dict[tuple, torch.Tensor] = {}
 
     def _buffer(self, key: tuple, end: int, device, leading: tuple[int, ...]) -> torch.Tensor:
         buffer = self._buffers.get(key)
@@ -30,10 +35,35 @@ class SharedAranges:
 
     def positions(self, start: int, length: int, batch: int, device) -> torch.Tensor:
         """(batch, length) start, start + 1, ... in every row (a view)."""
+        if start == 0:
+            view = self._views.get((length, batch, device))
+            if view is not None:
+                return view
         buffer = self._buffer((device, batch), start + length, device, (batch,))
-        return buffer.narrow(1, start, length)  # (one method call: lighter than a slicing __getitem__)
+        view = buffer.narrow(1, start, length)  # (one method call: lighter than a slicing __getitem__)
+        if start == 0:
+            self._keep((length, batch, device), view)
+        return view
 
     def rope(self, length: int, batch: int, rows: int, device) -> torch.Tensor:
         """(rows, batch, length) 0, 1, ..., length - 1 in every row: an adapter's plain rotary positions (a view)."""
-        buffer = self._buffer((device, batch, rows), length, device, (rows, batch))
-        return buffer.narrow(2, 0, length)
+        view = self._views.get((length, batch, rows, device))
+        if view is None:
+            buffer = self._buffer((device, batch, rows), length, device, (rows, batch))
+            view = buffer.narrow(2, 0, length)
+            self._keep((length, batch, rows, device), view)
+        return view
+
+    def all_true(self, batch: int, length: int) -> np.ndarray:
+        """(batch, length) host bool, all set: the mask mirror of a call without a mask (read-only, shared)."""
+        array = self._views.get((batch, length, bool))
+        if array is None:
+            array = np.ones((batch, length), dtype=bool)
+            array.flags.writeable = False  # (the mirror replaces it, never writes it: a stray write raises)
+            self._keep((batch, length, bool), array)
+        return array
+
+    def _keep(self, key: tuple, view) -> None:
+        if len(self._views) >= _MAX_VIEWS:
+            self._views.clear()
+        self._views[key] = view

@@ -314,8 +314,9 @@ class HostBatch:
     # ---- torch views of the numpy state (`columns` with every change, `valid` on first use after one)
     @property
     def valid(self) -> torch.Tensor:
-        if self._valid_view is None:
-            self._valid_view = torch.from_numpy(self._valid)
+        if self._valid_view is None:  # (a shared read-only mirror, `SharedAranges.all_true`, is copied first)
+            valid = self._valid if self._valid.flags.writeable else self._valid.copy()
+            self._valid_view = torch.from_numpy(valid)
         return self._valid_view
 
     @property
@@ -446,7 +447,8 @@ class HostBatch:
         """
         batch, length = self._columns.shape
         keep = _numpy(keep)
-        if np.count_nonzero(keep) == len(keep):  # the stage kept everything: the slots stay as they are
+        total_kept = np.count_nonzero(keep)
+        if total_kept == len(keep):  # the stage kept everything: the slots stay as they are
             self.index_padded = False
             return None, None, lambda: plan.slots
         kept = filled(batch * length, True, bool)  # (B * L) the slots that stay
@@ -464,7 +466,8 @@ class HostBatch:
             self._present[gone] = False
             kept_tokens = plan.present[keep]
         self.all_present = False
-        self.current_counts = self.media_counts(kept_tokens)
+        # (one row of one media item, the usual single-image prompt: its count is the total, no bincount)
+        self.current_counts = [[total_kept]] if self.width == 1 and batch == 1 else self.media_counts(kept_tokens)
         # slots left per row: only visual tokens are removed
         lengths = [length - count + sum(now) for count, now in zip(plan.counts, self.current_counts)]
         width = max(lengths) if batch else 0

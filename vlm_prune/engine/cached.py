@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from vlm_prune.engine.batch import to_device
@@ -50,7 +49,7 @@ class CachedPrefill:
         host_final: tuple[torch.Tensor, bool, bool | None],
         masks: tuple[torch.Tensor, bool, torch.Tensor | None],
         original_length: int,
-        shift: np.ndarray,
+        shift: list[int],
         tokens: torch.Tensor,
         position_state: object,
     ) -> CachedPrefill:
@@ -60,7 +59,8 @@ class CachedPrefill:
         `final_columns` (B, L'); host_final: (host copy of `final_columns`, whether none of its slots is padding,
         whether some are pad slots (-1), or None when unknown);
         masks: (the (B, past + L') mask the language model got, whether it is the call's own mask, the call's own
-        (B, L0) mask or None); shift: (B,) host int64 positions removed (policy "compact").
+        (B, L0) mask or None); shift: (B,) positions removed per row (policy "compact"); tokens: (B, L0) the call's
+        integer input ids (no grad to detach).
         """
         mask, is_call_mask, call_mask = masks
         host_columns, final_all_valid, final_pads = host_final
@@ -83,7 +83,7 @@ class CachedPrefill:
             prefill_masks.append(seg_mask * original.to(mask.dtype))
         return fresh(cls, {  # (`cls(...)` without its generated __init__: once per prefill, in the hot path)
             "original_length": int(original_length),
-            "shift": to_device(torch.from_numpy(shift), final_columns.device),
+            "shift": to_device(torch.tensor(shift, dtype=torch.long), final_columns.device),
             "segments": segments,
             "prefill_mask": prefill_masks,
             "tokens": tokens,  # stays on the device: decode steps append to it

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field
 
-import numpy as np
 import torch
 
 from vlm_prune.adapters.base import SampleMedia
@@ -69,7 +68,7 @@ class _Forward:
     mask: torch.Tensor  # (B, past + L) 2-D attention mask over the cached + current slots
     rope: torch.Tensor  # (R, B, L) rotary positions of the current slots
     samples: list[_Sample] = field(default_factory=list)
-    shift: np.ndarray | None = None  # (B,) int64 host: positions removed so far (policy "compact")
+    shift: list[int] | None = None  # (B,) host: positions removed so far (policy "compact"), per row
     host: HostBatch | None = None  # host mirror of the slots and visual tokens (engine/batch.py)
     index: torch.Tensor | None = None  # (B, L') compaction index of the last stage
     host_segments: list[torch.Tensor] = field(default_factory=list)  # host copies of `segments`' columns

@@ -36,7 +36,7 @@ from torch import nn
 from vlm_prune.adapters.base import SPLIT_MEDIA_HINT, Adapter
 from vlm_prune.adapters.media_plan import HOST_MEDIA, HostMedia
 from vlm_prune.engine.aranges import SharedAranges
-from vlm_prune.engine.batch import HostBatch, filled, read_call, to_device
+from vlm_prune.engine.batch import HostBatch, read_call, to_device
 from vlm_prune.engine.cached import CACHE_STATE_ATTRIBUTE
 from vlm_prune.engine.cached import CachedPrefill as _Cached
 from vlm_prune.engine.calls import brings_media, cache_of, rope_view
@@ -401,7 +401,7 @@ class PruneHandle:
         host_mask = call.get("attention_mask") if mask is (self._call or {}).get("attention_mask") else None
         if host_mask is None and kwargs.get("attention_mask") is not None:
             host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
-        valid = filled((batch, length), True, bool) if host_mask is None else host_mask.numpy() != 0  # (host)
+        valid = self._aranges.all_true(batch, length) if host_mask is None else host_mask.numpy() != 0  # (host)
         host_columns = self._aranges.positions(0, length, batch, _CPU)  # (a view: the mirror replaces, never writes it)
         host = HostBatch(host_columns, valid, media, columns_are_slots=True)
         samples = [_Sample(m, host.original_counts[row], host, row) for row, m in enumerate(media)]
@@ -412,7 +412,7 @@ class PruneHandle:
             mask=mask,
             rope=rope,
             samples=samples,
-            shift=np.zeros(batch, dtype=np.int64),
+            shift=[0] * batch,
             host=host,
             stats=stats,
             original_embeds=embeds,
@@ -484,7 +484,7 @@ class PruneHandle:
             masks = (forward.mask, forward.mask_is_call_mask, self._call.get("attention_mask"))
             mirror = (host.columns, host.all_valid, host.has_pad_slots)
             state = _Cached.after_prefill(segments, final_columns, mirror, masks, length0, forward.shift,
-                                          self._call["input_ids"].detach(), self.adapter.position_state())  # fmt: skip
+                                          self._call["input_ids"], self.adapter.position_state())  # fmt: skip
             setattr(cache, CACHE_STATE_ATTRIBUTE, state)
         self._forward = None
         return None

@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
+_MISSING = object()
 
 
 class SmallLRU(Generic[V]):
@@ -27,10 +28,11 @@ class SmallLRU(Generic[V]):
     def get(self, key: Hashable, build: Callable[[], V]) -> V:
         """The value stored for `key`, built with `build()` (and stored) on a miss."""
         items = self._items
-        if key in items:
+        value = items.get(key, _MISSING)  # (the key hashed twice on a hit, not three times: keys are tuples)
+        if value is not _MISSING:
             items.move_to_end(key)
             self.hits += 1
-            return items[key]
+            return value
         self.misses += 1
         value = items[key] = build()
         if len(items) > self.size:

@@ -286,7 +286,7 @@ def _apply_keep(
         sample.layout = dataclasses.replace(sample.layout, group=group)
     forward.index = None  # None: the stage kept every token, the slots stay as they are
     if kept != plan.counts:
-        forward.shift += np.subtract(plan.counts, kept)  # (B,) host int64
+        forward.shift = [shift + count - now for shift, count, now in zip(forward.shift, plan.counts, kept)]
         if position_policy == "compact":
             removed_before = to_device(removed.cumsum(dim=1), device).to(forward.rope.dtype)
             forward.rope = forward.rope - removed_before.unsqueeze(0)
