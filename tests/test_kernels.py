@@ -210,6 +210,19 @@ def test_gather_many_equals_one_gather_per_tensor(batch, padded):
         assert torch.equal(got, gather_tokens(tensor, index))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gather_many_without_pads_takes_one_row_index_for_all(batch):
+    """padded=False (no pad slot, known on the host): the (B, L, d) tensors share one row index, contiguous or not,
+    and each still equals its own `gather_tokens`."""
+    generator = torch.Generator().manual_seed(10 + batch)
+    index = torch.stack([torch.randperm(7, generator=generator)[:4].sort().values for _ in range(batch)])
+    cos = torch.randn(batch, 7, 4, generator=generator)
+    sin = torch.randn(batch, 4, 7, generator=generator).transpose(1, 2)  # (non-contiguous)
+    out = gather_many((cos, sin, cos * 2), index, padded=False)
+    for got, tensor in zip(out, (cos, sin, cos * 2)):
+        assert torch.equal(got, gather_tokens(tensor, index)) and got.is_contiguous()
+
+
 def test_gather_many_refuses_an_index_of_another_batch_or_dtype():
     tokens = torch.zeros(2, 5, 3)
     with pytest.raises(KernelBackendError, match="index must be a"):

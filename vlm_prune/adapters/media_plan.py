@@ -13,9 +13,10 @@ hold counts, never columns). The result is a `MediaPlan`: which media tokens are
 each row's layout. A call with a known signature then costs the mask search, one gather, one split and B
 fresh layout objects.
 
-The engine writes attributes (such as `group`) on the layouts it gets, so every call gets fresh `VisualLayout`
-objects (`fresh_layout`); the tensors in them are shared and read-only, as the adapters' layout caches already
-share them.
+The samples hold the plan's template layouts themselves: layouts are read-only to the engine and to the methods
+(a stage that labels its tokens, `Selection.group`, gets a copy, `engine/stage_run._apply_keep`; each stage that
+removes tokens makes new ones with `VisualLayout.select`), as the adapters' layout caches already share their
+tensors. `fresh_layout` copies a template where a caller needs its own.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class PlanCache:
         columns = host.columns if plan.gather is None else host.columns[plan.gather]
         tensor = torch.from_numpy(columns)
         parts = tensor.split_with_sizes(plan.sizes) if len(plan.sizes) > 1 else (tensor,)  # (no Python wrapper)
-        samples = [SampleMedia(part, fresh_layout(layout)) for part, layout in zip(parts, plan.layouts)]
+        samples = [SampleMedia(part, layout) for part, layout in zip(parts, plan.layouts)]  # (templates: read-only)
         return PlannedSamples(samples, plan, columns)
 
     def __len__(self) -> int:

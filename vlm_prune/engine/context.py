@@ -109,7 +109,7 @@ class SelectionContext:
         hidden_states: (L, D). The whole current sequence of this sample (no padding).
         visual_index: (N,) long. Where the visual tokens sit in `hidden_states`.
         input_ids: (L,) long. Token ids of the current sequence.
-        layout: the `VisualLayout` of the N visual tokens.
+        layout: the `VisualLayout` of the N visual tokens (read-only: the engine shares it between calls).
         seed: the seed for any randomness (same sample, same seed -> same choice, whatever the batch).
         attention_fn: (Q,) query indices into the current sequence -> (H, Q, L) attention probabilities
             of decoder layer k-1 (only at layer k >= 1 when the method asked for "attention"); called as

@@ -7,7 +7,6 @@ Values must not be mutated by their users (hand out copies of mutable containers
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -22,21 +21,21 @@ class SmallLRU(Generic[V]):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.size = size
-        self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self._items: dict[Hashable, V] = {}
         self.hits = self.misses = 0
 
     def get(self, key: Hashable, build: Callable[[], V]) -> V:
         """The value stored for `key`, built with `build()` (and stored) on a miss."""
         items = self._items
-        value = items.get(key, _MISSING)  # (the key hashed twice on a hit, not three times: keys are tuples)
+        value = items.pop(key, _MISSING)  # (a plain dict keeps insertion order: re-inserting makes it the newest)
         if value is not _MISSING:
-            items.move_to_end(key)
+            items[key] = value
             self.hits += 1
             return value
         self.misses += 1
         value = items[key] = build()
         if len(items) > self.size:
-            items.popitem(last=False)
+            del items[next(iter(items))]  # the least recently used: the oldest insertion
         return value
 
     def clear(self) -> None:

@@ -172,13 +172,16 @@ def trim_reference(
     The same values as `gather_reference(t, index, dim=2, fill)` for each tensor; the row index and the pad
     slots are found once per distinct (B, H, S) and device, not once per tensor. padded: whether `index` holds
     pad slots (-1), when the caller knows it on the host (False skips finding and filling them); None = find out."""
-    out, shared = [], {}
+    out, shared, on = [], {}, {}  # (on: the index on each device, moved once)
     for tensor in tensors:
-        idx = index.to(tensor.device)
+        device = tensor.device
+        idx = on.get(device)
+        if idx is None:
+            idx = on[device] = index.to(device)
         if tensor.ndim != 4 or not tensor.is_contiguous() or idx.shape[0] != tensor.shape[0]:
             out.append(gather_reference(tensor, idx, dim=2, fill=fill))
             continue
-        key = (tuple(tensor.shape[:3]), tensor.device)
+        key = (tensor.shape[:3], device)
         if key not in shared:
             if padded is False:  # the caller knows there is no pad slot: plain gathers
                 safe, pads, fill_here = idx, None, False
