@@ -144,6 +144,7 @@ def test_host_batch_matches_a_per_row_loop(batch, padding, mode, slots_known):
         rows = [row for row in range(batch) for c in present[row] if c not in removed[row]]
         assert [int(host.columns[r, s]) for r, s in zip(rows, new_slot().tolist())] == kept_columns
         assert host.current_counts == host.media_counts(host.present)
+        assert all(type(count) is int for row in host.current_counts for count in row)  # (they reach the stats)
     within = host.within[0]
     if within is SAME:  # no stage removed anything
         assert torch.equal(segment_columns, host.columns)

@@ -15,6 +15,7 @@ import torch
 
 _MIN_WIDTH = 4096  # (positions a buffer holds at first; it doubles past the longest sequence seen)
 _MAX_VIEWS = 64  # (prefill shapes whose views are kept)
+_CPU = torch.device("cpu")
 
 
 class SharedAranges:
@@ -54,6 +55,16 @@ class SharedAranges:
             self._keep((length, batch, rows, device), view)
         return view
 
+    def host_positions(self, length: int, batch: int) -> tuple[torch.Tensor, np.ndarray]:
+        """(`positions(0, length, batch, cpu)`, its numpy view): a prefill's host columns, both kept per shape."""
+        key = (length, batch, np.ndarray)
+        pair = self._views.get(key)
+        if pair is None:
+            view = self.positions(0, length, batch, _CPU)
+            pair = (view, view.numpy())
+            self._keep(key, pair)
+        return pair
+
     def all_true(self, batch: int, length: int) -> np.ndarray:
         """(batch, length) host bool, all set: the mask mirror of a call without a mask (read-only, shared)."""
         array = self._views.get((batch, length, bool))
@@ -63,7 +74,7 @@ class SharedAranges:
             self._keep((batch, length, bool), array)
         return array
 
-    def _keep(self, key: tuple, view) -> None:
+    def _keep(self, key: tuple, view: object) -> None:
         if len(self._views) >= _MAX_VIEWS:
             self._views.clear()
         self._views[key] = view

@@ -39,15 +39,23 @@ def read_call(call: dict) -> dict[str, torch.Tensor]:
 
     Returns {key: CPU tensor}; entries already on the CPU are returned as they are.
     """
-    keys = [key for key in ("input_ids", "attention_mask", *HOST_KEYS) if _readable(call.get(key))]
-    on_device = [key for key in keys if call[key].device.type != "cpu" or type(call[key]) is not torch.Tensor]
-    host = {key: call[key] for key in keys if key not in on_device}
+    host, on_device = {}, []
+    for key in _READ_KEYS:  # (one pass: most of the keys are absent from a call)
+        value = call.get(key)
+        if value is not None and _readable(value):
+            if type(value) is torch.Tensor and value.is_cpu:
+                host[key] = value
+            else:
+                on_device.append(key)
     if on_device:
         tensors = [call[key] for key in on_device]
         packed = torch.cat([t.reshape(-1).long() for t in tensors]).cpu()
         for key, tensor, part in zip(on_device, tensors, packed.split([t.numel() for t in tensors])):
             host[key] = part.view(tensor.shape).to(tensor.dtype)
     return host
+
+
+_READ_KEYS = ("input_ids", "attention_mask", *HOST_KEYS)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -278,11 +286,16 @@ class HostBatch:
     """
 
     def __init__(
-        self, columns: torch.Tensor, valid: torch.Tensor | np.ndarray, samples: list, columns_are_slots: bool = False
+        self, columns: torch.Tensor, valid: torch.Tensor | np.ndarray, samples: list, columns_are_slots: bool = False,
+        arrays: tuple[np.ndarray, bool] | None = None,
     ) -> None:
         """columns_are_slots: every row's columns are 0..L-1 (a prefill's own slots: the first compaction's columns
-        are then its index, no gather)."""
-        self._columns, self._valid = _numpy(columns), _numpy(valid)
+        are then its index, no gather); arrays: (the numpy view of `columns`, whether every slot is valid), when the
+        caller has them (`valid` is then a numpy array)."""
+        if arrays is None:
+            self._columns, self._valid = _numpy(columns), _numpy(valid)
+        else:
+            self._columns, self._valid = arrays[0], valid
         self._columns_are_slots = columns_are_slots
         #: (B, L) long torch view of `_columns` (replaced with it, never written)
         self.columns = columns if isinstance(columns, torch.Tensor) else torch.from_numpy(self._columns)
@@ -303,7 +316,7 @@ class HostBatch:
         self.current_counts = self.original_counts  # tokens per media item still present (updated per stage)
         self.index_padded = False  # whether the last stage's compaction index has pad slots
         self.has_pad_slots: bool | None = False  # whether any current slot is a pad slot (-1 column); None: unknown
-        self._all_valid: bool | None = None  # `all_valid`, once known
+        self._all_valid: bool | None = None if arrays is None else arrays[1]  # `all_valid`, once known
         # per in-LLM segment (`mark_segment`): (B, L) the slot within the segment's slots of every current slot (-1 =
         # pad), `SAME` when no stage compacted since, None when unknown (a stage grew the sequence)
         self._within: list = []
@@ -447,7 +460,7 @@ class HostBatch:
         """
         batch, length = self._columns.shape
         keep = _numpy(keep)
-        total_kept = np.count_nonzero(keep)
+        total_kept = int(np.count_nonzero(keep))  # (numpy 2 returns an np.int64: the counts are plain ints)
         if total_kept == len(keep):  # the stage kept everything: the slots stay as they are
             self.index_padded = False
             return None, None, lambda: plan.slots

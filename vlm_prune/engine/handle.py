@@ -401,9 +401,12 @@ class PruneHandle:
         host_mask = call.get("attention_mask") if mask is (self._call or {}).get("attention_mask") else None
         if host_mask is None and kwargs.get("attention_mask") is not None:
             host_mask = mask.cpu()  # a mask the language model got but the call did not (one more read)
-        valid = self._aranges.all_true(batch, length) if host_mask is None else host_mask.numpy() != 0  # (host)
-        host_columns = self._aranges.positions(0, length, batch, _CPU)  # (a view: the mirror replaces, never writes it)
-        host = HostBatch(host_columns, valid, media, columns_are_slots=True)
+        host_mask = None if host_mask is None else host_mask.numpy()
+        all_valid = host_mask is None or bool(np.count_nonzero(host_mask) == host_mask.size)  # (no padding: as b1)
+        valid = self._aranges.all_true(batch, length) if all_valid else host_mask != 0  # (host)
+        # (views of shared buffers: the mirror replaces them, never writes them)
+        host_columns, host_array = self._aranges.host_positions(length, batch)
+        host = HostBatch(host_columns, valid, media, columns_are_slots=True, arrays=(host_array, all_valid))
         samples = [_Sample(m, host.original_counts[row], host, row) for row, m in enumerate(media)]
         columns = host_columns if device.type == "cpu" else torch.arange(length, device=device).expand(batch, -1)
         stats = PruneStats.of_prefill(len(host.rows))
