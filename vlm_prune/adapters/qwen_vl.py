@@ -408,8 +408,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
         kwargs["visual_pos_masks"] = gather_tokens(masks.unsqueeze(-1), keep_columns.to(masks.device)).squeeze(-1)
         embeds = kwargs.get("deepstack_visual_embeds")
-        if embeds is not None:
-            kwargs["deepstack_visual_embeds"] = [e[visual_keep.to(e.device)] for e in embeds]
+        if embeds:  # the kept rows found once (on the host mask: no sync), then one index_select per layer
+            kept = visual_keep.nonzero().view(-1).to(embeds[0].device)
+            kwargs["deepstack_visual_embeds"] = [e.index_select(0, kept.to(e.device)) for e in embeds]
 
     def check_layer_stage(self, layer: int) -> None:
         depth = len(getattr(self.visual, "deepstack_visual_indexes", []))
