@@ -150,6 +150,7 @@ class LlavaAdapter(Adapter):
         # alive, so their ids cannot be reused while it is stored
         self._layouts: SmallLRU[tuple[VisualLayout, list]] = SmallLRU(32)
         self._counts_of_size: dict[tuple, int] = {}
+        self._grid_of_size: dict[tuple, tuple[int, int]] = {}  # (LLaVA-NeXT: high-resolution rows, width)
         self._plans = PlanCache(32)  # per-batch plans by (rows' image-token counts, the blocks' ids)
 
     def _cached_layout(self, blocks: list[torch.Tensor]) -> VisualLayout:
@@ -284,6 +285,10 @@ class LlavaNextAdapter(LlavaAdapter):
             with_images = is_image.sum(axis=1).tolist()
         total = sum(with_images)
         newline = getattr(self.model.model, "image_newline", None)
+        if newline is not None and base_count == side * side:  # the grids from image_sizes, when the call has them
+            blocks = self._blocks_from_sizes(call, total, side)
+            if blocks is not None:
+                return blocks
         all_newline = None if newline is None else _newline_flags(inputs_embeds, newline, is_image)
         counts = item_counts(call, "image")
         if counts is None:
@@ -338,6 +343,22 @@ class LlavaNextAdapter(LlavaAdapter):
                 "do not match the placeholders. Pass the processor's input_ids, pixel_values and image_sizes together"
             )
 
+    def _blocks_from_sizes(self, call: dict, total: int, side: int) -> list[torch.Tensor] | None:
+        """Every image's block from the call's `image_sizes` (the model's own grid helpers, once per size), or None
+        when they cannot tell: no sizes, pre-encoded features, a subclass that counts otherwise, or a prompt whose
+        image tokens are not all of the images (a chunk of a split prefill). The same blocks as the rows found from
+        the newline embeddings (`image_blocks`), without comparing the embeddings (a device read on a GPU)."""
+        if (call.get("image_sizes") is None or item_counts(call, "image") is not None
+                or type(self)._counts_from_sizes is not LlavaNextAdapter._counts_from_sizes):  # fmt: skip
+            return None
+        counts = self._counts_from_sizes(call)
+        if sum(counts) != total:
+            return None
+        base = _grid_block(0, side, side, t=0)
+        sizes = call["image_sizes"]
+        keys = [tuple(int(v) for v in size) for size in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
+        return [_hires_block(*self._grid_of_size[key], base) for key in keys]
+
     def _split_image_runs(self, counts: list[int], is_newline: np.ndarray | None) -> list[int]:
         """Split blocks that hold several images of fixed size (none on LLaVA-NeXT: anyres images vary).
 
@@ -364,6 +385,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 num_h, num_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)
                 height, width = unpad_image(torch.zeros(1, num_h * side, num_w * side), torch.tensor(size)).shape[-2:]
                 self._counts_of_size[key] = side * side + height * (width + 1)
+                self._grid_of_size[key] = (height, width)  # (rows of `width` tokens, each closed by a newline)
             counts.append(self._counts_of_size[key])
         return counts
 
