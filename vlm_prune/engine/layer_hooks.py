@@ -14,7 +14,7 @@ that wraps them (the sync counter, the benchmarks' timers) wraps the entries of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -22,8 +22,8 @@ from torch import nn
 class LayerHooks:
     """Forward pre-hooks (with kwargs) on some decoder layers, attached per forward."""
 
-    def __init__(self, layers: nn.ModuleList, hooks: dict[int, Callable]) -> None:
-        self.layers = layers
+    def __init__(self, layers: Sequence[nn.Module], hooks: dict[int, Callable]) -> None:
+        self.layers = list(layers)  # (a list: ModuleList indexing runs Python per layer, every prefill)
         self.hooks = hooks  # layer index -> hook(module, args, kwargs)
         self._attached: list = []  # RemovableHandle of every attached hook
 
