@@ -1,5 +1,5 @@
 """`engine/stage_run.run_stage` on a hand-built two-row forward (no model): the per-row contexts, the compaction
-of hidden / columns / mask / rope, the shift, the samples' pending masks, the stats and the merged features,
+of hidden / columns / mask / rope, the shift, the samples' layouts, the stats and the merged features,
 against results written out by hand."""
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ rope, shift, samples and the host mirror `HostBatch`) and changes it in place:
    lazily computed signals, attention rows and later segments) and calls the stage's `select`; attention rows
    at host-int queries (the last token) come from one batched recompute for the stage (`stage_attention.py`);
 3. `read_keeps` concatenates the keep masks and reads them in ONE device->host copy (the stage's only sync);
-4. `_apply_keep` advances the host mirror, checks the budgets, records the samples' pending masks and compacts
-   hidden states, columns, mask and rotary positions in one `compact_sequence` (fused on CUDA);
+4. `_apply_keep` advances the host mirror, checks the budgets, records the stage's keep mask for the samples'
+   layouts (`HostBatch.stage_keeps`) and compacts hidden states, columns, mask and rotary positions in one
+   `compact_sequence` (fused on CUDA);
 5. `_replace_features`: merging methods' kept tokens take the features the method gave them (one scatter).
 """
 
