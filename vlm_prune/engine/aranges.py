@@ -61,7 +61,9 @@ class SharedAranges:
         pair = self._views.get(key)
         if pair is None:
             view = self.positions(0, length, batch, _CPU)
-            pair = (view, view.numpy())
+            array = view.numpy()
+            array.flags.writeable = False  # (shared by every call of the shape: a stray write raises)
+            pair = (view, array)
             self._keep(key, pair)
         return pair
 
