@@ -135,6 +135,15 @@ def _newline_flags(inputs_embeds: torch.Tensor, newline: torch.Tensor, is_image:
     return flags.cpu().numpy()[is_image[:, first:end]]
 
 
+def _size_keys(call: dict) -> list[tuple[int, ...]]:
+    """The call's `image_sizes`, one (height, width) tuple per image; a clear error when the call has none."""
+    image_sizes = call.get("image_sizes")
+    if image_sizes is None:
+        raise InputError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+    sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+    return [tuple(int(v) for v in size) for size in sizes]
+
+
 def _layout_key(blocks: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(id(block) for block in blocks)
 
@@ -149,7 +158,6 @@ class LlavaAdapter(Adapter):
         # per-sample layouts keyed by the (cached, so stable) blocks they are made of; an entry keeps its blocks
         # alive, so their ids cannot be reused while it is stored
         self._layouts: SmallLRU[tuple[VisualLayout, list]] = SmallLRU(32)
-        self._counts_of_size: dict[tuple, int] = {}
         self._grid_of_size: dict[tuple, tuple[int, int]] = {}  # (LLaVA-NeXT: high-resolution rows, width)
         self._plans = PlanCache(32)  # per-batch plans by (rows' image-token counts, the blocks' ids)
 
@@ -351,13 +359,11 @@ class LlavaNextAdapter(LlavaAdapter):
         if (call.get("image_sizes") is None or item_counts(call, "image") is not None
                 or type(self)._counts_from_sizes is not LlavaNextAdapter._counts_from_sizes):  # fmt: skip
             return None
-        counts = self._counts_from_sizes(call)
-        if sum(counts) != total:
+        grids = [self._anyres_grid(key) for key in _size_keys(call)]
+        if sum(side * side + rows * (width + 1) for rows, width in grids) != total:
             return None
         base = _grid_block(0, side, side, t=0)
-        sizes = call["image_sizes"]
-        keys = [tuple(int(v) for v in size) for size in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
-        return [_hires_block(*self._grid_of_size[key], base) for key in keys]
+        return [_hires_block(rows, width, base) for rows, width in grids]
 
     def _split_image_runs(self, counts: list[int], is_newline: np.ndarray | None) -> list[int]:
         """Split blocks that hold several images of fixed size (none on LLaVA-NeXT: anyres images vary).
@@ -367,27 +373,22 @@ class LlavaNextAdapter(LlavaAdapter):
         return counts
 
     def _counts_from_sizes(self, call: dict) -> list[int]:
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            unpad_image,
-        )
-
-        config = self.model.config
-        image_sizes = call.get("image_sizes")
-        if image_sizes is None:
-            raise InputError("LLaVA-NeXT needs image_sizes (the processor returns them)")
-        vision = config.vision_config
         side = self._grid_side()
-        counts = []
-        for size in image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes:
-            key = tuple(int(v) for v in size)
-            if key not in self._counts_of_size:  # the model's own helpers, once per image size
-                num_h, num_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)
-                height, width = unpad_image(torch.zeros(1, num_h * side, num_w * side), torch.tensor(size)).shape[-2:]
-                self._counts_of_size[key] = side * side + height * (width + 1)
-                self._grid_of_size[key] = (height, width)  # (rows of `width` tokens, each closed by a newline)
-            counts.append(self._counts_of_size[key])
-        return counts
+        return [side * side + rows * (width + 1) for rows, width in map(self._anyres_grid, _size_keys(call))]
+
+    def _anyres_grid(self, size: tuple[int, ...]) -> tuple[int, int]:
+        """(rows, width) of an image's high-resolution part, each row closed by a newline token: the model's own
+        helpers, once per image size."""
+        grid = self._grid_of_size.get(size)
+        if grid is None:
+            from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+            config, side = self.model.config, self._grid_side()
+            pinpoints, tile = config.image_grid_pinpoints, config.vision_config.image_size
+            num_h, num_w = get_anyres_image_grid_shape(size, pinpoints, tile)
+            height, width = unpad_image(torch.zeros(1, num_h * side, num_w * side), torch.tensor(size)).shape[-2:]
+            grid = self._grid_of_size[size] = (int(height), int(width))
+        return grid
 
     def vision_attention_layer(self) -> nn.Module | None:
         return None  # anyres crops are packed after the tower; no per-token mapping yet

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from itertools import accumulate
 
 import numpy as np
@@ -238,29 +238,21 @@ def media_template(samples: list) -> tuple[MediaTemplate, np.ndarray]:
     return template, samples.columns
 
 
-class _NewSlots:
-    """The new slot of every kept visual token after a stage, row-major ((K,) int64), made on first call."""
-
-    def __init__(self, source: np.ndarray, plan: StageInput, keep: np.ndarray, batch: int, width: int,
-                 row_shift: np.ndarray | None) -> None:  # fmt: skip
-        self._args, self._value = (source, plan, keep, batch, width, row_shift), None
-
-    def __call__(self) -> np.ndarray:
-        if self._value is None:
-            source, plan, keep, batch, width, row_shift = self._args
-            # a kept slot's new slot: its place in `source` less its row's start there, plus the row's left padding
-            position = source.searchsorted(plan.flat[keep])
-            if batch == 1:  # one row, no left padding: a kept slot's place in `source` is its new slot
-                self._value = position
-            elif row_shift is None:  # every row keeps `width` slots: row r's start in `source` is r * width
-                self._value = position % width
-            else:
-                self._value = position - row_shift[plan.rows[keep]]
-        return self._value
+def _new_slots(source: np.ndarray, plan: StageInput, keep: np.ndarray, batch: int, width: int,
+               row_shift: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """The new slot of every kept visual token after a stage, row-major ((K,) int64): a kept slot's place in
+    `source` (the kept flat slots) less its row's start there, plus the row's left padding (`row_shift`, or None
+    when every row keeps `width` slots)."""
+    position = source.searchsorted(plan.flat[keep])
+    if batch == 1:  # one row, no left padding: a kept slot's place in `source` is its new slot
+        return position
+    if row_shift is None:  # every row keeps `width` slots: row r's start in `source` is r * width
+        return position % width
+    return position - row_shift[plan.rows[keep]]
 
 
 def _advance_slots(previous: np.ndarray | None, gone: np.ndarray | None, kept_tokens: np.ndarray,
-                   new_slot: _NewSlots, count: int) -> np.ndarray:  # fmt: skip
+                   new_slot: Callable[[], np.ndarray], count: int) -> np.ndarray:  # fmt: skip
     """The mirror's `slot` after a stage: -1 for the tokens it removed (all absent ones, at the first stage, where
     `previous` is None and `kept_tokens` masks all `count`), the new slot for those it kept. A new array."""
     if previous is None:
@@ -492,7 +484,7 @@ class HostBatch:
         if self.index_padded:  # row r's start in `source`, less its left padding in the new layout
             row_shift = np.asarray(list(accumulate(lengths[:-1], initial=0)), dtype=np.int64)
             row_shift -= width - np.asarray(lengths, dtype=np.int64)
-        new_slot = _NewSlots(source, plan, keep, batch, width, row_shift)
+        new_slot = cache(partial(_new_slots, source, plan, keep, batch, width, row_shift))  # (made once, on call)
         previous = None if first_stage else self.slot
         self._slot_todo = partial(_advance_slots, previous, gone, kept_tokens, new_slot, len(keep))
         slots_known = self._columns_are_slots

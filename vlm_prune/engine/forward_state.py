@@ -13,6 +13,7 @@ import torch
 from vlm_prune.adapters.base import SampleMedia
 from vlm_prune.engine.batch import HostBatch
 from vlm_prune.engine.context import VisualLayout
+from vlm_prune.engine.records import defaults, fresh
 from vlm_prune.engine.stats import PruneStats
 
 
@@ -99,14 +100,11 @@ class _Forward:
         """A state with `values`, the other fields at their defaults: the dataclass __init__'s result without its
         generated code (it runs in every forward). The mutable defaults are new empty containers, as the fields'
         own factories make them (`_FORWARD_FACTORIES`, checked by the tests)."""
-        forward = object.__new__(cls)
-        forward.__dict__.update({**_FORWARD_DEFAULTS, "samples": [], "host_segments": [], "segments": [],
-                                 "layer_masks": {}, "reentry": {}, **values})  # fmt: skip
-        return forward
+        return fresh(cls, {**_FORWARD_DEFAULTS, "samples": [], "host_segments": [], "segments": [], "layer_masks": {},
+                           "reentry": {}, **values})  # fmt: skip
 
 
-_FORWARD_DEFAULTS = {name: value.default for name, value in _Forward.__dataclass_fields__.items()
-                     if value.default is not MISSING}  # fmt: skip
+_FORWARD_DEFAULTS = defaults(_Forward)
 #: the fields with factories, and what `_fresh` makes for them (one literal each, in one call)
 _FORWARD_FACTORIES = {name: value.default_factory for name, value in _Forward.__dataclass_fields__.items()
                       if value.default_factory is not MISSING}  # fmt: skip

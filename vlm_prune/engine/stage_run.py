@@ -29,6 +29,7 @@ from vlm_prune.engine.attention_rows import stage_rows_fn
 from vlm_prune.engine.batch import StageInput, row_views, to_device
 from vlm_prune.engine.calls import read_keeps, segments_later
 from vlm_prune.engine.context import Selection, SelectionContext
+from vlm_prune.engine.records import defaults, fresh
 from vlm_prune.engine.reentry import remember
 from vlm_prune.engine.signals import SignalRecorder
 from vlm_prune.engine.stage_attention import StageAttention
@@ -169,11 +170,10 @@ class _RowContext(SelectionContext):
         """views: (hidden (B, L, D), ids (B, L) or `_Once`, padded `_Once`, adapter, host ids (B, L0), host columns
         (B, L), the forward's samples), shared by the stage's rows; slots: the row's first valid slot (an int: its
         valid slots are first..L-1) or (its (V,) valid slots on the device, the same on the host)."""
-        ctx = object.__new__(cls)  # (the dataclass defaults, then the values: no __init__ per row)
-        ctx.__dict__.update(_CONTEXT_DEFAULTS, extras={}, _views=views, _row=row, _slots=slots, layer=layer,
-                            num_visual=num_visual, budget=budget, budget_per_media=budget_per_media,
-                            visual_features=visual_features, layout=layout, seed=seed)  # fmt: skip
-        return ctx
+        return fresh(cls, {**_CONTEXT_DEFAULTS, "extras": {}, "_views": views, "_row": row, "_slots": slots,
+                           "layer": layer, "num_visual": num_visual, "budget": budget,
+                           "budget_per_media": budget_per_media, "visual_features": visual_features, "layout": layout,
+                           "seed": seed})  # (the dataclass defaults, then the values: no __init__ per row)
 
     def _device_slots(self, length: int):
         """The row's valid slots for indexing the device tensors: a slice first..L-1, or the (V,) slots."""
@@ -217,8 +217,7 @@ class _RowContext(SelectionContext):
 
 
 _CONTEXT_DEFAULTS = {  # (`segments_fn` is `_RowContext`'s own, made on first read)
-    f.name: f.default for f in dataclasses.fields(SelectionContext)
-    if f.default is not dataclasses.MISSING and f.name != "segments_fn"
+    name: value for name, value in defaults(SelectionContext).items() if name != "segments_fn"
 }
 _UNSET = object()
 

@@ -167,10 +167,8 @@ def finish_prefill_stats(
 
 def cache_bytes(cache, length0: int) -> tuple[int, int]:
     """(bytes the cache's keys and values hold, bytes they would hold for `length0` positions); shapes only."""
-    try:  # (one comprehension over the layers: this runs once per prefill, per layer of a deep model)
-        sizes = [(layer.keys.nbytes, layer.values.nbytes, layer.keys.shape[-2]) for layer in cache.layers]
-    except AttributeError:  # a layer without tensors (not filled, or another kind of cache layer)
-        sizes = [(layer.keys.nbytes, layer.values.nbytes, layer.keys.shape[-2]) for layer in cache.layers
-                 if isinstance(getattr(layer, "keys", None), torch.Tensor)]  # fmt: skip
+    # (one comprehension over the layers, those without tensors skipped: this runs once per prefill, per layer)
+    sizes = [(layer.keys.nbytes, layer.values.nbytes, layer.keys.shape[-2]) for layer in cache.layers
+             if isinstance(getattr(layer, "keys", None), torch.Tensor)]  # fmt: skip
     total = sum([keys + values for keys, values, _ in sizes])
     return total, sum([keys // (length or 1) * 2 for keys, _, length in sizes]) * length0

@@ -19,14 +19,7 @@ from __future__ import annotations
 import torch
 
 from vlm_prune.kernels.backend import KernelBackendError, resolve_backend
-from vlm_prune.kernels.reference import (
-    Compacted,
-    compact_reference,
-    flat_rows,
-    gather_reference,
-    take_rows,
-    trim_reference,
-)
+from vlm_prune.kernels.reference import Compacted, compact_reference, gather_reference, take_rows_all, trim_reference
 
 
 def _as_4d(x: torch.Tensor, dim: int) -> torch.Tensor | None:
@@ -136,18 +129,6 @@ def compact_sequence(
     return compact_triton(hidden, index, columns, mask, rope)
 
 
-def _take_all(tensors: tuple[torch.Tensor, ...], index: torch.Tensor) -> list[torch.Tensor]:
-    """`take_rows(t, 1, index)` of every (B, L, d) tensor, the row index made once per (B, L) and contiguity."""
-    shared: dict[tuple, torch.Tensor | None] = {}
-    out = []
-    for tensor in tensors:
-        key = (tensor.shape[:2], tensor.is_contiguous())
-        if key not in shared:
-            shared[key] = index[0] if index.shape[0] == 1 else flat_rows(tensor, 1, index) if key[1] else None
-        out.append(take_rows(tensor, 1, index, shared[key]))
-    return out
-
-
 def trim_layers(
     tensors: list[torch.Tensor],
     index: torch.Tensor,
@@ -201,7 +182,7 @@ def gather_many(
         _check_index(tensor, index)
     if padded is False and all(t.ndim == 3 for t in tensors) and resolve_backend(tensors[0]) == "torch":
         # no pad slot (known on the host): one row index for every (B, L, d) tensor, one index_select each
-        return _take_all(tensors, index)
+        return take_rows_all(tensors, index)
     together = [t.ndim == 3 for t in tensors]
     out = [None if joint else gather_tokens(t, index, 1, fill, padded=padded) for t, joint in zip(tensors, together)]
     joint = [t.unsqueeze(1) for t, flag in zip(tensors, together) if flag]

@@ -59,6 +59,19 @@ def flat_rows(x: torch.Tensor, dim: int, safe: torch.Tensor) -> torch.Tensor:
     return (starts + safe.unsqueeze(1)).reshape(-1)
 
 
+def take_rows_all(tensors: tuple[torch.Tensor, ...], index: torch.Tensor) -> list[torch.Tensor]:
+    """`take_rows(t, 1, index)` of every (B, L, d) tensor at the (B, L') `index` (no -1), the row index made once
+    per (B, L) and contiguity (as `trim_reference` makes it once per cache shape)."""
+    shared: dict[tuple, torch.Tensor | None] = {}
+    out = []
+    for tensor in tensors:
+        key = (tensor.shape[:2], tensor.is_contiguous())
+        if key not in shared:
+            shared[key] = index[0] if index.shape[0] == 1 else flat_rows(tensor, 1, index) if key[1] else None
+        out.append(take_rows(tensor, 1, index, shared[key]))
+    return out
+
+
 def gather_reference(
     x: torch.Tensor, index: torch.Tensor, dim: int = 1, fill: float | int = 0, padded: bool | None = None
 ) -> torch.Tensor:
