@@ -7,6 +7,7 @@ faster on CPU), one per tensor, exactly what the engine did before the fused ker
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +27,53 @@ class Compacted(NamedTuple):
     columns: torch.Tensor | None
     mask: torch.Tensor | None
     rope: torch.Tensor | None
+
+
+class PadSlots:
+    """The pad slots (-1) of a (B, L') index, found once, and filled in every tensor gathered with it.
+
+    A plain CPU index is read in numpy (a few array ops, ~1 us each, against ~5-10 us per small torch op in the
+    engine's hooks) and its pads are filled with one `index_fill_` of the pad rows, in place; a device index (or
+    its stand-in, a tensor subclass: `engine/syncs.py`) keeps torch ops and fills every time, since asking whether
+    it has pads would sync the device. Either way the values are `masked_fill(pads, value)`'s.
+
+    safe: (B, L') the index with its pads at slot 0 (every entry a valid slot to gather).
+    any:  whether to fill (False only when the host knows the index has no pad slot).
+    """
+
+    __slots__ = ("safe", "any", "_host", "_device", "_rows")
+
+    def __init__(self, index: torch.Tensor, padded: bool | None = None) -> None:
+        self._host = self._device = None
+        self._rows: dict[int, torch.Tensor] = {}
+        if padded is False:  # the caller knows there is no pad slot
+            self.safe, self.any = index, False
+        elif index.device.type == "cpu" and type(index) is torch.Tensor:
+            host = index.numpy()
+            pads = host < 0
+            self.any = bool(pads.any())
+            self.safe, self._host = (torch.from_numpy(np.maximum(host, 0)), pads) if self.any else (index, None)
+        else:
+            self.safe, self.any, self._device = index.clamp(min=0), True, index < 0
+
+    def fill_(self, out: torch.Tensor, value: float | int, batch_axis: int = 0, seq_axis: int = 1) -> torch.Tensor:
+        """Fill the pad slots of `out` (..., B, [G...,] L', ...) in place, with B at `batch_axis` and L' at
+        `seq_axis`; returns `out` (a new tensor from a gather: never a view of the caller's)."""
+        if not self.any:
+            return out
+        if self._host is None or not out.is_contiguous():  # (a one-row gather of a strided tensor keeps strides)
+            pads = torch.from_numpy(self._host) if self._device is None else self._device
+            shape = [1] * out.ndim
+            shape[batch_axis], shape[seq_axis] = pads.shape
+            return out.masked_fill_(pads.view(shape), value)
+        groups = math.prod(out.shape[batch_axis + 1 : seq_axis])
+        rows = self._rows.get(groups)
+        if rows is None:  # the flat (B * G * L',) positions of the pad slots, once per G
+            pads = self._host if groups == 1 else np.broadcast_to(
+                self._host[:, None, :], (self._host.shape[0], groups, self._host.shape[1]))  # fmt: skip
+            rows = self._rows[groups] = torch.from_numpy(np.flatnonzero(pads))
+        out.view(*out.shape[:batch_axis], -1, *out.shape[seq_axis + 1 :]).index_fill_(batch_axis, rows, value)
+        return out
 
 
 def take_rows(x: torch.Tensor, dim: int, safe: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,23 +139,16 @@ def gather_reference(
     dim = dim % x.ndim
     if padded is False and dim in (1, 2) and x.shape[0] == index.shape[0]:
         return take_rows(x, dim, index)
-    valid = index >= 0
-    safe = index.clamp(min=0)
-    # Broadcast the (B, L') index over every axis except batch (0) and `dim`.
-    view_shape = [1] * x.ndim
-    view_shape[0] = safe.shape[0]
-    view_shape[dim] = safe.shape[1]
-    expand_shape = list(x.shape)
-    expand_shape[dim] = safe.shape[1]
-    if dim in (1, 2) and x.ndim >= dim + 1 and x.shape[0] == safe.shape[0]:
-        out = take_rows(x, dim, safe)
-    else:
-        out = torch.gather(x, dim, safe.view(view_shape).expand(expand_shape))
-    # On an accelerator asking whether there are pad slots would sync the device; filling costs less than that.
-    # (A tensor subclass stands for a device tensor in the CPU sync counter, `engine/syncs.py`: same rule.)
-    if x.device.type != "cpu" or type(index) is not torch.Tensor or not bool(valid.all()):
-        out = out.masked_fill(~valid.view(view_shape).expand(expand_shape), fill)
-    return out
+    pads = PadSlots(index, padded)
+    if dim in (1, 2) and x.ndim >= dim + 1 and x.shape[0] == index.shape[0]:
+        out = take_rows(x, dim, pads.safe)
+    else:  # broadcast the (B, L') index over every axis except batch (0) and `dim`
+        view_shape = [1] * x.ndim
+        view_shape[0], view_shape[dim] = index.shape
+        expand_shape = list(x.shape)
+        expand_shape[dim] = index.shape[1]
+        out = torch.gather(x, dim, pads.safe.view(view_shape).expand(expand_shape)).contiguous()
+    return pads.fill_(out, fill, 0, dim)
 
 
 def compact_reference(
@@ -131,36 +172,25 @@ def compact_reference(
     `gather_reference` calls, in fewer host ops: this runs once per stage in the engine's hot path).
     """
     length = hidden.shape[1]
-    if padded is False:  # the caller knows there is no pad slot: plain gathers
-        pads, safe, fill = None, index, False
-    else:
-        pads = index < 0
-        safe = index.clamp(min=0)
-        # on an accelerator (or its CPU stand-in, `engine/syncs.py`) asking whether there are pad slots would sync
-        fill = padded or hidden.device.type != "cpu" or type(index) is not torch.Tensor or bool(pads.any())
+    pads = PadSlots(index, padded)
+    safe = pads.safe
     # hidden's row index (B * L',) into (B * L, D): the (B, L) and (R, B, L) side tensors take it too (one row:
     # its slots, taken once for the four tensors)
     if safe.shape[0] == 1:
         flat = safe[0] if hidden.shape[0] == 1 else None
     else:
         flat = flat_rows(hidden, 1, safe) if hidden.is_contiguous() else None
-    new_hidden = take_rows(hidden, 1, safe, flat)
-    if fill:
-        new_hidden = new_hidden.masked_fill_(pads.unsqueeze(-1), 0)
-    new_columns = None if columns is None else take_rows(columns, 1, safe, flat)
-    if new_columns is not None and fill:
-        new_columns = new_columns.masked_fill_(pads, -1)
+    new_hidden = pads.fill_(take_rows(hidden, 1, safe, flat), 0)
+    new_columns = None if columns is None else pads.fill_(take_rows(columns, 1, safe, flat), -1)
     new_mask = None
     if mask is not None:
         past = mask.shape[1] - length
-        current = take_rows(mask[:, past:] if past else mask, 1, safe, flat)
-        current = current.masked_fill_(pads, 0) if fill else current
+        current = pads.fill_(take_rows(mask[:, past:] if past else mask, 1, safe, flat), 0)
         new_mask = torch.cat([mask[:, :past], current], dim=1) if past else current
     new_rope = None
     if rope is not None:
         rows = rope.unsqueeze(0) if rope.ndim == 2 else rope
-        new_rope = _take_rope_rows(rows, safe, flat)
-        new_rope = new_rope.masked_fill_(pads.unsqueeze(0), 0) if fill else new_rope
+        new_rope = pads.fill_(_take_rope_rows(rows, safe, flat), 0, 1, 2)
         if rope.ndim == 2:
             new_rope = new_rope[0]
     return Compacted(new_hidden, new_columns, new_mask, new_rope)
@@ -196,16 +226,9 @@ def trim_reference(
             continue
         key = (tensor.shape[:3], device)
         if key not in shared:
-            if padded is False:  # the caller knows there is no pad slot: plain gathers
-                safe, pads, fill_here = idx, None, False
-            else:
-                valid = idx >= 0
-                safe, pads = idx.clamp(min=0), ~valid.view(valid.shape[0], 1, -1, 1)
-                on_device = tensor.device.type != "cpu" or type(idx) is not torch.Tensor
-                fill_here = padded or on_device or not bool(valid.all())
+            pads = PadSlots(idx, padded)
             # (one row: its slots, taken once for every tensor of the shape)
-            shared[key] = (safe, flat_rows(tensor, 2, safe) if safe.shape[0] > 1 else safe[0], pads, fill_here)
-        safe, flat, pads, fill_here = shared[key]
-        trimmed = take_rows(tensor, 2, safe, flat)
-        out.append(trimmed.masked_fill(pads, fill) if fill_here else trimmed)
+            shared[key] = (pads, flat_rows(tensor, 2, pads.safe) if pads.safe.shape[0] > 1 else pads.safe[0])
+        pads, flat = shared[key]
+        out.append(pads.fill_(take_rows(tensor, 2, pads.safe, flat), fill, 0, 2))
     return out
