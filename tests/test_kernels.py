@@ -28,7 +28,7 @@ from vlm_prune.kernels import (
     resolve_backend,
     trim_layers,
 )
-from vlm_prune.kernels.reference import compact_reference, gather_reference, trim_reference
+from vlm_prune.kernels.reference import PadSlots, compact_reference, gather_reference, trim_reference
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the child pytest with TRITON_INTERPRET=1")
@@ -455,3 +455,38 @@ def test_triton_kernels_bit_equal_under_the_interpreter():
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]  # e.g. "17 passed, 27 deselected in 6.1s"
     assert re.search(r"\b\d+ passed", summary) and "skipped" not in summary, result.stdout[-2000:]
+
+
+class _DeviceIndex(torch.Tensor):
+    """A CPU tensor that stands for a device index (as `engine/syncs.py` marks one): PadSlots keeps torch ops."""
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("layout", ["hidden", "mask", "rope", "cache"])
+def test_pad_slots_fill_equals_masked_fill(seed, layout):
+    """PadSlots fills exactly the -1 slots, on the host path (numpy, index_fill_ of the pad rows) and on the device
+    path (masked_fill_), for every layout the gathers make; the hand-built expectation is a masked_fill."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, width = 1 + seed * 2, 7
+    index = torch.randint(0, 9, (batch, width), generator=generator)
+    pad_counts = torch.randint(0, width + 1, (batch,), generator=generator)
+    pad_counts[0] = 0  # a row that keeps everything beside ragged ones
+    for row, count in enumerate(pad_counts.tolist()):
+        index[row, :count] = -1
+    shapes = {"hidden": ((batch, width, 5), 0, 1), "mask": ((batch, width), 0, 1),
+              "rope": ((3, batch, width), 1, 2), "cache": ((batch, 2, width, 4), 0, 2)}  # fmt: skip
+    shape, batch_axis, seq_axis = shapes[layout]
+    values = torch.randn(shape, generator=generator)
+    where = [1] * len(shape)
+    where[batch_axis], where[seq_axis] = batch, width
+    expected = values.masked_fill((index < 0).view(where), -3.0)
+    for probe in (index, index.as_subclass(_DeviceIndex)):
+        pads = PadSlots(probe)
+        assert torch.equal(pads.safe, index.clamp(min=0))
+        out = pads.fill_(values.clone(), -3.0, batch_axis, seq_axis)
+        assert torch.equal(out, expected), type(probe)
+        strided = values.clone().transpose(-1, -2).contiguous().transpose(-1, -2) if values.ndim > 2 else None
+        if strided is not None:  # a non-contiguous output takes the masked path, same values
+            assert torch.equal(pads.fill_(strided, -3.0, batch_axis, seq_axis), expected)
+    assert PadSlots(index, padded=False).any is False
+    assert PadSlots(index[:1]).any is False  # the first row has no pad slot: nothing to fill, index kept
