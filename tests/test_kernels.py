@@ -263,6 +263,53 @@ def test_known_pad_flags_against_a_hand_loop(batch):
                 assert torch.equal(trimmed[row, :, slot], key) and torch.equal(gathered[row, slot], token)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 5])
+@pytest.mark.parametrize("strided", [False, True])
+def test_unread_pads_change_only_the_pad_slots(batch, strided):
+    """unread_pads=True (the cache trim and the rotary cos / sin: pad slots are never read) gives the hand loop's
+    values at every kept slot; a pad slot holds the row's slot-0 values on the torch path (a gather at the clamped
+    index, without the fill), never something from another row or uninitialised memory."""
+    generator = torch.Generator().manual_seed(20 + batch)
+    index = ragged_index(generator, batch, 6)
+    keys = torch.randn(batch, 6, 2, 3, generator=generator).transpose(1, 2) if strided else torch.randn(
+        batch, 2, 6, 3, generator=generator)  # fmt: skip
+    values = torch.randn(batch, 1, 6, 4, generator=generator)
+    cos, sin = torch.randn(2, batch, 6, 4, generator=generator).unbind(0)
+    trimmed = trim_layers([keys, values], index, fill=7.0, unread_pads=True)
+    rotary = gather_many((cos, sin), index, fill=7.0, unread_pads=True)
+    for row in range(batch):
+        for slot in range(index.shape[1]):
+            source = max(int(index[row, slot]), 0)
+            assert torch.equal(trimmed[0][row, :, slot], keys[row, :, source])
+            assert torch.equal(trimmed[1][row, :, slot], values[row, :, source])
+            assert torch.equal(rotary[0][row, slot], cos[row, source])
+            assert torch.equal(rotary[1][row, slot], sin[row, source])
+    assert all(t.is_contiguous() for t in (*trimmed, *rotary))
+    if batch > 1:  # (a ragged index: the default fills its pad slots, as before)
+        assert (index == -1).any() and (trim_layers([keys], index, fill=7.0)[0].transpose(1, 2)[index < 0] == 7).all()
+
+
+@pytest.mark.parametrize("seed, batch, rope_rows, past, strided", [
+    (0, 1, 0, 0, False), (1, 3, 3, 0, False), (2, 4, 1, 2, False), (3, 5, 4, 0, True), (4, 2, 0, 3, True),
+])  # fmt: skip
+def test_compact_side_tensors_in_numpy_equal_the_torch_gathers(seed, batch, rope_rows, past, strided):
+    """A host index takes the columns, mask and rotary positions in numpy; a device index (its stand-in) the torch
+    gathers. Same dtypes and values (pads: -1 columns, 0 elsewhere), ragged or not, contiguous or not, with past
+    columns in the mask; float masks (numpy) and bf16 ones (torch only) too."""
+    from vlm_prune.engine.syncs import on_device
+
+    hidden, index, columns, mask, rope = _compact_case(seed, torch.float32, batch, rope_rows, past, strided)
+    for side_mask in (mask, mask.float(), mask.to(torch.bfloat16)):
+        host = compact_reference(hidden, index, columns, side_mask, rope)
+        device = compact_reference(*on_device((hidden, index, columns, side_mask, rope)))
+        full = torch.arange(index.shape[1]).expand(batch, -1) if index.shape[1] <= hidden.shape[1] else None
+        for got, want in zip(host, device):
+            assert type(got) is torch.Tensor and same_bits(got, want.as_subclass(torch.Tensor))
+        if full is not None:  # an index without pads (padded=False), every slot kept
+            plain = compact_reference(hidden, full.contiguous(), columns, side_mask, rope, padded=False)
+            assert torch.equal(plain.mask[:, past:], side_mask[:, past:][:, : full.shape[1]])
+
+
 def test_reference_reads_nothing_back_off_the_cpu():
     """On meta tensors any host read (`bool`, `item`) raises: the reference path must need none off the CPU."""
     hidden = torch.empty(3, 6, 4, device="meta")
@@ -363,6 +410,9 @@ def test_interpreted_trim_layers_bit_equal(seed, dtypes, batch, heads, strided, 
         assert len(actual) == len(expected)
         for position, (got, want) in enumerate(zip(actual, expected)):
             assert same_bits(got, want), position
+    # unread pads: the kernel still writes the fill (in the same launch), so the reference's bits
+    for got, want in zip(trim_layers(tensors, index, -1.5, backend="triton", unread_pads=True), expected):
+        assert same_bits(got, want)
 
 
 @interpreted

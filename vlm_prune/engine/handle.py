@@ -559,7 +559,7 @@ class PruneHandle:
                     rope = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
                     cos, sin = self.adapter.rotary(hidden, rope)
             else:
-                cos, sin = gather_many((cos, sin), slot_index, padded=forward.host.index_padded)  # (host flag)
+                cos, sin = gather_many((cos, sin), slot_index, padded=forward.host.index_padded, unread_pads=True)
         batch, length = forward.columns.shape
         cache = cache_of(kwargs)
         contiguous = self._aranges.positions(0, length, batch, hidden.device)

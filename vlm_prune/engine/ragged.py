@@ -97,10 +97,12 @@ def trim_segments(
             if known is not None or seg_host.shape != host_final.shape or not torch.equal(seg_host, host_final):
                 known = positions_within(seg_host, host_final) if known is None else known
                 index = to_device(known, final_columns.device)
-                padded = _has_pads(known) if host is not None else None  # (decided on the host)
-                # every layer's keys and values in one launch on CUDA (Triton), the torch reference elsewhere
+                # every layer's keys and values in one launch on CUDA (Triton), the torch reference elsewhere; the
+                # pad slots are masked in every later call (their columns are -1), so they are not filled
                 entries = [cache.layers[layer] for layer in range(first, end)]
-                trimmed = trim_layers([e.keys for e in entries] + [e.values for e in entries], index, padded=padded)
+                tensors = [e.keys for e in entries] + [e.values for e in entries]
+                trimmed = trim_layers(tensors, index, padded=None if host is None else _has_pads(known),
+                                      unread_pads=True)  # fmt: skip
                 for entry, keys, values in zip(entries, trimmed, trimmed[len(entries) :]):
                     entry.keys, entry.values = keys, values
             seg_columns, seg_host = final_columns, host_final

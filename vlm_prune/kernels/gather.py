@@ -135,6 +135,7 @@ def trim_layers(
     fill: float | int = 0,
     backend: str = "auto",
     padded: bool | None = None,
+    unread_pads: bool = False,
 ) -> list[torch.Tensor]:
     """Gather every cache tensor down to the kept slots, in one launch on the Triton backend.
 
@@ -145,6 +146,9 @@ def trim_layers(
         backend: "auto", "triton" or "torch" (see `kernels/backend.py`).
         padded: whether `index` holds pad slots, when the caller knows it on the host (the torch path then skips
             finding and filling them); None = find out.
+        unread_pads: the caller never reads the pad slots (a cache's pad slots are masked in every later call), so
+            their values are unspecified: finite values of the same row (the torch path gathers them from slot 0
+            and skips the fill; the Triton kernel writes `fill`, in the same launch). Non-pad slots are the same.
 
     Returns:
         The trimmed tensors, (B, H_i, S', d_i) each, new and contiguous, in the order given.
@@ -159,7 +163,7 @@ def trim_layers(
                 f"{tuple(tensor.shape)} on {tensor.device}"
             )
     if resolve_backend(tensors[0], backend) == "torch":
-        return trim_reference(tensors, index, fill, padded)
+        return trim_reference(tensors, index, fill, padded, unread_pads)
     from vlm_prune.kernels.triton_gather import supports, trim_triton
 
     if not all(supports(t.dtype) for t in tensors):
@@ -170,13 +174,19 @@ def trim_layers(
 
 
 def gather_many(
-    tensors: tuple[torch.Tensor, ...], index: torch.Tensor, fill: float | int = 0, padded: bool | None = None
+    tensors: tuple[torch.Tensor, ...],
+    index: torch.Tensor,
+    fill: float | int = 0,
+    padded: bool | None = None,
+    unread_pads: bool = False,
 ) -> list[torch.Tensor]:
     """`gather_tokens(t, index, dim=1, fill)` of every tensor, the (B, L, d) ones together: one `trim_layers` call
     on their (B, 1, L, d) views (one launch on the Triton backend; on the torch path the index is prepared once
     for all of them), e.g. the rotary cos and sin after an in-LLM stage. Other shapes go one by one.
 
     padded: whether `index` holds pad slots, when the caller knows it on the host (see `gather_tokens`).
+    unread_pads: the caller never reads the pad slots (e.g. the rotary cos and sin of pad slots, whose queries and
+    keys are masked): the (B, L, d) tensors' pad values are unspecified, as in `trim_layers`.
     """
     for tensor in tensors:  # (a bad index or batch is refused here, with what to pass, for every backend)
         _check_index(tensor, index)
@@ -186,5 +196,5 @@ def gather_many(
     together = [t.ndim == 3 for t in tensors]
     out = [None if joint else gather_tokens(t, index, 1, fill, padded=padded) for t, joint in zip(tensors, together)]
     joint = [t.unsqueeze(1) for t, flag in zip(tensors, together) if flag]
-    gathered = iter(trim_layers(joint, index, fill, padded=padded))
+    gathered = iter(trim_layers(joint, index, fill, padded=padded, unread_pads=unread_pads))
     return [next(gathered).squeeze(1) if value is None else value for value in out]
