@@ -91,6 +91,27 @@ def test_padded_causal_mask_equals_create_causal_mask(implementation, dtype, pas
     assert torch.equal(got, _reference(config, hidden, short, cache, positions, 1, False))
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_remembered_causal_blocks_are_never_handed_out(implementation):
+    """`StageMasks` remembers the causal block per (past, length, device): a second padded build of the same length
+    reuses it, and writing into the first result (as a caller may) changes neither the block nor the next mask."""
+    config = build_tiny("llava", attn_implementation=implementation).model.language_model.config
+    masks = StageMasks(config)
+    hidden = torch.randn(2, 5, config.hidden_size)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    positions = torch.arange(5).expand(2, -1)
+    expected = _reference(config, hidden, mask, None, positions, None, False)
+    first = masks.build(hidden, mask, None, positions, None, False)
+    assert torch.equal(first, expected) and len(masks._causal) == 1
+    first.fill_(True if implementation == "sdpa" else 0.0)
+    second = masks.build(hidden, mask, None, positions, None, False)
+    assert torch.equal(second, expected) and len(masks._causal) == 1 and masks._causal.hits == 1
+    longer = masks.build(torch.randn(2, 6, config.hidden_size), torch.ones(2, 6, dtype=torch.long), None,
+                         torch.arange(6).expand(2, -1), None, False)  # fmt: skip
+    assert longer.shape[-1] == 6 and len(masks._causal) == 2
+
+
 def test_padded_causal_mask_leaves_other_cases_to_transformers():
     config = build_tiny("llava", attn_implementation="sdpa").model.language_model.config
     hidden, mask = torch.zeros(2, 4, config.hidden_size), torch.ones(2, 4, dtype=torch.long)
