@@ -31,6 +31,7 @@ from vlm_prune.adapters.llava import (
 from vlm_prune.adapters.llava_video import LlavaNextVideoAdapter, _image_grid, _row_runs, _video_block
 from vlm_prune.adapters.qwen_vl import QwenVLAdapter, _layout_of, item_grid
 from vlm_prune.engine.context import IMAGE, VIDEO, Selection, VisualLayout
+from vlm_prune.engine.syncs import on_device
 from vlm_prune.errors import InputError
 from vlm_prune.methods.base import Method
 from vlm_prune.toy_models import QWEN_FAMILIES, VIDEO_FAMILIES, build_tiny, make_inputs
@@ -464,9 +465,13 @@ def test_llava_next_rows_that_are_not_one_grid_raise_as_the_reference():
         assert isinstance(fast, str) and fast == ref, change
 
 
-def test_newline_flags_equal_a_full_compare_on_every_path():
-    """The int64 path (D % 8 == 0) and the plain path give the full compare's flags, with -0.0 == 0.0 and NaN
-    never equal, as `==` has them."""
+@pytest.mark.parametrize("path", ["numpy", "torch"])
+def test_newline_flags_equal_a_full_compare_on_every_path(path):
+    """The host numpy path (a plain CPU float tensor: two channels screen, the survivors are compared in full), and
+    the torch paths (a device tensor, here its stand-in: int64 words when D % 8 == 0, else all()) give the full
+    compare's flags, with -0.0 == 0.0 and NaN never equal, as `==` has them; a token matching the two screening
+    channels only is not a newline."""
+    wrap = (lambda t: t) if path == "numpy" else on_device
     for dim in (16, 12):
         newline = torch.randn(dim)
         newline[0] = 0.0
@@ -478,17 +483,19 @@ def test_newline_flags_equal_a_full_compare_on_every_path():
         embeds[2, 3, dim - 1] += 1e-6  # one element off
         embeds[2, 5] = newline
         embeds[2, 5, 2] = float("nan")
+        embeds[1, 11, 0], embeds[1, 11, -1] = newline[0], newline[-1]  # the screening channels only
+        embeds[0, 6] = newline  # not an image token
         is_image = np.zeros((3, 20), dtype=bool)
         is_image[:, 2:15] = True
         is_image[0, 6] = False
         want = (embeds == newline).all(dim=-1)[torch.from_numpy(is_image)].numpy()
-        got = _newline_flags(embeds, newline, is_image)
+        got = _newline_flags(wrap(embeds), wrap(newline), is_image)
         assert got.dtype == bool and np.array_equal(got, want)
         assert got.sum() == 2
         bad = newline.clone()
         bad[1] = float("nan")
         embeds[0, 4] = bad
-        assert not _newline_flags(embeds, bad, is_image).any()
+        assert not _newline_flags(wrap(embeds), wrap(bad), is_image).any()
 
 
 def test_row_runs_equal_the_per_row_torch_runs():
