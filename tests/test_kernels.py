@@ -293,9 +293,9 @@ def test_unread_pads_change_only_the_pad_slots(batch, strided):
     (0, 1, 0, 0, False), (1, 3, 3, 0, False), (2, 4, 1, 2, False), (3, 5, 4, 0, True), (4, 2, 0, 3, True),
 ])  # fmt: skip
 def test_compact_side_tensors_in_numpy_equal_the_torch_gathers(seed, batch, rope_rows, past, strided):
-    """A host index takes the columns, mask and rotary positions in numpy; a device index (its stand-in) the torch
-    gathers. Same dtypes and values (pads: -1 columns, 0 elsewhere), ragged or not, contiguous or not, with past
-    columns in the mask; float masks (numpy) and bf16 ones (torch only) too."""
+    """A host index of several rows takes the columns, mask and rotary positions in numpy; a device index (its
+    stand-in) and one row the torch gathers. Same dtypes and values (pads: -1 columns, 0 elsewhere), ragged or not,
+    contiguous or not, with past columns in the mask; float masks (numpy) and bf16 ones (torch only) too."""
     from vlm_prune.engine.syncs import on_device
 
     hidden, index, columns, mask, rope = _compact_case(seed, torch.float32, batch, rope_rows, past, strided)
