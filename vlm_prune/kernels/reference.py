@@ -189,7 +189,7 @@ def compact_reference(
     # the small side tensors of a host index of several rows: numpy takes at hidden's row index, their pads set in
     # the same array (~5-10 % less than a torch gather and fill each, warm); one row (no pads) and anything else (a
     # device index or tensor) take the torch gathers, lighter there
-    host_flat = flat.numpy() if flat is not None and safe.shape[0] > 1 and _numpy_ready(flat) else None
+    host_flat = flat.numpy() if flat is not None and safe.shape[0] > 1 and numpy_viewable(flat) else None
     new_columns = None
     if columns is not None:
         taken = None if host_flat is None else _host_take(columns, host_flat, safe.shape, pads, -1)
@@ -218,8 +218,9 @@ _NUMPY_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, tor
                            torch.float16, torch.float32, torch.float64})  # fmt: skip
 
 
-def _numpy_ready(x: torch.Tensor) -> bool:
-    """Whether `x.numpy()` is a view of x: a plain CPU tensor (not a device stand-in) of a numpy dtype, no grad."""
+def numpy_viewable(x: torch.Tensor) -> bool:
+    """Whether `x.numpy()` is a view of x: a plain CPU tensor (not a device stand-in: `engine/syncs.py`) of a numpy
+    dtype, without grad. The host fast paths (here and in the adapters) take numpy only then, torch otherwise."""
     return type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES and not x.requires_grad
 
 
@@ -228,7 +229,7 @@ def _host_take(
 ) -> torch.Tensor | None:
     """x (..., B, L) at the (B * L',) row index `flat` of hidden (B, L) seen as rows (`flat_rows`), in numpy, with
     the pad slots set to `value`: (..., B, L') new and contiguous; None when numpy cannot view x (then torch)."""
-    if not _numpy_ready(x) or x.ndim < 2:
+    if not numpy_viewable(x) or x.ndim < 2:
         return None
     values = x.numpy()
     lead = values.shape[:-2]
