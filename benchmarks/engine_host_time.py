@@ -119,19 +119,23 @@ def wrap_new_hooks(model, before: set, total: list[float], handle=None) -> None:
 
 
 def _timed_selects(handle, total: list[float]) -> None:
+    """Time every stage's `select` and `select_batch` (the method's selection, per row or for the batch)."""
     for stage in handle.stages:
-        select = stage.select
+        for name in ("select", "select_batch"):
+            select = getattr(stage, name)
+            if select is None:
+                continue
 
-        def timed(ctx, select=select):
-            started = CLOCK()
-            _SELECTING[0] += 1
-            try:
-                return select(ctx)
-            finally:
-                _SELECTING[0] -= 1
-                total[0] += CLOCK() - started
+            def timed(ctx, select=select):
+                started = CLOCK()
+                _SELECTING[0] += 1
+                try:
+                    return select(ctx)
+                finally:
+                    _SELECTING[0] -= 1
+                    total[0] += CLOCK() - started
 
-        stage.select = timed
+            setattr(stage, name, timed)
 
 
 STEPS = 4  # decode steps per generate() call

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import partial
 from itertools import accumulate
 
 import numpy as np
@@ -118,6 +118,12 @@ class StageInput:
         return self._padded
 
 
+def padded_places(rows: np.ndarray, starts: list[int], width: int) -> np.ndarray:
+    """(P,) where each of P row-major tokens goes in a row-padded (B * width) array: row * width + its place in
+    its row (`starts`: where each row begins in the P order)."""
+    return rows * width + (np.arange(len(rows)) - np.asarray(starts, dtype=np.int64)[rows])
+
+
 def _runs(slots: np.ndarray, counts: list[int], starts: list[int]) -> list[int] | None:
     """The first slot of every row's visual tokens if each row's N_r tokens sit in N_r consecutive slots, else None
     (rows without visual tokens get 0). slots: (P,) row-major; within a row they ascend strictly (every stage keeps
@@ -154,6 +160,18 @@ def filled(shape, value, dtype) -> np.ndarray:
     array = np.empty(shape, dtype=dtype)
     array.fill(value)
     return array
+
+
+def _once(make: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """`make()` computed on the first call, then returned (functools.cache builds an lru wrapper: ~5x the cost)."""
+    made: list = []
+
+    def get() -> np.ndarray:
+        if not made:
+            made.append(make())
+        return made[0]
+
+    return get
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -408,7 +426,7 @@ class HostBatch:
             width = max(counts) if batch else 0
             if min(counts, default=0) == width:  # every row holds `width` tokens: no pad entry, no scatter
                 return torch.from_numpy(np.concatenate([slots, rank]).reshape(2, batch, width))
-            dest = rows * width + (np.arange(len(present)) - np.asarray(starts, dtype=np.int64)[rows])
+            dest = padded_places(rows, starts, width)
             padded = filled((2, batch * width), -1, np.int64)
             padded[0][dest] = slots
             padded[1][dest] = rank
@@ -417,6 +435,18 @@ class HostBatch:
         return fresh(StageInput, {"present": present, "rows": rows, "slots": slots, "counts": counts, "starts": starts,
                                   "valid_counts": valid_counts, "contiguous": contiguous, "make_padded": make_padded,
                                   "tokens_in": tokens_in, "runs": runs, "flat": flat, "_padded": None})  # fmt: skip
+
+    def padded_media(self, plan: StageInput) -> np.ndarray:
+        """(B, N_max) int64: the media item (in its row) of every visual token of `plan`, placed as in
+        `plan.padded`, -1 at pad entries."""
+        batch, width = len(plan.counts), max(plan.counts, default=0)
+        keys = self.media_key[plan.present]
+        items = keys if batch == 1 else keys - plan.rows * self.width
+        if min(plan.counts, default=0) == width:
+            return items.reshape(batch, width)
+        out = filled(batch * width, -1, np.int64)
+        out[padded_places(plan.rows, plan.starts, width)] = items
+        return out.reshape(batch, width)
 
     def budgets(self, keep, tokens_in: list[list[int]]) -> list[list[int] | None]:
         """Tokens to keep per media item of every row (None rows: the method decides). Before any stage removed a
@@ -484,7 +514,7 @@ class HostBatch:
         if self.index_padded:  # row r's start in `source`, less its left padding in the new layout
             row_shift = np.asarray(list(accumulate(lengths[:-1], initial=0)), dtype=np.int64)
             row_shift -= width - np.asarray(lengths, dtype=np.int64)
-        new_slot = cache(partial(_new_slots, source, plan, keep, batch, width, row_shift))  # (made once, on call)
+        new_slot = _once(partial(_new_slots, source, plan, keep, batch, width, row_shift))  # (made on first call)
         previous = None if first_stage else self.slot
         self._slot_todo = partial(_advance_slots, previous, gone, kept_tokens, new_slot, len(keep))
         slots_known = self._columns_are_slots

@@ -205,3 +205,60 @@ class SelectionContext:
     def generator(self) -> torch.Generator:
         """A CPU generator seeded from `seed` and the stage, so choices do not depend on batch position."""
         return torch.Generator().manual_seed(self.seed * 1000003 + self.layer)
+
+
+@dataclass
+class BatchSelectionContext:
+    """Every row's visual tokens at ONE stage, for methods that select the whole batch at once
+    (`ScorerMethod.score_batch`). The engine builds it when the rows are left-padded (each row's real tokens are
+    its last slots, so every row's last token sits at slot L-1) and every row has a budget; else it calls
+    `select` per row with a `SelectionContext`. Row r's entries are the same tokens, in the same order, as its
+    `SelectionContext`'s.
+
+    Shapes: B rows, N = the most visual tokens of a row (pad entries after a row's own), L = the current padded
+    sequence length, D = hidden size, H = attention heads, M = the most media items of a row.
+
+    Attributes:
+        layer: 0 for pre-LLM, k for the input of decoder layer k.
+        num_visual: visual tokens of each row (B ints).
+        visual_index: (B, N) long, each visual token's slot in `hidden_states`, -1 at pad entries.
+        media_index: (B, N) long, each visual token's media item in its row, -1 at pad entries.
+        budget_per_media: (B, M) long, tokens to keep per media item of each row (0 past a row's items).
+        hidden_states: (B, L, D), the current padded sequence.
+        attention_mask: (B, L), nonzero at a row's real (non-padding) slots (`key_mask`: as bool).
+        attention_fn: (query slots (Q host ints), layer) -> (B, H, Q, L) float32 attention probabilities of every
+            row at those padded slots over its real keys (padding 0), or None when they cannot be batched; only
+            at layer k >= 1 for methods that declare needs={'attention'}, as `SelectionContext.attention_rows`.
+    """
+
+    layer: int
+    num_visual: list[int]
+    visual_index: torch.Tensor
+    media_index: torch.Tensor
+    budget_per_media: torch.Tensor | None
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor
+    attention_fn: Callable[[tuple[int, ...], int], torch.Tensor | None] | None = None
+
+    @property
+    def key_mask(self) -> torch.Tensor:
+        """(B, L) bool, True at a row's real (non-padding) slots."""
+        return self.attention_mask != 0
+
+    @property
+    def last_index(self) -> int:
+        """The padded slot of every row's last token (FastV's query): L - 1."""
+        return self.hidden_states.shape[1] - 1
+
+    def attention_rows(self, query_slots: tuple[int, ...], layer: int | None = None) -> torch.Tensor | None:
+        """(B, H, Q, L) attention probabilities of every row at the padded `query_slots` (host ints), from
+        decoder layer k-1 (default) or k, as `SelectionContext.attention_rows`; None when the engine cannot
+        batch them (the method then returns None and the stage runs row by row)."""
+        if self.attention_fn is None:
+            from vlm_prune.errors import PruneError
+
+            raise PruneError(
+                "attention rows are only available at layer k >= 1 to methods that declare "
+                "needs={'attention'}; add it to the method class"
+            )
+        return self.attention_fn(tuple(query_slots), self.layer - 1 if layer is None else layer)

@@ -45,15 +45,20 @@ class StageAttention:
         """(H, Q, L - first) the rows of batch row `row`, whose valid slots are first..L-1, at its own (Q,) query
         positions `queries` (host ints, 0 <= q < L - first), from layer `layer`; None when this layer was not
         recorded or its shapes do not match the mask (the caller then takes the per-row path)."""
+        rows = self.batch(tuple(first + query for query in queries), layer)
+        return None if rows is None else rows[row, :, :, first:]
+
+    def batch(self, slots: tuple[int, ...], layer: int) -> torch.Tensor | None:
+        """(B, H, Q, L) the rows of every batch row at the padded (Q,) query `slots` (host ints), from layer
+        `layer`, memoised; None when this layer was not recorded or its shapes do not match the mask."""
         recorded = recorded_layer(self.previous, self.current, layer)
         if recorded is None or tuple(recorded[1].shape[:2]) != tuple(self.key_mask.shape):
             return None
-        slots = tuple(first + query for query in queries)
         key = (layer, slots)
         rows = self._memo.get(key)
         if rows is None:
             rows = self._memo[key] = batch_rows(self.layers, recorded, slots, self.key_mask)
-        return rows[row, :, :, first:]
+        return rows
 
 
 def batch_rows(layers: Sequence[nn.Module], recorded: LayerInput, slots: Sequence[int],

@@ -5,9 +5,11 @@ stage's layer k (on that layer's input). It works on the handle's per-forward st
 rope, shift, samples and the host mirror `HostBatch`) and changes it in place:
 
 1. `HostBatch.stage_input` gives the shapes (per row: visual tokens present, their slots, budgets);
-2. `_select_rows` builds each row's `SelectionContext` (views of hidden and ids where the row's slots are one run,
-   lazily computed signals, attention rows and later segments) and calls the stage's `select`; attention rows
-   at host-int queries (the last token) come from one batched recompute for the stage (`stage_attention.py`);
+2. a stage with `select_batch` (FastV) selects every row at once where the batch allows
+   (`engine/batch_select.py`); otherwise `_select_rows` builds each row's `SelectionContext` (views of hidden
+   and ids where the row's slots are one run, lazily computed signals, attention rows and later segments) and
+   calls the stage's `select`; attention rows at host-int queries (the last token) come from one batched
+   recompute for the stage (`stage_attention.py`);
 3. `read_keeps` concatenates the keep masks and reads them in ONE device->host copy (the stage's only sync);
 4. `_apply_keep` advances the host mirror, checks the budgets, records the stage's keep mask for the samples'
    layouts (`HostBatch.stage_keeps`) and compacts hidden states, columns, mask and rotary positions in one
@@ -27,6 +29,7 @@ import torch
 from vlm_prune.adapters.base import Adapter
 from vlm_prune.engine.attention_rows import stage_rows_fn
 from vlm_prune.engine.batch import StageInput, row_views, to_device
+from vlm_prune.engine.batch_select import batch_context, read_batch_keep
 from vlm_prune.engine.calls import read_keeps, segments_later
 from vlm_prune.engine.context import Selection, SelectionContext
 from vlm_prune.engine.records import defaults, fresh
@@ -67,10 +70,17 @@ def run_stage(
     budgets = host.budgets(stage.keep, plan.tokens_in)
     # (2, B, N_max): visual slots, their places among the valid ones; made and uploaded only if read
     padded = _Once(lambda: to_device(plan.padded, hidden.device))
-    keeps, selections = _select_rows(
-        forward, stage, hidden, plan, budgets, padded, call, adapter, seed, signals, recorder, attention
-    )
-    keep, groups = read_keeps(keeps, selections, hidden.device)  # THE one device->host read of the stage
+    batch_keep = None
+    if stage.select_batch is not None and signals is None:  # the whole batch at once (`engine/batch_select.py`)
+        batch = batch_context(forward, stage, hidden, plan, budgets, padded, adapter, attention)
+        batch_keep = None if batch is None else stage.select_batch(batch)
+    if batch_keep is not None:
+        keep, groups, selections = read_batch_keep(stage, batch_keep, plan), {}, {}  # THE one read of the stage
+    else:
+        keeps, selections = _select_rows(
+            forward, stage, hidden, plan, budgets, padded, call, adapter, seed, signals, recorder, attention
+        )
+        keep, groups = read_keeps(keeps, selections, hidden.device)  # THE one device->host read of the stage
     hidden, new_slot = _apply_keep(forward, stage, hidden, plan, budgets, keep, groups, position_policy)
     hidden = _replace_features(hidden, forward.index is None, plan, keep, new_slot, selections)
     forward.stats.stages.append(

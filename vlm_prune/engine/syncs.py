@@ -164,10 +164,12 @@ class SyncCounter:
             for index, original in list(layer_hooks.items()):
                 layer_hooks[index] = self._wrap(original, pause=False)
                 self._restore.append(lambda index=index, fn=original: layer_hooks.__setitem__(index, fn))
-            for stage in self.handle.stages:
-                original = stage.select
-                stage.select = self._wrap(original, pause=True)
-                self._restore.append(lambda stage=stage, fn=original: setattr(stage, "select", fn))
+            for stage in self.handle.stages:  # (the method's own selection: not the engine's syncs)
+                for name in ("select", "select_batch"):
+                    original = getattr(stage, name)
+                    if original is not None:
+                        setattr(stage, name, self._wrap(original, pause=True))
+                        self._restore.append(lambda stage=stage, name=name, fn=original: setattr(stage, name, fn))
             _ACTIVE.append(self)
         except BaseException:
             self._undo()

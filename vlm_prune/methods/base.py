@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlm_prune.engine.context import Selection, SelectionContext
+from vlm_prune.engine.context import BatchSelectionContext, Selection, SelectionContext
 from vlm_prune.errors import BudgetError, PruneError
 
 SelectFn = Callable[[SelectionContext], "torch.Tensor | Selection"]
+#: the whole batch's selection at once: (B, N_max) bool keep mask (pad entries False), or None for "per row"
+SelectBatchFn = Callable[[BatchSelectionContext], "torch.Tensor | None"]
 
 #: Signals a stage may ask the engine to record.
 KNOWN_NEEDS = frozenset({"attention", "projector", "vision_attention", "pixels"})
@@ -38,6 +40,9 @@ class Stage:
         PruneVid's data-dependent merge), so `keep=None` is its budget even for a named method.
     reenter: the stage brings back every token an earlier stage dropped with `Selection.represents`
         (LVLM_CSP's scatter; `engine/reentry.py`); `select` is not called.
+    select_batch: the same selection for every row of the batch at once (`ScorerMethod.batch_select`), or None.
+        The engine calls it instead of `select` when the batch allows (`engine/batch_select.py`); a None result
+        sends the stage to `select`, row by row.
     """
 
     layer: int
@@ -47,6 +52,7 @@ class Stage:
     name: str = ""
     counts_itself: bool = False
     reenter: bool = False
+    select_batch: SelectBatchFn | None = None
 
 
 class Method:
@@ -78,8 +84,14 @@ class Method:
                 keep=self.keep,
                 needs=frozenset(self.needs),
                 name=self.name or type(self).__name__,
+                select_batch=self.batch_select(),
             )
         ]
+
+    def batch_select(self) -> SelectBatchFn | None:
+        """The method's selection of a whole batch at once, or None (the default: the engine calls `select` per
+        row). `ScorerMethod` gives one when the subclass scores a batch (`score_batch`)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(keep={self.keep!r})"
@@ -95,6 +107,37 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     keep_mask[order[:k]] = True
     return keep_mask
+
+
+def topk_mask_batched(scores: torch.Tensor, groups: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """`topk_mask_per_media` of every row at once, the same masks.
+
+    scores: (B, N) float; groups: (B, N) long, each token's media item, -1 for pad entries (never kept);
+    budgets: (B, M) long, tokens to keep per item (M > every group id). Returns (B, N) bool: in each (row, item)
+    the budget's highest scores, ties to the earlier token (stable), as `topk_mask` of the item alone.
+
+    Two stable sorts instead of one per item: by score (descending), then by item, so that every item's tokens
+    come out in its own top-k order (a stable sort of a subset is the subset of the stable sort); a token's
+    rank in its item is its place in that order less the item's start, and it is kept when the rank is under
+    the item's budget. One chain of ~10 ops for the batch, against ~5 per item and row.
+    """
+    batch, n = scores.shape
+    if n == 0:
+        return torch.zeros(batch, 0, dtype=torch.bool, device=scores.device)
+    items = budgets.shape[1]
+    group = torch.where(groups < 0, items, groups)  # pads: a group of their own, after every item, budget 0
+    by_score = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    group_by_score = group.gather(1, by_score)
+    by_group = torch.sort(group_by_score, dim=1, stable=True)
+    order = by_score.gather(1, by_group.indices)  # (B, N) token order: item, then score desc, then position
+    sorted_group = by_group.values
+    sizes = torch.zeros(batch, items + 1, dtype=torch.long, device=scores.device)
+    sizes.scatter_add_(1, group, torch.ones_like(group))
+    starts = sizes.cumsum(1) - sizes  # (B, M + 1) each group's first place in `order`
+    rank = torch.arange(n, device=scores.device) - starts.gather(1, sorted_group)
+    limit = torch.cat([budgets.to(scores.device, torch.long), budgets.new_zeros(batch, 1)], dim=1)
+    keep_sorted = rank < limit.gather(1, sorted_group)
+    return torch.zeros(batch, n, dtype=torch.bool, device=scores.device).scatter_(1, order, keep_sorted)
 
 
 def topk_mask_per_media(scores: torch.Tensor, media_index: torch.Tensor, budget_per_media: list[int]) -> torch.Tensor:
@@ -124,6 +167,40 @@ class ScorerMethod(Method):
         if ctx.budget_per_media is None:
             raise BudgetError(f"{type(self).__name__} needs a budget: pass keep=... to apply()")
         return topk_mask_per_media(scores, ctx.layout.media_index, ctx.budget_per_media)
+
+    #: subclasses that can score a whole batch define `score_batch(batch) -> (B, N_max) float or None`
+    score_batch = None
+
+    def batch_select(self) -> SelectBatchFn | None:
+        """`select_batch` when this class scores a batch with the same scores as `score` and keeps the top-k per
+        item as `select` does: `score_batch` is defined where `score` and `select` are, or below them (a subclass
+        that rewrites `score` or `select` without `score_batch` is run row by row, never with stale scores)."""
+        owner = _owner(type(self), "score_batch")
+        if owner is None or not all(issubclass(owner, _owner(type(self), name)) for name in ("score", "select")):
+            return None
+        return self.select_batch
+
+    def select_batch(self, batch: BatchSelectionContext) -> torch.Tensor | None:
+        """(B, N_max) bool: every row's top-k per media item of `score_batch`, or None when it declines."""
+        if batch.budget_per_media is None:
+            return None  # (a row without a budget: `select` raises the error, row by row)
+        scores = self.score_batch(batch)
+        if scores is None:
+            return None
+        if scores.shape != batch.media_index.shape:
+            raise PruneError(
+                f"{type(self).__name__}.score_batch returned {tuple(scores.shape)}, want "
+                f"{tuple(batch.media_index.shape)} (batch.media_index)"
+            )
+        return topk_mask_batched(scores, batch.media_index, batch.budget_per_media)
+
+
+def _owner(cls: type, name: str) -> type | None:
+    """The class of `cls`'s MRO that defines `name` (None when none does, or it is None there)."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return None if klass.__dict__[name] is None else klass
+    return None
 
 
 def per_media(

@@ -7,6 +7,8 @@ its original order and at its original positions (default R = 50 %, i.e. `keep=0
 Deviations from the reference code:
 * the attention row is recomputed from q/k of layer K-1 by the engine (`ctx.attention_rows`), so
   eager attention / `output_attentions` are never needed (the reference requires eager);
+* a left-padded batch is scored and ranked in one batched chain (`score_batch`, `topk_mask_batched`), the
+  same masks as row by row;
 * the top-k is taken per media item with the engine's per-item budget (the paper has one image, so
   this is the same there); `per_media=False` ranks all of the sample's visual tokens together and
   uses the sample's total budget instead, as the reference does over its single image span.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_prune.engine.context import SelectionContext
+from vlm_prune.engine.context import BatchSelectionContext, SelectionContext
 from vlm_prune.errors import BudgetError, MethodOptionError
 from vlm_prune.methods.base import ScorerMethod, topk_mask
 from vlm_prune.methods.registry import register
@@ -34,6 +36,18 @@ def last_token_attention_scores(attention: torch.Tensor, visual_index: torch.Ten
     if attention.dim() != 3 or attention.shape[1] != 1:
         raise ValueError(f"expected (H, 1, L) attention of one query row, got {tuple(attention.shape)}")
     return attention[:, 0, :].float().mean(dim=0)[visual_index]
+
+
+def batched_last_token_scores(attention: torch.Tensor, visual_index: torch.Tensor) -> torch.Tensor:
+    """`last_token_attention_scores` of every row at once.
+
+    attention: (B, H, 1, L) the query's attention probabilities in each row; visual_index: (B, N) long slots
+    of each row's visual tokens, -1 at pad entries (their scores are the row's slot 0: never read).
+    Returns (B, N) float32.
+    """
+    if attention.dim() != 4 or attention.shape[2] != 1:
+        raise ValueError(f"expected (B, H, 1, L) attention of one query row, got {tuple(attention.shape)}")
+    return attention[:, :, 0, :].float().mean(dim=1).gather(1, visual_index.clamp(min=0))
 
 
 @dataclass
@@ -57,6 +71,16 @@ class FastV(ScorerMethod):
 
     def score(self, ctx: SelectionContext) -> torch.Tensor:
         return last_token_attention_scores(ctx.attention_rows(ctx.last_index), ctx.visual_index)
+
+    def score_batch(self, batch: BatchSelectionContext) -> torch.Tensor | None:
+        """(B, N_max) every row's scores at once (the last token of every left-padded row sits at L-1)."""
+        attention = batch.attention_rows((batch.last_index,))
+        if attention is None:
+            return None
+        return batched_last_token_scores(attention, batch.visual_index)
+
+    def batch_select(self):
+        return super().batch_select() if self.per_media else None  # (one budget per sample: row by row)
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         if self.per_media:
