@@ -128,6 +128,10 @@ def test_host_batch_matches_a_per_row_loop(batch, padding, mode, slots_known):
             removed[row] |= {c for c, k in zip(present[row], mine.tolist()) if not k}
         before = host.columns.clone()
         index, gone, new_slot = host.apply(plan, keep)
+        if index is not None:  # the rotary gather's index: pads at slot 0 when there are pads, else the index
+            unread = host.gather_index(index)
+            assert torch.equal(unread, index.clamp(min=0))
+            assert (unread is index) == (not host.index_padded)
         if bool(keep.all()):  # kept everything: no index, nothing removed, the slots stay
             assert index is None and gone is None and torch.equal(host.columns, before)
             index, gone = torch.arange(before.shape[1]).expand(batch, -1), torch.zeros(before.shape, dtype=torch.bool)
@@ -150,6 +154,8 @@ def test_host_batch_matches_a_per_row_loop(batch, padding, mode, slots_known):
         assert torch.equal(segment_columns, host.columns)
     else:  # the composed index equals the one found from the columns (what trimming would compute)
         assert torch.equal(within, positions_within(segment_columns, host.columns))
+        # the cache trim's: the same with its pad slots at slot 0 (never read)
+        assert torch.equal(host.within_unread[0], within.clamp(min=0))
     assert (within is SAME) == (mode == "all" or torch.equal(segment_columns, host.columns))
 
 

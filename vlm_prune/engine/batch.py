@@ -330,6 +330,8 @@ class HostBatch:
         # per in-LLM segment (`mark_segment`): (B, L) the slot within the segment's slots of every current slot (-1 =
         # pad), `SAME` when no stage compacted since, None when unknown (a stage grew the sequence)
         self._within: list = []
+        self._index: np.ndarray | None = None  # the last stage's compaction index (numpy), when it removed tokens
+        self._unread: tuple | None = None  # (an index, it with its pad slots at slot 0): `without_pads`' memo
         # per stage that ran: (keep (P,) host bool over its tokens, row starts and counts in them, kept per row); the
         # samples apply their rows' parts to their layouts on read (`forward_state._Sample.layout`)
         self.stage_keeps: list[tuple] = []
@@ -345,6 +347,26 @@ class HostBatch:
     @property
     def within(self) -> list:
         return [w if w is SAME or w is None else torch.from_numpy(w) for w in self._within]
+
+    @property
+    def within_unread(self) -> list:
+        """`within` with pad slots at slot 0, for the cache trim (a cache's pad slots are never read)."""
+        return [w if w is SAME or w is None else self.without_pads(w) for w in self._within]
+
+    def gather_index(self, index: torch.Tensor) -> torch.Tensor:
+        """The last stage's compaction `index` (B, L') on its device, its pad slots at slot 0, for gathers whose
+        pad slots are never read (the rotary cos and sin): gathered with `padded=False`, no pad search or fill."""
+        if not self.index_padded:
+            return index
+        return to_device(self.without_pads(self._index), index.device)
+
+    def without_pads(self, index: np.ndarray) -> torch.Tensor:
+        """(B, L') `index` with its pad slots (-1) at slot 0; the last array asked is remembered (the last stage's
+        index serves the rotary gather and the cache trim of the segment it closes)."""
+        memo = self._unread
+        if memo is None or memo[0] is not index:
+            memo = self._unread = (index, torch.from_numpy(np.maximum(index, 0)))
+        return memo[1]
 
     def _set_slots(self, columns: np.ndarray, valid: np.ndarray) -> None:
         self._columns, self._valid, self._valid_view = columns, valid, None
@@ -538,7 +560,7 @@ class HostBatch:
                 out[dest] = values
                 return out.reshape(batch, width)
 
-            index = scatter(slot_index, -1)
+            index = self._index = scatter(slot_index, -1)
             columns = index if slots_known else scatter(self._columns.take(source), -1)
             self._set_slots(columns, scatter(self._valid.take(source), False))
             self._all_valid = False  # the rows are left-padded

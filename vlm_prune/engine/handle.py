@@ -472,8 +472,8 @@ class PruneHandle:
             cache = getattr(output, "past_key_values", None)
         final_columns, segments, host = forward.columns, forward.segments, forward.host
         if cache is not None and self.trim_cache and len(segments) > 1:  # engine/ragged.py, decided on the host
-            mirrors = (forward.host_segments, host.columns)
-            segments = trim_segments(cache, segments, final_columns, len(self.adapter.layers), mirrors, host.within)
+            mirrors, within = (forward.host_segments, host.columns), host.within_unread
+            segments = trim_segments(cache, segments, final_columns, len(self.adapter.layers), mirrors, within)
         stats, length0 = forward.stats, self._call["input_ids"].shape[1]
         if cache is not None:
             stats.kv_cache_bytes, stats.kv_cache_bytes_unpruned = cache_bytes(cache, length0)
@@ -559,7 +559,7 @@ class PruneHandle:
                     rope = forward.rope[0] if self.adapter.rope_rows == 1 else forward.rope
                     cos, sin = self.adapter.rotary(hidden, rope)
             else:
-                cos, sin = gather_many((cos, sin), slot_index, padded=forward.host.index_padded, unread_pads=True)
+                cos, sin = gather_many((cos, sin), forward.host.gather_index(slot_index), padded=False)  # pads unread
         batch, length = forward.columns.shape
         cache = cache_of(kwargs)
         contiguous = self._aranges.positions(0, length, batch, hidden.device)

@@ -82,8 +82,8 @@ def trim_segments(
     host: host copies of the segments' columns and of the final columns (the engine's mirrors): every decision
     and index is then computed on the host and only the index is sent to the device (no sync).
     within: per segment, the (host) slot within its slots of every final slot, as the engine composed it from the
-    stages' compaction indices (`HostBatch.within`), `SAME` for the final segment, None where unknown (then it is
-    found from the columns, as without `within`).
+    stages' compaction indices, its pad slots at slot 0 (`HostBatch.within_unread`: they are never read), `SAME`
+    for the final segment, None where unknown (then it is found from the columns, as without `within`).
     """
     host_segments, host_final = host if host is not None else ([c for _, c in segments], final_columns)
     bounds = [layer for layer, _ in segments[1:]] + [num_layers]
@@ -95,14 +95,16 @@ def trim_segments(
             seg_columns, seg_host = final_columns, host_final
         elif known is not None or contains(seg_host, host_final):
             if known is not None or seg_host.shape != host_final.shape or not torch.equal(seg_host, host_final):
-                known = positions_within(seg_host, host_final) if known is None else known
+                padded = False  # (`within`: pad slots already at slot 0)
+                if known is None:
+                    known = positions_within(seg_host, host_final)
+                    padded = None if host is None else _has_pads(known)
                 index = to_device(known, final_columns.device)
                 # every layer's keys and values in one launch on CUDA (Triton), the torch reference elsewhere; the
                 # pad slots are masked in every later call (their columns are -1), so they are not filled
                 entries = [cache.layers[layer] for layer in range(first, end)]
                 tensors = [e.keys for e in entries] + [e.values for e in entries]
-                trimmed = trim_layers(tensors, index, padded=None if host is None else _has_pads(known),
-                                      unread_pads=True)  # fmt: skip
+                trimmed = trim_layers(tensors, index, padded=padded, unread_pads=True)
                 for entry, keys, values in zip(entries, trimmed, trimmed[len(entries) :]):
                     entry.keys, entry.values = keys, values
             seg_columns, seg_host = final_columns, host_final
