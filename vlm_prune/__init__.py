@@ -8,7 +8,7 @@ handle.remove()
 """
 
 from vlm_prune.api import ModelInfo, apply, methods, pruned, supported_models
-from vlm_prune.engine.context import Selection, SelectionContext, VisualLayout
+from vlm_prune.engine.context import BatchSelectionContext, Selection, SelectionContext, VisualLayout
 from vlm_prune.engine.handle import PruneHandle
 from vlm_prune.errors import (
     AttentionImplementationError,
@@ -34,6 +34,7 @@ def demo_model(name: str = "llava"):
 
 __all__ = [
     "AttentionImplementationError",
+    "BatchSelectionContext",
     "BudgetError",
     "InputError",
     "MediaKindError",
