@@ -350,7 +350,10 @@ class HostBatch:
 
     @property
     def within_unread(self) -> list:
-        """`within` with pad slots at slot 0, for the cache trim (a cache's pad slots are never read)."""
+        """`within` with pad slots at slot 0, for the cache trim (a cache's pad slots are never read); `within`
+        itself when no current slot is a pad slot (then no segment's index has one: nothing to clamp)."""
+        if self.has_pad_slots is False:
+            return self.within
         return [w if w is SAME or w is None else self.without_pads(w) for w in self._within]
 
     def gather_index(self, index: torch.Tensor) -> torch.Tensor:
